@@ -1,0 +1,24 @@
+"""wattgate's meter: GPU energy sampling and per-request attribution.
+
+A library with no web dependencies; ``proxy`` builds on it, never the reverse.
+"""
+
+from meter.attribution import Activity, Span, Split, split_energy, spans
+from meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow
+from meter.sources import MeterFault, PowerSource, Reading
+
+__all__ = [
+    "ESTIMATE",
+    "Activity",
+    "GpuTotals",
+    "Measurement",
+    "Meter",
+    "MeterFault",
+    "PowerSource",
+    "Reading",
+    "RequestWindow",
+    "Span",
+    "Split",
+    "spans",
+    "split_energy",
+]

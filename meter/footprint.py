@@ -1,0 +1,85 @@
+"""From joules to grams of CO2e and millilitres of water.
+
+Grid carbon intensity comes from the data CodeCarbon ships (read through
+``codecarbon.input.DataSource``): per-country figures from its global energy
+mix (Our World in Data / Ember, gCO2e/kWh, ``carbon_intensity``) and
+per-region figures of cloud providers (``impact``, gCO2e/kWh).
+
+Arithmetic (DESIGN.md):
+    facility kWh = IT kWh x PUE
+    gCO2e        = facility kWh x grid intensity (g/kWh)
+    water L      = IT kWh x on-site WUE (L/kWh) + facility kWh x water intensity of electricity (L/kWh)
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+
+J_PER_KWH = 3.6e6
+J_PER_WH = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SiteFactors:
+    """Factors of one site. Defaults and their sources: see README, "Factors"."""
+
+    grid_zone: str
+    grid_intensity_g_per_kwh: float
+    pue: float
+    wue_site_l_per_kwh: float
+    water_grid_l_per_kwh: float
+    intensity_source: str  # "codecarbon:<zone>" or "override"
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """Per-request figures: IT energy and what it costs."""
+
+    joules: float
+    wh: float
+    gco2e: float
+    water_ml: float
+
+
+def footprint(joules: float, site: SiteFactors) -> Footprint:
+    """Carbon and water of ``joules`` of IT energy at ``site``."""
+    it_kwh = joules / J_PER_KWH
+    facility_kwh = it_kwh * site.pue
+    water_l = it_kwh * site.wue_site_l_per_kwh + facility_kwh * site.water_grid_l_per_kwh
+    return Footprint(joules, joules / J_PER_WH, facility_kwh * site.grid_intensity_g_per_kwh, water_l * 1000.0)
+
+
+class UnknownZone(ValueError):
+    """A grid zone CodeCarbon has no figure for; the message names the closest ones."""
+
+
+@functools.cache
+def _zones() -> dict[str, float]:
+    from codecarbon.input import DataSource
+
+    source = DataSource()
+    zones = {
+        iso: float(row["carbon_intensity"])
+        for iso, row in source.get_global_energy_mix_data().items()
+        if row.get("carbon_intensity") is not None
+    }
+    for row in source.get_cloud_emissions_data().to_dict("records"):
+        zones[f"{row['provider']}:{row['region']}"] = float(row["impact"])
+    return zones
+
+
+def grid_intensity(zone: str) -> float:
+    """gCO2e per kWh of ``zone`` (ISO-3 country such as ``FRA``, or ``gcp:europe-west1``)."""
+    zones = _zones()
+    key = zone if ":" in zone else zone.upper()
+    if key in zones:
+        return zones[key]
+    close = difflib.get_close_matches(key, list(zones), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise UnknownZone(f"unknown grid zone {zone!r} in CodeCarbon's data{hint}")
+
+
+def known_zones() -> list[str]:
+    return sorted(_zones())

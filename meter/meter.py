@@ -1,0 +1,485 @@
+"""The meter: request windows in, measured energy per request out.
+
+Usage (the proxy does exactly this)::
+
+    meter = Meter(NvmlSource([0]), gpus=[0], on_settled=store)
+    meter.start()
+    w = meter.begin("req-1", gpus=(0,), prompt_tokens=41)
+    w.tokens(1)            # at every streamed chunk
+    w.usage(41, 120)       # exact counts when the upstream reports them
+    provisional = w.end()  # never waits for the counter
+    # later, from the sampler thread: store(settled Measurement)
+
+Energy is attributed per GPU slice by slice with
+:func:`meter.attribution.split_energy`. Each slice is attributed once, when the
+counter has passed it and the work of every request on the GPU in it is known
+(or ``settle_lag_s`` has passed), so figures of overlapping requests always add
+up to what was measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from meter.attribution import Activity, energy_at, spans, split_energy, work_between
+from meter.estimate import estimate_joules
+from meter.sampler import Sampler
+from meter.sources import PowerSource
+
+log = logging.getLogger(__name__)
+
+ESTIMATE = "estimate"
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """Energy of one request. ``joules_by_gpu`` in joules; times on the monotonic clock (s)."""
+
+    request_id: str
+    joules_by_gpu: dict[int, float]
+    method: str  # nvml | simulated | trace | estimate
+    settled: bool
+    start: float
+    end: float
+    prompt_tokens: int
+    completion_tokens: int
+    status: str = "ok"
+    fault: str | None = None  # why an estimate replaced a measurement
+
+    @property
+    def joules(self) -> float:
+        return sum(self.joules_by_gpu.values())
+
+    @property
+    def window_s(self) -> float:
+        return max(self.end - self.start, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTotals:
+    """Cumulative per-GPU energy in joules since the meter started.
+
+    ``measured == attributed + idle + unattributed + pending_idle`` where
+    ``pending_idle`` waits to be amortized over the next requests.
+    """
+
+    measured: float
+    attributed: float
+    idle: float
+    unattributed: float
+    pending_idle: float
+    power_w: float | None
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    gpus: tuple[int, ...]
+    start: float
+    prefill_weight: float
+    active_params_b: float
+    prompt_tokens: int
+    times: list[float] = field(default_factory=list)
+    counts: list[float] = field(default_factory=list)
+    completion_tokens: int | None = None
+    end: float | None = None
+    status: str = "ok"
+    fault: str | None = None
+    shares: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(sum(self.counts))
+
+    def activity_since(self, t: float) -> Activity:
+        """The part of this request's activity needed to attribute from ``t`` on."""
+        i = bisect.bisect_right(self.times, t)
+        if i == 0:
+            start, prefill = self.start, self.prompt_tokens * self.prefill_weight
+        else:
+            start, prefill = self.times[i - 1], 0.0
+        return Activity(start, list(zip(self.times[i:], self.counts[i:])), self.end, prefill)
+
+
+@dataclass(slots=True)
+class _Gpu:
+    frontier: float | None = None
+    carry: float = 0.0
+    measured: float = 0.0
+    attributed: float = 0.0
+    idle: float = 0.0
+    unattributed: float = 0.0
+    joules_per_work: float | None = None  # from the last slice, for provisional figures
+    faulted: str | None = None
+    requests: set[str] = field(default_factory=set)
+    foreign: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+class RequestWindow:
+    """One request's window; the proxy calls :meth:`tokens` and :meth:`end`."""
+
+    __slots__ = ("_meter", "_req")
+
+    def __init__(self, meter: Meter, req: _Request) -> None:
+        self._meter = meter
+        self._req = req
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    def tokens(self, n: float = 1, t: float | None = None) -> None:
+        """Record ``n`` tokens that arrived at ``t`` (now by default)."""
+        req = self._req
+        req.times.append(self._meter.clock() if t is None else t)
+        req.counts.append(n)
+
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """Exact token counts from the upstream's usage report."""
+        if prompt_tokens is not None:
+            self._req.prompt_tokens = prompt_tokens
+        if completion_tokens is not None:
+            self._req.completion_tokens = completion_tokens
+
+    def end(self, status: str = "ok", t: float | None = None) -> Measurement:
+        """Close the window and return the provisional measurement."""
+        return self._meter._end(self._req, status, self._meter.clock() if t is None else t)
+
+
+class Meter:
+    """Attributes the energy of a set of GPUs to request windows.
+
+    ``source`` None (or no GPUs) makes every figure an estimate. ``idle`` is
+    ``exclude`` or ``amortize``. Settled measurements are passed to
+    ``on_settled`` from the sampler thread; faults to ``on_error`` by kind.
+    """
+
+    def __init__(
+        self,
+        source: PowerSource | None,
+        gpus: Iterable[int] = (),
+        *,
+        interval_s: float = 0.05,
+        idle: str = "exclude",
+        settle_lag_s: float = 1.0,
+        stale_after_s: float = 2.0,
+        horizon_s: float = 900.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_settled: Callable[[Measurement], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        if idle not in ("exclude", "amortize"):
+            raise ValueError(f"idle must be 'exclude' or 'amortize', not {idle!r}")
+        self.clock = clock
+        self.source = source
+        self.gpus = tuple(sorted(set(gpus))) if source is not None else ()
+        self.method = source.method if source is not None and self.gpus else ESTIMATE
+        self.amortize = idle == "amortize"
+        self.settle_lag_s = settle_lag_s
+        self.stale_after_s = stale_after_s
+        self.on_settled = on_settled
+        self.on_error = on_error
+        self.errors: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+        self._ended: set[str] = set()
+        self._gpu = {g: _Gpu() for g in self.gpus}
+        self.sampler: Sampler | None = None
+        if self.gpus:
+            self.sampler = Sampler(
+                source, self.gpus, interval_s, horizon_s, clock=clock, after_poll=self._after_poll  # type: ignore[arg-type]
+            )
+            self.sampler.on_error = self._count_error
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sampler thread."""
+        if self.sampler is not None:
+            self.sampler.start()
+        self._started = True
+
+    def stop(self) -> None:
+        """Stop sampling, settle what can be settled, close the source."""
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.advance()
+        if self.source is not None:
+            self.source.close()
+
+    def _after_poll(self) -> None:
+        self._emit(self._advance_locked())
+
+    def state(self) -> dict[str, object]:
+        """Meter health for ``/readyz``."""
+        now = self.clock()
+        gpus = {}
+        for g, st in self._gpu.items():
+            last = self.sampler.last_ok(g) if self.sampler else None
+            gpus[str(g)] = {
+                "fault": st.faulted,
+                "last_reading_age_s": None if last is None else round(now - last, 3),
+            }
+        sampler_ok = self.sampler is None or not self._started or self.sampler.alive
+        ok = sampler_ok and all(v["fault"] is None for v in gpus.values())
+        return {
+            "method": self.method,
+            "ok": ok,
+            "sampler_alive": sampler_ok,
+            "gpus": gpus,
+            "open_requests": len(self._requests) - len(self._ended),
+            "unsettled_requests": len(self._ended),
+            "errors": dict(self.errors),
+        }
+
+    def gpu_totals(self) -> dict[int, GpuTotals]:
+        with self._lock:
+            return {
+                g: GpuTotals(
+                    st.measured,
+                    st.attributed,
+                    st.idle,
+                    st.unattributed,
+                    st.carry,
+                    self.sampler.power_w(g) if self.sampler else None,
+                )
+                for g, st in self._gpu.items()
+            }
+
+    # -- request windows ---------------------------------------------------------
+
+    def begin(
+        self,
+        request_id: str,
+        gpus: Sequence[int] = (),
+        *,
+        prompt_tokens: int = 0,
+        prefill_weight: float = 0.2,
+        active_params_b: float = 8.0,
+        t: float | None = None,
+    ) -> RequestWindow:
+        """Open the window of one request on ``gpus`` (empty: estimate only)."""
+        req = _Request(
+            request_id,
+            tuple(gpus),
+            self.clock() if t is None else t,
+            prefill_weight,
+            active_params_b,
+            prompt_tokens,
+        )
+        unknown = [g for g in req.gpus if g not in self._gpu]
+        if unknown:
+            req.fault = "unmetered_gpu"
+            self._count_error("unmetered_gpu")
+        elif not req.gpus or self.sampler is None:
+            req.fault = None  # a plain estimate, not a fault
+        elif self._started and not self.sampler.alive:
+            req.fault = "sampler_dead"
+            self._count_error("sampler_dead")
+        with self._lock:
+            self._requests[request_id] = req
+            for g in req.gpus:
+                if g in self._gpu:
+                    self._gpu[g].requests.add(request_id)
+        return RequestWindow(self, req)
+
+    def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
+        """Record ``sequences`` running on ``gpus`` over ``[t0, t1)`` that did not come through the gateway."""
+        if sequences <= 0:
+            return
+        with self._lock:
+            for g in gpus:
+                if g in self._gpu:
+                    self._gpu[g].foreign.append((t0, t1, sequences))
+
+    def _estimated(self, req: _Request) -> bool:
+        return req.fault is not None or not req.gpus or self.sampler is None
+
+    def _end(self, req: _Request, status: str, t: float) -> Measurement:
+        settled: Measurement | None = None
+        with self._lock:
+            if req.end is not None:  # ended twice: keep the first
+                return self._provisional(req)
+            req.end = max(t, req.start)
+            req.status = status
+            if self._estimated(req):
+                settled = self._settle(req)
+                result = settled
+            else:
+                self._ended.add(req.request_id)
+                result = self._provisional(req)
+        if settled is not None:
+            self._emit([settled])
+        return result
+
+    # -- attribution -------------------------------------------------------------
+
+    def advance(self) -> list[Measurement]:
+        """Attribute every slice that can be attributed now; return (and emit) what settled."""
+        settled = self._advance_locked()
+        self._emit(settled)
+        return settled
+
+    def _advance_locked(self) -> list[Measurement]:
+        if self.sampler is None:
+            return []
+        with self._lock:
+            now = self.clock()
+            for g, st in self._gpu.items():
+                self._advance_gpu(g, st, now)
+            return [self._settle(self._requests[rid]) for rid in list(self._ended) if self._can_settle(rid)]
+
+    def _advance_gpu(self, g: int, st: _Gpu, now: float) -> None:
+        assert self.sampler is not None
+        last_ok = self.sampler.last_ok(g)
+        samples = self.sampler.samples_since(g, st.frontier)
+        if not samples:
+            return
+        last_t = samples[-1][0]
+        stale = (last_ok is None or now - last_ok > self.stale_after_s) or now - last_t > self.stale_after_s
+        if stale:
+            if st.faulted is None:
+                st.faulted = "stale"
+                self._count_error("stale")
+                log.warning("meter: GPU %d has no fresh reading; its requests fall back to estimates", g)
+            for rid in st.requests:
+                self._requests[rid].fault = self._requests[rid].fault or "stale"
+            return
+        if st.faulted is not None:
+            # Readings are back: skip the gap rather than attribute it.
+            st.faulted = None
+            st.frontier = last_t
+            return
+        if st.frontier is None:
+            st.frontier = samples[0][0]
+        reqs = [self._requests[rid] for rid in st.requests]
+        target = last_t
+        for req in reqs:
+            if req.end is None or req.end > st.frontier:
+                target = min(target, req.activity_since(st.frontier).known_until)
+        target = max(target, last_t - self.settle_lag_s)
+        if target <= st.frontier:
+            return
+        participants = {
+            req.request_id: spans(req.activity_since(st.frontier))
+            for req in reqs
+            if req.start < target and (req.end is None or req.end > st.frontier)
+        }
+        split = split_energy(
+            samples,
+            participants,
+            st.frontier,
+            target,
+            foreign=st.foreign,
+            carry=st.carry,
+            amortize=self.amortize,
+        )
+        measured = samples_energy(samples, st.frontier, target)
+        st.measured += measured
+        st.idle += split.idle
+        st.unattributed += split.unattributed
+        st.carry = split.carry
+        attributed = 0.0
+        for rid, joules in split.shares.items():
+            req = self._requests[rid]
+            req.shares[g] = req.shares.get(g, 0.0) + joules
+            attributed += joules
+        st.attributed += attributed
+        if split.work > 0:
+            st.joules_per_work = attributed / split.work
+        st.frontier = target
+        st.foreign = [f for f in st.foreign if f[1] > target]
+
+    def _can_settle(self, rid: str) -> bool:
+        req = self._requests[rid]
+        assert req.end is not None
+        for g in req.gpus:
+            st = self._gpu[g]
+            if st.faulted is None and (st.frontier is None or st.frontier < req.end):
+                return False
+        return True
+
+    def _completion_tokens(self, req: _Request) -> int:
+        return req.completion_tokens if req.completion_tokens is not None else req.tokens_seen
+
+    def _measurement(self, req: _Request, joules: dict[int, float], settled: bool) -> Measurement:
+        method = self.method
+        if self._estimated(req):
+            method = ESTIMATE
+            total = estimate_joules(
+                req.prompt_tokens, self._completion_tokens(req), req.active_params_b, req.prefill_weight
+            )
+            joules = {g: total / len(req.gpus) for g in req.gpus} if req.gpus else {-1: total}
+            settled = True
+        return Measurement(
+            req.request_id,
+            joules,
+            method,
+            settled,
+            req.start,
+            req.end if req.end is not None else self.clock(),
+            req.prompt_tokens,
+            self._completion_tokens(req),
+            req.status,
+            req.fault,
+        )
+
+    def _provisional(self, req: _Request) -> Measurement:
+        """Settled slices plus the rest extrapolated at the GPU's latest joules per unit of work."""
+        assert req.end is not None
+        joules: dict[int, float] = {}
+        for g in req.gpus:
+            st = self._gpu[g]
+            done = req.shares.get(g, 0.0)
+            frontier = st.frontier if st.frontier is not None else req.start
+            if req.end > frontier:
+                work = work_between(req.activity_since(frontier), frontier, req.end)
+                if st.joules_per_work is not None and work > 0:
+                    done += work * st.joules_per_work
+                else:
+                    power = self.sampler.power_w(g) if self.sampler else None
+                    heads = max(1, sum(1 for rid in st.requests if self._requests[rid].end is None) + 1)
+                    done += (power or 0.0) * (req.end - max(frontier, req.start)) / heads
+            joules[g] = done
+        return self._measurement(req, joules, settled=False)
+
+    def _settle(self, req: _Request) -> Measurement:
+        result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, settled=True)
+        self._requests.pop(req.request_id, None)
+        self._ended.discard(req.request_id)
+        for g in req.gpus:
+            if g in self._gpu:
+                self._gpu[g].requests.discard(req.request_id)
+        return result
+
+    # -- callbacks ---------------------------------------------------------------
+
+    def _count_error(self, kind: str) -> None:
+        self.errors[kind] += 1
+        if self.on_error is not None:
+            try:
+                self.on_error(kind)
+            except Exception:
+                log.exception("meter error callback failed")
+
+    def _emit(self, settled: list[Measurement]) -> None:
+        if self.on_settled is None:
+            return
+        for m in settled:
+            try:
+                self.on_settled(m)
+            except Exception:
+                log.exception("meter on_settled callback failed")
+
+
+def samples_energy(samples: Sequence[tuple[float, float]], a: float, b: float) -> float:
+    """Measured joules over ``[a, b)`` from cumulative samples."""
+    ea, eb = energy_at(samples, [a, b])
+    return eb - ea

@@ -1,0 +1,45 @@
+"""Power sources: where the meter reads each GPU's energy and power.
+
+A source is a small object with a ``read(gpu)`` method; the sampler owns the
+clock and the buffer. NVML reads real GPUs, ``simulated`` models an H100 for the
+demo, ``trace`` replays a scripted trace (the test seam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class MeterFault(RuntimeError):
+    """A reading could not be taken; ``kind`` is the label of ``wattgate_meter_errors_total``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One GPU reading.
+
+    ``energy_j``: the device's cumulative energy counter in joules (None when the
+    GPU has no counter; the sampler then integrates ``power_w``).
+    ``power_w``: instantaneous power in watts, if the source has it.
+    """
+
+    energy_j: float | None
+    power_w: float | None
+
+
+class PowerSource(Protocol):
+    """What the sampler needs from a power source."""
+
+    #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
+    method: str
+
+    def read(self, gpu: int) -> Reading:
+        """Read one GPU now; raise :class:`MeterFault` when it cannot be read."""
+        ...
+
+    def close(self) -> None: ...

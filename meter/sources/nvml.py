@@ -1,0 +1,120 @@
+"""Read real NVIDIA GPUs through NVML (nvidia-ml-py).
+
+GPU indices are NVML's, as ``nvidia-smi`` lists them. NVML ignores
+``CUDA_VISIBLE_DEVICES``: a vLLM started with ``CUDA_VISIBLE_DEVICES=2,3`` runs on
+NVML GPUs 2 and 3, and those are the indices to put in the registry.
+
+The primary reading is the total-energy counter
+(``nvmlDeviceGetTotalEnergyConsumption``, millijoules since driver load, Volta
+and later). On H100 it advances only about every 100 ms; the sampler therefore
+timestamps a reading when the value changes. Instantaneous power
+(``NVML_FI_DEV_POWER_INSTANT``) is read beside it to extrapolate past the last
+counter step. GPUs without the counter fall back to ``nvmlDeviceGetPowerUsage``
+(on H100 a 1 s average), integrated by the sampler.
+
+MIG: NVML has no power or energy reading per MIG instance; a GPU in MIG mode is
+metered as a whole, and energy of instances the gateway does not serve shows as
+idle or unattributed. :class:`NvmlSource` warns about it at start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from meter.sources import MeterFault, Reading
+
+log = logging.getLogger(__name__)
+
+
+class NvmlSource:
+    """Energy and power of the given NVML GPU indices."""
+
+    method = "nvml"
+
+    def __init__(self, gpus: Sequence[int]) -> None:
+        try:
+            import pynvml  # provided by nvidia-ml-py
+        except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+            raise MeterFault("init", "nvidia-ml-py is not installed") from exc
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            raise MeterFault("init", f"NVML is not available: {exc}") from exc
+        missing = [g for g in gpus if not 0 <= g < count]
+        if missing:
+            raise MeterFault("init", f"GPU indices {missing} not visible to NVML ({count} GPUs)")
+        self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
+        self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
+        self.names = {g: _text(pynvml.nvmlDeviceGetName(h)) for g, h in self._handles.items()}
+        for g, h in self._handles.items():
+            if self._in_mig_mode(h):
+                log.warning("GPU %d is in MIG mode: NVML reads power for the whole GPU, not per instance", g)
+            if not self.has_counter[g]:
+                log.warning("GPU %d has no energy counter; integrating nvmlDeviceGetPowerUsage", g)
+
+    def _probe_counter(self, handle: object) -> bool:
+        try:
+            self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            return True
+        except self._nvml.NVMLError:
+            return False
+
+    def _in_mig_mode(self, handle: object) -> bool:
+        try:
+            current, _ = self._nvml.nvmlDeviceGetMigMode(handle)
+            return bool(current)
+        except self._nvml.NVMLError:
+            return False
+
+    def _instant_power_w(self, handle: object) -> float | None:
+        nv = self._nvml
+        try:
+            (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
+            if field.nvmlReturn == nv.NVML_SUCCESS:
+                return field.value.uiVal / 1000.0
+        except nv.NVMLError:
+            pass
+        try:
+            return nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        except nv.NVMLError:
+            return None
+
+    def read(self, gpu: int) -> Reading:
+        handle = self._handles.get(gpu)
+        if handle is None:
+            raise MeterFault("lost_gpu", f"GPU {gpu} is not metered")
+        try:
+            energy = (
+                self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0 if self.has_counter[gpu] else None
+            )
+        except self._nvml.NVMLError as exc:
+            kind = "lost_gpu" if "lost" in str(exc).lower() else "read"
+            raise MeterFault(kind, f"GPU {gpu}: {exc}") from exc
+        return Reading(energy, self._instant_power_w(handle))
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass
+
+
+def visible_gpu_count() -> int:
+    """Number of GPUs NVML sees; 0 when NVML or its driver is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,395 @@
+"""The FastAPI gateway: routes, request checks, forwarding and per-request figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from meter import Measurement, Meter, MeterFault, RequestWindow
+from meter.footprint import SiteFactors, UnknownZone, grid_intensity
+from meter.sources.simulated import SimulatedGpu, SimulatedSource
+from proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.figures import energy_headers, energy_object
+from proxy.metrics import Metrics
+from proxy.records import Records
+from proxy.relay import StreamRelay
+from proxy.settings import ConfigError, Model, Settings, load_keys
+
+log = logging.getLogger("wattgate")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CHARS_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
+
+
+def site_factors(settings: Settings) -> SiteFactors:
+    s = settings.site
+    if s.grid_intensity_g_per_kwh is not None:
+        intensity, source = s.grid_intensity_g_per_kwh, "override"
+    else:
+        try:
+            intensity, source = grid_intensity(s.grid_zone), f"codecarbon:{s.grid_zone}"
+        except UnknownZone as exc:
+            raise ConfigError(f"site.grid_zone: {exc}") from None
+    return SiteFactors(s.grid_zone, intensity, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh, source)
+
+
+def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
+    """The meter the registry asks for; NVML missing degrades to estimates, loudly."""
+    m = settings.meter
+    gpus = settings.metered_gpus
+    simulated: dict[int, SimulatedGpu] = {}
+    source = None
+    init_fault = None
+    if m.source == "simulated":
+        simulated = {g: SimulatedGpu() for g in gpus}
+        source = SimulatedSource(simulated)
+    elif m.source == "nvml" and gpus:
+        from meter.sources.nvml import NvmlSource
+
+        try:
+            source = NvmlSource(gpus)
+        except MeterFault as exc:
+            log.warning("meter: %s; all figures will be estimates", exc)
+            init_fault = exc.kind
+    meter = Meter(
+        source,
+        gpus,
+        interval_s=m.interval_ms / 1000,
+        idle=m.idle,
+        settle_lag_s=m.settle_lag_ms / 1000,
+        stale_after_s=m.stale_after_ms / 1000,
+    )
+    if init_fault:
+        meter.errors[init_fault] += 1
+    return meter, simulated
+
+
+class Gateway:
+    """State shared by the routes of one app."""
+
+    def __init__(self, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> None:
+        self.settings = settings
+        self.site = site_factors(settings)
+        self.meter = meter
+        self.drive = drive  # simulated GPUs whose load follows the gateway's requests
+        self.metrics = Metrics(settings.models, meter)
+        self.records = Records(settings.gateway.recent_records)
+        self.keys = load_keys(settings.gateway.auth)
+        for kind, n in meter.errors.items():
+            self.metrics.meter_errors.labels(kind).inc(n)
+        meter.on_settled = self.settled
+        meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
+        t = settings.gateway.timeouts
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=t.connect_s, read=t.read_s, write=t.read_s, pool=t.connect_s),
+            limits=httpx.Limits(
+                max_connections=settings.gateway.max_connections,
+                max_keepalive_connections=settings.gateway.max_connections,
+            ),
+        )
+
+    # -- settled figures (called from the meter's thread) ------------------------
+
+    def settled(self, m: Measurement) -> None:
+        energy = energy_object(m, self.site)
+        rec = self.records.update(m.request_id, energy)
+        if rec is None:
+            return
+        mx = self.metrics
+        mx.energy.labels(rec.model, m.method if m.method in ("nvml", "estimate") else "simulated").observe(m.joules)
+        if m.completion_tokens:
+            mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
+        mx.carbon.labels(rec.model).inc(energy["gco2e"])
+        mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
+
+    # -- request handling --------------------------------------------------------
+
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's team alias; None when auth is off."""
+        if not self.keys:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        alias = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if alias is None:
+            raise Unauthorized("missing or unknown gateway API key")
+        return alias
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        limit = self.settings.gateway.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("request body is not valid JSON (UTF-8)") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        return data
+
+    def upstream_headers(self, model: Model, request_id: str) -> dict[str, str]:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        if model.api_key_env:
+            key = os.environ.get(model.api_key_env)
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
+        for g in model.gpus:
+            if g in self.drive:
+                self.drive[g].begin_sequence()
+        return self.meter.begin(
+            request_id,
+            model.gpus,
+            prompt_tokens=prompt_tokens,
+            prefill_weight=model.prefill_weight,
+            active_params_b=model.estimate.active_params_b,
+        )
+
+    def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]:
+        for g in model.gpus:
+            if g in self.drive:
+                self.drive[g].end_sequence()
+        mx = self.metrics
+        mx.requests.labels(name, status).inc()
+        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
+        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
+        mx.latency.labels(name).observe(time.monotonic() - forwarded_at)
+        energy = energy_object(m, self.site)
+        self.records.update(m.request_id, energy)
+        rec = self.records.get(m.request_id)
+        return rec.energy if rec is not None and rec.energy else energy
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else f"wg-{uuid.uuid4().hex}"
+
+
+def _check_fields(path: str, body: dict[str, Any]) -> None:
+    """Cheap type checks of what the gateway itself relies on; the upstream validates the rest."""
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "n" else 0)):
+            raise InvalidRequest(f"'{key}' must be a non-negative integer", param=key)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    if path == "chat/completions":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise InvalidRequest("'messages' must be a non-empty array of objects", param="messages")
+    elif path == "completions" and not isinstance(body.get("prompt"), (str, list)):
+        raise InvalidRequest("'prompt' must be a string or an array", param="prompt")
+    elif path == "embeddings" and not isinstance(body.get("input"), (str, list)):
+        raise InvalidRequest("'input' must be a string or an array", param="input")
+
+
+def _prompt_tokens_guess(path: str, body: dict[str, Any]) -> int:
+    part = body.get({"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}[path])
+    return max(1, len(json.dumps(part, ensure_ascii=False)) // _CHARS_PER_TOKEN)
+
+
+def create_app(
+    settings: Settings,
+    meter: Meter | None = None,
+    drive: dict[int, SimulatedGpu] | None = None,
+) -> FastAPI:
+    """The gateway app. Without ``meter`` it builds the one the registry asks for."""
+    if meter is None:
+        meter, drive = build_meter(settings)
+    gw = Gateway(settings, meter, drive or {})
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw.meter.start()
+        try:
+            yield
+        finally:
+            await gw.client.aclose()
+            gw.meter.stop()
+
+    app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = gw
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return exc.response({"x-request-id": getattr(request.state, "request_id", None) or _request_id(request)})
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc: Exception) -> Response:
+        return NotFound(f"no route {request.method} {request.url.path}").response()
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, exc: Exception) -> Response:
+        err = InvalidRequest(f"method {request.method} not allowed on {request.url.path}")
+        err.status = 405
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        return GatewayError("internal gateway error").response()
+
+    async def forward(request: Request, path: str) -> Response:
+        request_id = _request_id(request)
+        request.state.request_id = request_id
+        team = gw.authenticate(request)
+        body = await gw.read_json(request)
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        model = settings.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        _check_fields(path, body)
+        stream = body.get("stream") is True
+        client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        body["model"] = settings.served_name(name)
+        if stream:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+
+        gw.records.open(request_id, name, team)
+        window = gw.begin(request_id, name, model, _prompt_tokens_guess(path, body))
+        forwarded_at = time.monotonic()
+        upstream_req = gw.client.build_request(
+            "POST", f"{model.base_url}/{path}", content=orjson.dumps(body), headers=gw.upstream_headers(model, request_id)
+        )
+        try:
+            upstream = await gw.client.send(upstream_req, stream=True)
+        except httpx.TimeoutException:
+            gw.finish(name, model, window.end("error"), "error", forwarded_at)
+            raise UpstreamTimeout(f"upstream for '{name}' did not answer in time") from None
+        except httpx.TransportError as exc:
+            gw.finish(name, model, window.end("error"), "error", forwarded_at)
+            raise UpstreamUnavailable(f"upstream for '{name}' is unreachable ({type(exc).__name__})") from None
+
+        if stream and upstream.status_code == 200:
+
+            async def finish(m: Measurement, status: str) -> dict[str, Any]:
+                return gw.finish(name, model, m, status, forwarded_at)
+
+            headers = {"x-request-id": request_id, "x-energy-method": gw.meter.method if model.gpus else "estimate"}
+            return StreamRelay(upstream, window, headers, client_wants_usage, finish)  # type: ignore[return-value]
+
+        try:
+            raw = await upstream.aread()
+        except httpx.TimeoutException:
+            gw.finish(name, model, window.end("error"), "error", forwarded_at)
+            raise UpstreamTimeout(f"upstream for '{name}' stopped answering") from None
+        except httpx.TransportError:
+            gw.finish(name, model, window.end("error"), "error", forwarded_at)
+            raise UpstreamUnavailable(f"upstream for '{name}' broke the connection") from None
+        finally:
+            await upstream.aclose()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        ok = upstream.status_code == 200 and isinstance(data, dict)
+        if ok:
+            usage = data.get("usage") or {}
+            completion = usage.get("completion_tokens") or 0
+            if completion:
+                window.tokens(completion)
+            window.usage(usage.get("prompt_tokens"), completion)
+        status = "ok" if ok else "error"
+        energy = gw.finish(name, model, window.end(status), status, forwarded_at)
+        headers = {"x-request-id": request_id, **energy_headers(energy)}
+        if ok:
+            data["energy"] = energy
+            return Response(orjson.dumps(data), status_code=200, media_type="application/json", headers=headers)
+        if upstream.status_code == 200:
+            raise UpstreamUnavailable(f"upstream for '{name}' sent a response that is not a JSON object")
+        if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
+            return Response(raw, status_code=upstream.status_code, media_type="application/json", headers=headers)
+        message = raw.decode("utf-8", "replace")[:500] or upstream.reason_phrase
+        err = GatewayError(f"upstream error: {message}")
+        err.status = upstream.status_code if upstream.status_code >= 400 else 502
+        err.type = "upstream_error"
+        return err.response(headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await forward(request, "chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await forward(request, "completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await forward(request, "embeddings")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "wattgate"} for n in settings.models],
+        }
+
+    @app.get("/v1/energy/{request_id}")
+    async def energy(request_id: str, request: Request) -> Response:
+        team = gw.authenticate(request)
+        rec = gw.records.get(request_id)
+        if rec is None or not rec.energy or (gw.keys and rec.team != team):
+            raise NotFound(f"no energy record for request '{request_id}'")
+        return JSONResponse(rec.energy)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        upstreams: dict[str, bool] = {}
+        for name, model in settings.models.items():
+            try:
+                r = await gw.client.get(f"{model.base_url}/models", headers=gw.upstream_headers(model, "readyz"))
+                upstreams[name] = r.status_code < 500
+            except httpx.HTTPError:
+                upstreams[name] = False
+        meter_state = gw.meter.state()
+        ready = all(upstreams.values())
+        body = {"ready": ready, "upstreams": upstreams, "meter": meter_state}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return app

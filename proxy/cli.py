@@ -1,0 +1,50 @@
+"""The ``wattgate`` command: ``serve`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wattgate", description="Energy-metering gateway for OpenAI-compatible APIs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default="models_registry.yaml", help="registry file (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info")
+    demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the gateway up afterwards")
+    args = parser.parse_args(argv)
+
+    from proxy.settings import ConfigError
+
+    try:
+        if args.command == "demo":
+            logging.basicConfig(level=logging.WARNING)
+            from proxy.demo import run_demo
+
+            return run_demo(keep_serving=args.keep_serving)
+        return _serve(args)
+    except ConfigError as exc:
+        print(f"wattgate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.settings import load_settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(load_settings(args.config))
+    # One worker: attribution needs every request on a GPU in one process.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

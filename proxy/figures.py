@@ -1,0 +1,46 @@
+"""Per-request figures as the user sees them: the ``energy`` body object and headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meter import Measurement
+from meter.footprint import SiteFactors, footprint
+
+
+def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
+    """The body's ``energy`` object (DESIGN.md, "Per-request figures")."""
+    fp = footprint(m.joules, site)
+    gpus = sorted(g for g in m.joules_by_gpu if g >= 0)
+    return {
+        "request_id": m.request_id,
+        "joules": round(fp.joules, 6),
+        "wh": round(fp.wh, 9),
+        "gco2e": round(fp.gco2e, 9),
+        "water_ml": round(fp.water_ml, 9),
+        "method": m.method,
+        "settled": m.settled,
+        "gpus": gpus,
+        "components": {"gpu": round(fp.joules, 6)},
+        "window_ms": round(m.window_s * 1000),
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.completion_tokens,
+        "grid_zone": site.grid_zone,
+        "grid_intensity_g_per_kwh": site.grid_intensity_g_per_kwh,
+        "pue": site.pue,
+        "status": m.status,
+    }
+
+
+def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
+    """Response headers of a non-stream response."""
+    return {
+        "x-energy-joules": f"{energy['joules']:.6g}",
+        "x-energy-wh": f"{energy['wh']:.6g}",
+        "x-carbon-gco2e": f"{energy['gco2e']:.6g}",
+        "x-water-ml": f"{energy['water_ml']:.6g}",
+        "x-energy-method": energy["method"],
+        "x-energy-gpus": ",".join(str(g) for g in energy["gpus"]),
+        "x-grid-intensity": f"{energy['grid_intensity_g_per_kwh']:.6g}",
+        "x-grid-zone": energy["grid_zone"],
+    }

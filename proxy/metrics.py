@@ -1,0 +1,95 @@
+"""Every Prometheus metric of the gateway, defined once (DESIGN.md, metrics table)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from meter import Meter
+
+STATUSES = ("ok", "error", "client_closed")
+METER_ERROR_KINDS = ("read", "lost_gpu", "stale", "counter_reset", "sampler_dead", "unmetered_gpu", "internal", "init")
+METHODS = ("nvml", "estimate", "simulated")
+# Joules per request: from a few tokens at high batch (~0.1 J) to long answers on big models.
+ENERGY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+PER_TOKEN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The gateway's metrics in their own registry; series of known labels start at zero."""
+
+    def __init__(self, models: Iterable[str], meter: Meter) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("wattgate_requests", "Requests by model and status", ["model", "status"], registry=r)
+        self.tokens = Counter("wattgate_tokens", "Tokens by model and kind", ["model", "kind"], registry=r)
+        self.energy = Histogram(
+            "wattgate_request_energy_joules",
+            "Settled energy per request (J); _sum is the attributed total",
+            ["model", "method"],
+            buckets=ENERGY_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "wattgate_energy_per_token_joules",
+            "Settled energy per completion token (J)",
+            ["model"],
+            buckets=PER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.carbon = Counter("wattgate_carbon_grams", "Settled grams CO2e", ["model"], registry=r)
+        self.water = Counter("wattgate_water_liters", "Settled litres of water", ["model"], registry=r)
+        self.latency = Histogram(
+            "wattgate_upstream_latency_seconds",
+            "Time from forwarding to the upstream's last byte",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.meter_errors = Counter("wattgate_meter_errors", "Meter faults by kind", ["kind"], registry=r)
+        for model in models:
+            for status in STATUSES:
+                self.requests.labels(model, status)
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(model, kind)
+            for method in METHODS:
+                self.energy.labels(model, method)
+            self.per_token.labels(model)
+            self.carbon.labels(model)
+            self.water.labels(model)
+            self.latency.labels(model)
+        for kind in METER_ERROR_KINDS:
+            self.meter_errors.labels(kind)
+        r.register(_GpuCollector(meter))
+
+
+class _GpuCollector:
+    """Per-GPU power and energy, read from the meter at scrape time."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        power = GaugeMetricFamily("wattgate_gpu_power_watts", "Latest GPU power (W)", labels=["gpu"])
+        measured = CounterMetricFamily("wattgate_gpu_energy_joules", "Measured GPU energy (J)", labels=["gpu"])
+        idle = CounterMetricFamily(
+            "wattgate_gpu_idle_energy_joules", "GPU energy with no gateway request active (J)", labels=["gpu"]
+        )
+        unattributed = CounterMetricFamily(
+            "wattgate_gpu_unattributed_energy_joules",
+            "GPU energy of work that did not come through the gateway (J)",
+            labels=["gpu"],
+        )
+        for gpu, t in self.meter.gpu_totals().items():
+            label = [str(gpu)]
+            power.add_metric(label, t.power_w or 0.0)
+            measured.add_metric(label, t.measured)
+            idle.add_metric(label, t.idle)
+            unattributed.add_metric(label, t.unattributed)
+        yield from (power, measured, idle, unattributed)

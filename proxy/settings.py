@@ -1,0 +1,190 @@
+"""The registry file (``models_registry.yaml``) as pydantic models.
+
+A wrong file is refused at start-up with the field, its line and the reason;
+unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Site(_Strict):
+    """Where the GPUs are. Defaults and sources: README, "Factors"."""
+
+    # CodeCarbon zone key: ISO-3 country (FRA, USA) or provider:region (gcp:europe-west1).
+    grid_zone: str = "USA"
+    # Overrides the zone's figure (market-based, PPA, live feed), gCO2e/kWh.
+    grid_intensity_g_per_kwh: float | None = Field(default=None, ge=0)
+    # Uptime Institute, Global Data Center Survey 2024: industry average PUE 1.56.
+    pue: float = Field(default=1.56, ge=1.0, le=5.0)
+    # Li et al. 2023, "Making AI Less Thirsty": on-site WUE 0.55 L/kWh.
+    wue_site_l_per_kwh: float = Field(default=0.55, ge=0)
+    # Li et al. 2023: 3.142 L/kWh consumed generating U.S. electricity.
+    water_grid_l_per_kwh: float = Field(default=3.142, ge=0)
+
+
+class MeterSettings(_Strict):
+    source: Literal["nvml", "simulated", "none"] = "nvml"
+    interval_ms: int = Field(default=50, ge=5, le=10_000)
+    idle: Literal["exclude", "amortize"] = "exclude"
+    # How long attribution waits for a request's next token before splitting without it.
+    settle_lag_ms: int = Field(default=1000, ge=0, le=60_000)
+    # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.
+    stale_after_ms: int = Field(default=2000, ge=100, le=600_000)
+
+
+class Estimate(_Strict):
+    active_params_b: float = Field(default=8.0, gt=0)
+
+
+class Model(_Strict):
+    served_name: str | None = None  # the name the upstream knows; default: the registry name
+    upstream: HttpUrl
+    gpus: list[int] = Field(default_factory=list)
+    api_key_env: str | None = None
+    # Energy of one prompt token relative to one decoded token (see README, "Attribution").
+    prefill_weight: float = Field(default=0.2, ge=0, le=10)
+    estimate: Estimate = Estimate()
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: list[int]) -> list[int]:
+        if any(g < 0 for g in v) or len(set(v)) != len(v):
+            raise ValueError("GPU indices must be distinct and >= 0")
+        return v
+
+    @property
+    def base_url(self) -> str:
+        return str(self.upstream).rstrip("/")
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(default=5.0, gt=0)
+    # Longest wait for the upstream's next byte (first token included) before 504.
+    read_s: float = Field(default=300.0, gt=0)
+
+
+class Auth(_Strict):
+    """Gateway keys: ``alias:key`` pairs, comma- or newline-separated."""
+
+    keys_env: str | None = None
+    keys_file: Path | None = None
+
+
+class Gateway(_Strict):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    timeouts: Timeouts = Timeouts()
+    auth: Auth = Auth()
+    max_connections: int = Field(default=1000, ge=1)
+    # Records of recent requests kept in memory for GET /v1/energy/{id}.
+    recent_records: int = Field(default=100_000, ge=100)
+
+
+class Settings(_Strict):
+    site: Site = Site()
+    meter: MeterSettings = MeterSettings()
+    gateway: Gateway = Gateway()
+    models: dict[str, Model]
+
+    @model_validator(mode="after")
+    def _models(self) -> Settings:
+        if not self.models:
+            raise ValueError("at least one model is required")
+        return self
+
+    def served_name(self, name: str) -> str:
+        return self.models[name].served_name or name
+
+    @property
+    def metered_gpus(self) -> list[int]:
+        return sorted({g for m in self.models.values() for g in m.gpus})
+
+
+class ConfigError(ValueError):
+    """The registry file is wrong; the message names the file, line, field and reason."""
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key and sequence item."""
+
+
+def _construct_with_lines(loader: _LineLoader, node: yaml.Node, path: tuple[Any, ...], lines: dict) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            out[key] = _construct_with_lines(loader, value_node, path + (key,), lines)
+            lines[path + (key,)] = key_node.start_mark.line + 1  # the key's line, not its value's
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct_with_lines(loader, item, path + (i,), lines) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def parse_settings(text: str, source: str = "<registry>") -> Settings:
+    """Parse registry YAML; raise :class:`ConfigError` with line numbers."""
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        loader = _LineLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = _construct_with_lines(loader, node, (), lines) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the registry must be a mapping with a 'models' key")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            where = f"line {line}" if line else "?"
+            problems.append(f"{source}:{where}: {field}: {err['msg']}")
+        raise ConfigError("invalid registry\n  " + "\n  ".join(problems)) from None
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read registry {p}: {exc.strerror}") from None
+    return parse_settings(text, str(p))
+
+
+def load_keys(auth: Auth) -> dict[str, str]:
+    """Gateway keys as ``{key: alias}``; empty when auth is off."""
+    raw = ""
+    if auth.keys_env:
+        raw += os.environ.get(auth.keys_env, "") + "\n"
+    if auth.keys_file:
+        try:
+            raw += auth.keys_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read gateway keys file {auth.keys_file}: {exc.strerror}") from None
+    keys: dict[str, str] = {}
+    for item in raw.replace(",", "\n").splitlines():
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        alias, sep, key = item.partition(":")
+        if not sep or not alias.strip() or not key.strip():
+            raise ConfigError("gateway keys must be 'alias:key' entries (the key itself is not shown)")
+        keys[key.strip()] = alias.strip()
+    return keys
