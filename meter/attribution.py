@@ -21,6 +21,10 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
+#: Events closer than this (s) are merged. Far below the energy counter's resolution
+#: (~100 ms on H100), and it keeps work rates bounded so their running sum stays exact.
+MIN_SPAN_S = 1e-4
+
 
 @dataclass(frozen=True, slots=True)
 class Activity:
@@ -74,18 +78,20 @@ def spans(activity: Activity) -> list[Span]:
     pending = activity.prefill_work
     for t, n in activity.arrivals:
         pending += n
-        if t <= prev:  # same instant as the previous event: merge into the next span
+        if t - prev < MIN_SPAN_S:  # same instant as the previous event: merge into the next span
             continue
         out.append(Span(prev, t, pending / (t - prev)))
         pending = 0.0
         prev = t
     if activity.end is None:
         out.append(Span(prev, math.inf, None))
-    elif activity.end > prev:
-        out.append(Span(prev, activity.end, pending / (activity.end - prev)))
-    elif pending and out:
+    elif activity.end - prev >= MIN_SPAN_S or not out:
+        if activity.end > prev:
+            out.append(Span(prev, activity.end, pending / (activity.end - prev)))
+    else:  # the end is within MIN_SPAN_S of the last token: stretch the last span to it
         last = out.pop()
-        out.append(Span(last.start, last.end, last.rate + pending / (last.end - last.start)))
+        work = (last.rate or 0.0) * (last.end - last.start) + pending
+        out.append(Span(last.start, activity.end, work / (activity.end - last.start)))
     return out
 
 
@@ -204,7 +210,7 @@ def split_energy(
                 carry = 0.0
             heads = n_known + n_unknown + n_foreign
             hu = de / heads
-            if n_pos:
+            if n_pos and rate > 0:
                 f = de * n_known / (heads * rate)
             else:
                 hk = hu

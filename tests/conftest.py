@@ -1,0 +1,68 @@
+"""A real stack on localhost: a vLLM-like simulated upstream and the gateway, each under uvicorn."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from meter import Meter
+from meter.sources.simulated import SimulatedGpu, SimulatedSource
+from proxy.app import create_app
+from proxy.serving import ServerThread, free_port
+from proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
+from proxy.simulated_upstream import Scenario, SimulatedUpstream
+
+SERVED = "meta-llama/Llama-3.1-8B-Instruct"
+FAULTS = {
+    "fault:slow": Scenario(first_token_delay_s=0.3),
+    "fault:500": Scenario(status=500),
+    "fault:break": Scenario(break_after_tokens=3),
+    "fault:hang": Scenario(hang=True),
+}
+
+
+def scenario(body: dict[str, Any]) -> Scenario:
+    messages = body.get("messages") or [{}]
+    text = messages[0].get("content") if isinstance(messages[0], dict) else None
+    return FAULTS.get(text if isinstance(text, str) else "", Scenario())
+
+
+@dataclass
+class Stack:
+    url: str
+    upstream: SimulatedUpstream
+    gpu: SimulatedGpu
+    meter: Meter
+
+    def record(self, request_id: str, settled: bool = True, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = httpx.get(f"{self.url}/v1/energy/{request_id}")
+            if r.status_code == 200 and (r.json()["settled"] or not settled):
+                return r.json()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no settled record for {request_id}: {r.status_code} {r.text}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    gpu = SimulatedGpu()
+    upstream = SimulatedUpstream(gpu, served_name=SERVED, default_max_tokens=16, scenario=scenario)
+    with ServerThread(upstream) as up:
+        settings = Settings(
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            gateway=Gateway(timeouts=Timeouts(read_s=1.0, connect_s=1.0), max_body_bytes=64 * 1024),
+            models={
+                "llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
+                "remote": Model(served_name=SERVED, upstream=f"{up.url}/v1", estimate={"active_params_b": 70}),
+                "down": Model(upstream=f"http://127.0.0.1:{free_port()}/v1", gpus=[0]),
+            },
+        )
+        meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
+        with ServerThread(create_app(settings, meter=meter)) as gw:
+            yield Stack(gw.url, upstream, gpu, meter)

@@ -1,0 +1,130 @@
+"""The attribution contract (DESIGN.md), one property per test, on random traces and schedules."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meter.attribution import Activity, energy_at, split_energy, spans
+
+T_END = 10.0
+
+
+@st.composite
+def traces(draw: st.DrawFn) -> list[tuple[float, float]]:
+    """Cumulative counter samples over [0, T_END] with random step times and powers."""
+    n = draw(st.integers(2, 40))
+    times = sorted({0.0, T_END, *draw(st.lists(st.floats(0.01, T_END - 0.01), min_size=n, max_size=n))})
+    energy, out = 1e6 * draw(st.floats(0, 1)), []  # counters start anywhere
+    for i, t in enumerate(times):
+        if i:
+            energy += draw(st.floats(60, 700)) * (t - times[i - 1])
+        out.append((t, energy))
+    return out
+
+
+@st.composite
+def activities(draw: st.DrawFn, start: float | None = None, end: float | None = None) -> Activity:
+    s = draw(st.floats(0, T_END - 0.5)) if start is None else start
+    e = draw(st.floats(s + 0.05, T_END)) if end is None else end
+    k = draw(st.integers(0, 30))
+    times = sorted(draw(st.lists(st.floats(s, e), min_size=k, max_size=k)))
+    return Activity(s, [(t, draw(st.integers(1, 4))) for t in times], e, draw(st.integers(0, 200)) * 0.2)
+
+
+def measured(trace: list[tuple[float, float]]) -> float:
+    return trace[-1][1] - trace[0][1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(traces(), st.lists(activities(), min_size=0, max_size=12), st.integers(0, 3), st.booleans())
+def test_conservation(trace, acts, foreign_n, amortize):
+    parts = {i: spans(a) for i, a in enumerate(acts)}
+    foreign = [(2.0, 6.0, foreign_n)] if foreign_n else []
+    split = split_energy(trace, parts, 0.0, T_END, foreign=foreign, amortize=amortize)
+    total = split.attributed + split.idle + split.unattributed + split.carry
+    assert math.isclose(total, measured(trace), rel_tol=1e-3)  # contract: within 0.1 %
+    assert math.isclose(total, measured(trace), rel_tol=1e-9)  # in fact exact up to rounding
+    assert all(v >= -1e-9 for v in split.shares.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(traces(), activities())
+def test_isolation(trace, act):
+    split = split_energy(trace, {"lone": spans(act)}, 0.0, T_END)
+    e0, e1 = energy_at(trace, [act.start, act.end])
+    assert math.isclose(split.shares["lone"], e1 - e0, rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(split.idle, measured(trace) - (e1 - e0), rel_tol=1e-9, abs_tol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(traces(), activities(), st.integers(2, 8), st.lists(activities(), max_size=5))
+def test_symmetry(trace, act, copies, others):
+    parts = {("same", i): spans(act) for i in range(copies)}
+    parts.update({("other", i): spans(a) for i, a in enumerate(others)})
+    split = split_energy(trace, parts, 0.0, T_END)
+    same = [split.shares[("same", i)] for i in range(copies)]
+    assert max(same) - min(same) <= 0.01 * max(max(same), 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(traces(), activities(), st.lists(activities(), min_size=1, max_size=6), st.integers(1, 5))
+def test_monotonicity(trace, act, others, extra):
+    """More work in the same window never gets less energy."""
+    more = Activity(act.start, [(t, n + extra) for t, n in act.arrivals], act.end, act.prefill_work + extra)
+    parts = {i: spans(a) for i, a in enumerate(others)}
+    base = split_energy(trace, {**parts, "x": spans(act)}, 0.0, T_END).shares["x"]
+    bigger = split_energy(trace, {**parts, "x": spans(more)}, 0.0, T_END).shares["x"]
+    assert bigger >= base - 1e-9 * max(base, 1.0)
+
+
+def test_work_weighted_split():
+    """Two requests in the same window, one decoding three times as many tokens, get 1/4 and 3/4."""
+    trace = [(0.0, 0.0), (1.0, 400.0)]
+    a = Activity(0.0, [(0.5, 1), (1.0, 1)], 1.0)
+    b = Activity(0.0, [(0.5, 3), (1.0, 3)], 1.0)
+    split = split_energy(trace, {"a": spans(a), "b": spans(b)}, 0.0, 1.0)
+    assert math.isclose(split.shares["a"], 100.0) and math.isclose(split.shares["b"], 300.0)
+
+
+def test_prefill_weight_counts_prompt_tokens():
+    trace = [(0.0, 0.0), (1.0, 100.0)]
+    long_prompt = Activity(0.0, [(1.0, 1)], 1.0, prefill_work=9.0)
+    short_prompt = Activity(0.0, [(1.0, 1)], 1.0, prefill_work=0.0)
+    split = split_energy(trace, {"long": spans(long_prompt), "short": spans(short_prompt)}, 0.0, 1.0)
+    # Work 9 + 1 against 0 + 1 over the same window.
+    assert math.isclose(split.shares["long"], 1000 / 11) and math.isclose(split.shares["short"], 100 / 11)
+
+
+def test_idle_exclude_reports_idle():
+    trace = [(0.0, 0.0), (10.0, 1000.0)]
+    split = split_energy(trace, {"r": spans(Activity(5.0, [(6.0, 1)], 6.0))}, 0.0, 10.0)
+    assert math.isclose(split.shares["r"], 100.0) and math.isclose(split.idle, 900.0) and split.carry == 0
+
+
+def test_idle_amortize_goes_to_next_requests():
+    trace = [(0.0, 0.0), (10.0, 1000.0)]
+    parts = {"a": spans(Activity(5.0, [(6.0, 1)], 6.0)), "b": spans(Activity(5.0, [(6.0, 1)], 6.0))}
+    split = split_energy(trace, parts, 0.0, 10.0, amortize=True)
+    # 500 J of idle before them is shared by the next requests; the 400 J after them waits.
+    assert math.isclose(split.shares["a"], 300.0) and math.isclose(split.shares["b"], 300.0)
+    assert split.idle == 0 and math.isclose(split.carry, 400.0)
+
+
+def test_foreign_work_is_unattributed():
+    """Sequences that bypassed the gateway take their head's share; alone, all of it."""
+    trace = [(0.0, 0.0), (2.0, 800.0)]
+    parts = {"r": spans(Activity(0.0, [(0.5, 1), (1.0, 1)], 1.0))}
+    split = split_energy(trace, parts, 0.0, 2.0, foreign=[(0.0, 2.0, 3)])
+    assert math.isclose(split.shares["r"], 100.0)
+    assert math.isclose(split.unattributed, 700.0) and split.idle == 0
+
+
+def test_unknown_rate_takes_average_head_share():
+    """A request whose next token has not arrived neither steals from nor gives to the others."""
+    trace = [(0.0, 0.0), (1.0, 300.0)]
+    known = {i: spans(Activity(0.0, [(1.0, 5)], 1.0)) for i in range(2)}
+    split = split_energy(trace, {**known, "open": spans(Activity(0.0))}, 0.0, 1.0)
+    assert all(math.isclose(v, 100.0) for v in split.shares.values())

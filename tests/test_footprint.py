@@ -1,0 +1,30 @@
+"""Carbon and water arithmetic against hand-computed figures from the pinned CodeCarbon data."""
+
+from __future__ import annotations
+
+import pytest
+
+from meter.estimate import estimate_joules
+from meter.footprint import J_PER_KWH, SiteFactors, footprint, grid_intensity
+
+
+def site(zone: str, intensity: float) -> SiteFactors:
+    return SiteFactors(zone, intensity, pue=1.2, wue_site_l_per_kwh=0.5, water_grid_l_per_kwh=3.1, intensity_source="t")
+
+
+def test_one_kwh_in_france_and_usa():
+    fra, usa = grid_intensity("FRA"), grid_intensity("USA")
+    assert fra == pytest.approx(56.039) and usa == pytest.approx(369.473)  # codecarbon 3.x data (2023 mix)
+    f = footprint(J_PER_KWH, site("FRA", fra))
+    assert f.wh == pytest.approx(1000.0) and f.gco2e == pytest.approx(1.2 * 56.039)
+    assert f.water_ml == pytest.approx((1 * 0.5 + 1.2 * 3.1) * 1000)
+    assert footprint(J_PER_KWH, site("USA", usa)).gco2e == pytest.approx(1.2 * 369.473)
+
+
+def test_cloud_region_zone():
+    assert grid_intensity("gcp:europe-west1") > 0
+
+
+def test_estimate_grows_with_tokens_and_parameters():
+    assert estimate_joules(10, 100, 8) < estimate_joules(10, 200, 8) < estimate_joules(10, 200, 70)
+    assert estimate_joules(0, 0, 8) == 0

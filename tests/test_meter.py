@@ -1,0 +1,198 @@
+"""The meter end to end on scripted traces: counter lag, settling, multi-GPU, resets and faults."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from meter import Measurement, Meter
+from meter.sources.trace import TraceSource
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def counter_trace(power_w, until=20.0, step=0.1, start_j=5_000.0):
+    """An H100-like counter: advances every ``step`` s; ``power_w(t)`` is the true power."""
+    points, energy, t = [], start_j, 0.0
+    while t <= until + 1e-9:
+        points.append((round(t, 6), energy, power_w(t)))
+        # Integrate the true power over the next step (fine sub-steps).
+        energy += sum(power_w(t + (k + 0.5) * step / 50) for k in range(50)) * step / 50
+        t += step
+    return points
+
+
+def true_energy(power_w, a, b, n=2000):
+    return sum(power_w(a + (k + 0.5) * (b - a) / n) for k in range(n)) * (b - a) / n
+
+
+def make_meter(traces, clock, **kw):
+    settled: dict[str, Measurement] = {}
+    meter = Meter(
+        TraceSource(traces, clock, kw.pop("fail_from", None)),
+        list(traces),
+        interval_s=0.05,
+        clock=clock,
+        on_settled=lambda m: settled.__setitem__(m.request_id, m),
+        **kw,
+    )
+    return meter, settled
+
+
+def run_until(meter, clock, t_end, hook=None):
+    while clock.t < t_end - 1e-9:
+        clock.t = round(clock.t + 0.05, 6)
+        if hook:
+            hook(clock.t)
+        meter.sampler.poll()
+        meter.advance()
+
+
+def test_lone_request_gets_its_window_and_settles_after_counter_passes_end():
+    def power(t):
+        return 400.0 if 2.0 <= t < 4.0 else 80.0
+
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(power)}, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("r", [0], prompt_tokens=10)
+
+    def tokens(t):
+        if 1.0 < t <= 5.0:
+            w.tokens(1, t)
+
+    run_until(meter, clock, 5.0, tokens)
+    provisional = w.end(t=5.0)
+    assert not provisional.settled and provisional.method == "trace"
+    assert "r" not in settled  # the counter has not passed the end yet
+    run_until(meter, clock, 6.0)
+    m = settled["r"]
+    assert m.settled and m.method == "trace" and m.completion_tokens == 80
+    # Step placement: counter steps are stamped within half a poll interval, so the
+    # window's energy is right to within one counter step of the true figure.
+    assert math.isclose(m.joules, true_energy(power, 1.0, 5.0), rel_tol=0.02)
+    # Provisional vs settled on this trace (documented in README): within 5 %.
+    assert math.isclose(provisional.joules, m.joules, rel_tol=0.05)
+
+
+def test_conservation_over_time_with_overlapping_requests():
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 100 + 30 * (t % 3))}, clock)
+    windows = {}
+
+    def hook(t):
+        k = int(round(t * 20))
+        if k % 7 == 0 and len(windows) < 12:
+            windows[f"r{len(windows)}"] = (meter.begin(f"r{len(windows)}", [0], prompt_tokens=k % 50), t + 0.3 * (k % 9) + 0.2)
+        for rid, (w, end) in list(windows.items()):
+            if end is None:
+                continue
+            if t >= end:
+                w.end(t=t)
+                windows[rid] = (w, None)
+            elif k % 2:
+                w.tokens(1 + k % 3, t)
+
+    run_until(meter, clock, 12.0, hook)
+    totals = meter.gpu_totals()[0]
+    assert len(settled) == 12
+    assert math.isclose(sum(m.joules for m in settled.values()), totals.attributed, rel_tol=1e-9)
+    parts = totals.attributed + totals.idle + totals.unattributed + totals.pending_idle
+    assert math.isclose(parts, totals.measured, rel_tol=1e-3)
+
+
+def test_multi_gpu_request_sums_its_gpus():
+    clock = Clock()
+    traces = {0: counter_trace(lambda t: 300.0), 1: counter_trace(lambda t: 200.0, start_j=9e6)}
+    meter, settled = make_meter(traces, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("tp", [0, 1])
+    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
+    w.end(t=3.0)
+    run_until(meter, clock, 4.0)
+    m = settled["tp"]
+    assert set(m.joules_by_gpu) == {0, 1}
+    assert math.isclose(m.joules_by_gpu[0], 600.0, rel_tol=0.03)
+    assert math.isclose(m.joules_by_gpu[1], 400.0, rel_tol=0.03)
+
+
+def test_counter_reset_is_made_continuous_and_counted():
+    trace = counter_trace(lambda t: 200.0)
+    trace = [(t, e - (trace[30][1] if t >= 3.0 else 0.0), p) for t, e, p in trace]  # counter back to 0 at 3 s
+    clock = Clock()
+    meter, settled = make_meter({0: trace}, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("r", [0])
+    run_until(meter, clock, 5.0, lambda t: w.tokens(1, t))
+    w.end(t=5.0)
+    run_until(meter, clock, 6.0)
+    assert meter.errors["counter_reset"] == 1
+    assert math.isclose(settled["r"].joules, 800.0, rel_tol=0.03)
+
+
+def test_gpu_without_counter_integrates_power():
+    trace = [(round(k * 0.05, 6), None, 250.0) for k in range(200)]
+    clock = Clock()
+    meter, settled = make_meter({0: trace}, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("r", [0])
+    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
+    w.end(t=3.0)
+    run_until(meter, clock, 4.0)
+    assert math.isclose(settled["r"].joules, 500.0, rel_tol=0.01)
+
+
+def test_meter_fault_falls_back_to_estimate_and_is_counted():
+    clock = Clock()
+    errors = []
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, fail_from=2.0, stale_after_s=0.5)
+    meter.on_error = errors.append
+    run_until(meter, clock, 1.0)
+    w = meter.begin("r", [0], prompt_tokens=20)
+    run_until(meter, clock, 4.0, lambda t: w.tokens(1, t))
+    m = w.end(t=4.0)
+    assert m.method == "estimate" and m.settled and m.fault == "stale"
+    assert m.joules > 0 and settled["r"].method == "estimate"
+    assert "read" in errors and "stale" in errors
+    assert meter.state()["ok"] is False
+
+
+def test_idle_amortize_moves_idle_into_next_request():
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 100.0)}, clock, idle="amortize")
+    run_until(meter, clock, 2.0)
+    w = meter.begin("r", [0])
+    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
+    w.end(t=3.0)
+    run_until(meter, clock, 4.0)
+    # ~2 s of idle before it plus its own ~1 s window.
+    assert settled["r"].joules == pytest.approx(300.0, rel=0.05)
+    assert meter.gpu_totals()[0].idle == 0.0
+
+
+def test_foreign_work_on_gpu_is_not_pinned_on_gateway_requests():
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 400.0)}, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("r", [0])
+    meter.report_foreign([0], 3, 1.0, 3.0)
+    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
+    w.end(t=3.0)
+    run_until(meter, clock, 4.0)
+    assert settled["r"].joules == pytest.approx(200.0, rel=0.05)  # one head of four
+    assert meter.gpu_totals()[0].unattributed == pytest.approx(600.0, rel=0.05)
+
+
+def test_request_without_gpus_is_an_estimate():
+    meter = Meter(None)
+    w = meter.begin("remote", prompt_tokens=100, active_params_b=70)
+    w.usage(100, 50)
+    m = w.end()
+    assert m.method == "estimate" and m.settled and m.fault is None and m.joules > 0

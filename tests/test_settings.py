@@ -1,0 +1,49 @@
+"""The registry file: the shipped example loads; a wrong file is refused with line and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.app import site_factors
+from proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_example_registry_loads():
+    s = load_settings(ROOT / "models_registry.yaml")
+    assert s.models and s.metered_gpus == [0, 1]
+    assert site_factors(s).grid_intensity_g_per_kwh > 0
+
+
+def test_wrong_file_names_line_field_and_reason():
+    text = "site:\n  pue: 0.5\nmodels:\n  a:\n    upstream: http://x:8000/v1\n    gpu: [0]\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_settings(text, "r.yaml")
+    msg = str(exc.value)
+    assert "r.yaml:line 2: site.pue" in msg and "greater than or equal to 1" in msg
+    assert "r.yaml:line 6: models.a.gpu: Extra inputs are not permitted" in msg
+
+
+def test_not_yaml_and_not_a_mapping():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_settings("models: [", "r.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_settings("- 1", "r.yaml")
+
+
+def test_unknown_grid_zone_suggests_close_names():
+    s = parse_settings("site: {grid_zone: FRX}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
+    with pytest.raises(ConfigError, match="FRA"):
+        site_factors(s)
+
+
+def test_gateway_keys(monkeypatch):
+    monkeypatch.setenv("WG_KEYS", "team-a:sk-1, team-b:sk-2")
+    assert load_keys(Auth(keys_env="WG_KEYS")) == {"sk-1": "team-a", "sk-2": "team-b"}
+    monkeypatch.setenv("WG_KEYS", "no-colon-secret")
+    with pytest.raises(ConfigError) as exc:
+        load_keys(Auth(keys_env="WG_KEYS"))
+    assert "no-colon-secret" not in str(exc.value)
