@@ -94,6 +94,13 @@ class _Request:
     shares: dict[int, float] = field(default_factory=dict)
 
     @property
+    def known_until(self) -> float:
+        """Time up to which this request's work rate is known (see :class:`Activity`)."""
+        if self.end is not None:
+            return self.end
+        return self.times[-1] if self.times else self.start
+
+    @property
     def tokens_seen(self) -> int:
         return int(sum(self.counts))
 
@@ -168,6 +175,7 @@ class Meter:
         interval_s: float = 0.05,
         idle: str = "exclude",
         settle_lag_s: float = 1.0,
+        settle_every_s: float = 0.25,
         stale_after_s: float = 2.0,
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
@@ -182,6 +190,8 @@ class Meter:
         self.method = source.method if source is not None and self.gpus else ESTIMATE
         self.amortize = idle == "amortize"
         self.settle_lag_s = settle_lag_s
+        self.settle_every_s = settle_every_s
+        self._last_advance = -float("inf")
         self.stale_after_s = stale_after_s
         self.on_settled = on_settled
         self.on_error = on_error
@@ -215,7 +225,9 @@ class Meter:
             self.source.close()
 
     def _after_poll(self) -> None:
-        self._emit(self._advance_locked())
+        # Attribution costs per participant and call: batch it rather than run it every poll.
+        if self.clock() - self._last_advance >= self.settle_every_s:
+            self._emit(self._advance_locked())
 
     def state(self) -> dict[str, object]:
         """Meter health for ``/readyz``."""
@@ -331,7 +343,7 @@ class Meter:
         if self.sampler is None:
             return []
         with self._lock:
-            now = self.clock()
+            now = self._last_advance = self.clock()
             for g, st in self._gpu.items():
                 self._advance_gpu(g, st, now)
             return [self._settle(self._requests[rid]) for rid in list(self._ended) if self._can_settle(rid)]
@@ -363,7 +375,7 @@ class Meter:
         target = last_t
         for req in reqs:
             if req.end is None or req.end > st.frontier:
-                target = min(target, req.activity_since(st.frontier).known_until)
+                target = min(target, req.known_until)
         target = max(target, last_t - self.settle_lag_s)
         if target <= st.frontier:
             return
