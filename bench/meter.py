@@ -18,7 +18,8 @@ from meter.sources import Reading
 from meter.sources.nvml import visible_gpu_count
 from meter.sources.trace import TraceSource
 
-NVML_CALL_CPU_S = 40e-6  # CPU cost of one NVML energy+power read pair, as measured on an H100 host (see RESULTS.md)
+NVML_COUNTER_CPU_S = 4e-3  # one nvmlDeviceGetTotalEnergyConsumption, measured on an H200 host (RESULTS.md)
+NVML_POWER_CPU_S = 4e-6  # one NVML_FI_DEV_POWER_INSTANT read, same host
 
 
 class CostlySource:
@@ -29,12 +30,12 @@ class CostlySource:
     def __init__(self) -> None:
         self.energy = 0.0
 
-    def read(self, gpu: int) -> Reading:
-        end = time.perf_counter() + NVML_CALL_CPU_S
+    def read(self, gpu: int, energy: bool = True) -> Reading:
+        end = time.perf_counter() + NVML_POWER_CPU_S + (NVML_COUNTER_CPU_S if energy else 0.0)
         while time.perf_counter() < end:
             pass
         self.energy += 1.0
-        return Reading(self.energy, 100.0)
+        return Reading(self.energy if energy else None, 100.0)
 
     def close(self) -> None:
         pass
@@ -50,16 +51,16 @@ class NvmlFanout:
 
         self.inner = NvmlSource([0])
 
-    def read(self, gpu: int) -> Reading:
-        return self.inner.read(0)
+    def read(self, gpu: int, energy: bool = True) -> Reading:
+        return self.inner.read(0, energy)
 
     def close(self) -> None:
         self.inner.close()
 
 
-def sampler_cpu(n_gpus: int, seconds: float, real: bool) -> float:
+def sampler_cpu(n_gpus: int, seconds: float, real: bool, counter_every_s: float | None) -> float:
     source = NvmlFanout() if real else CostlySource()
-    sampler = Sampler(source, list(range(n_gpus)), interval_s=0.05)
+    sampler = Sampler(source, list(range(n_gpus)), interval_s=0.05, counter_every_s=counter_every_s)
     cpu0, t0 = time.process_time(), time.monotonic()
     sampler.start()
     time.sleep(seconds)
@@ -133,8 +134,11 @@ def main() -> None:
     args = parser.parse_args()
     real = visible_gpu_count() > 0
     print(f"power source: {'NVML (GPU 0 read once per logical GPU)' if real else 'CPU-burning stand-in'}")
-    for n in (1, 8):
-        print(f"sampler at 20 Hz, {n} GPU(s): {100 * sampler_cpu(n, args.seconds, real):.3f} % of one core")
+    for every in (None, 1.0):
+        mode = "counter every poll" if every is None else f"counter every {every:g} s, power every poll"
+        for n in (1, 8):
+            share = sampler_cpu(n, args.seconds, real, every)
+            print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core")
     for c in (10, 100, 1000):
         per, n = attribution_cost(c)
         print(f"attribution, {c:>4} concurrent: {per * 1e6:.1f} us per request ({n} requests)")

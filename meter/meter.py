@@ -162,7 +162,10 @@ class RequestWindow:
 class Meter:
     """Attributes the energy of a set of GPUs to request windows.
 
-    ``source`` None (or no GPUs) makes every figure an estimate. ``idle`` is
+    ``source`` None (or no GPUs) makes every figure an estimate.
+    ``counter_every_s``: read the energy counter only this often and place its
+    energy with instantaneous power (see :class:`~meter.sampler.Sampler`); None
+    reads it at every poll. Settling then waits for the next counter read. ``idle`` is
     ``exclude`` or ``amortize``. Settled measurements are passed to
     ``on_settled`` from the sampler thread; faults to ``on_error`` by kind.
     """
@@ -176,6 +179,7 @@ class Meter:
         idle: str = "exclude",
         settle_lag_s: float = 1.0,
         settle_every_s: float = 0.25,
+        counter_every_s: float | None = None,
         stale_after_s: float = 2.0,
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
@@ -203,7 +207,13 @@ class Meter:
         self.sampler: Sampler | None = None
         if self.gpus:
             self.sampler = Sampler(
-                source, self.gpus, interval_s, horizon_s, clock=clock, after_poll=self._after_poll  # type: ignore[arg-type]
+                source,  # type: ignore[arg-type]
+                self.gpus,
+                interval_s,
+                horizon_s,
+                clock=clock,
+                after_poll=self._after_poll,
+                counter_every_s=counter_every_s,
             )
             self.sampler.on_error = self._count_error
         self._started = False

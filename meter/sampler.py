@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meter.sources import MeterFault, PowerSource
 
@@ -22,6 +22,9 @@ class _GpuState:
     last_poll: float | None = None
     power_w: float | None = None
     last_ok: float | None = None  # time of the last successful read
+    last_counter_read: float | None = None
+    # Anchored mode: (time, joules of integrated power since the last counter sample).
+    pending: list[tuple[float, float]] = field(default_factory=list)
 
 
 class Sampler:
@@ -32,6 +35,11 @@ class Sampler:
     stepped somewhere in between; on H100 it steps about every 100 ms). A
     counter that goes backwards is treated as a reset and made continuous.
     GPUs without a counter get their power integrated (trapezoids).
+
+    With ``counter_every_s`` set, the counter is read only that often and
+    instantaneous power, read every poll, places the energy between two counter
+    readings: the counter fixes how much, the power trace fixes when. (On some
+    hosts one counter read costs milliseconds of CPU; power reads cost microseconds.)
 
     ``poll()`` takes one round of readings; ``start()`` runs it in a daemon
     thread (NVML calls release the GIL) and calls ``after_poll`` after each.
@@ -45,12 +53,16 @@ class Sampler:
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
         after_poll: Callable[[], None] | None = None,
+        counter_every_s: float | None = None,
+        counter_lag_s: float = 0.05,
     ) -> None:
         self.source = source
         self.gpus = tuple(gpus)
         self.interval_s = interval_s
         self.clock = clock
         self.after_poll = after_poll
+        self.counter_every_s = counter_every_s
+        self.counter_lag_s = counter_lag_s  # half the counter's update period (H100/H200: 100 ms)
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(deque(maxlen=maxlen)) for g in self.gpus}
         self.errors: Counter[str] = Counter()
@@ -69,8 +81,13 @@ class Sampler:
         for gpu in self.gpus:
             st = self._gpu[gpu]
             now = self.clock()
+            due = (
+                self.counter_every_s is None
+                or st.last_counter_read is None
+                or now - st.last_counter_read >= self.counter_every_s - self.interval_s / 2
+            )
             try:
-                reading = self.source.read(gpu)
+                reading = self.source.read(gpu, energy=due)
             except MeterFault as exc:
                 self._fault(exc.kind)
                 continue
@@ -80,19 +97,16 @@ class Sampler:
                 continue
             prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
             prev_power, st.power_w = st.power_w, reading.power_w
+            anchored = self.counter_every_s is not None and reading.power_w is not None
+            if anchored and st.pending:
+                t0, c0 = st.pending[-1]
+                avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
+                st.pending.append((now, c0 + avg * (now - t0)))
             if reading.energy_j is not None:
-                raw = reading.energy_j
-                if st.last_raw is None:
-                    st.samples.append((now, raw))
-                elif raw != st.last_raw:
-                    if raw < st.last_raw:
-                        self._fault("counter_reset")
-                        # Unknown energy between the last value and the reset: assume power held.
-                        gap = (reading.power_w or 0.0) * (now - (prev_poll or now))
-                        st.offset += st.last_raw - raw + gap
-                    stamp = now if prev_poll is None else (prev_poll + now) / 2
-                    st.samples.append((stamp, raw + st.offset))
-                st.last_raw = raw
+                st.last_counter_read = now
+                self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)
+            elif not due and st.last_raw is not None:
+                pass  # between counter reads: power is in ``pending``
             elif reading.power_w is not None:
                 if not st.samples:
                     st.samples.append((now, 0.0))
@@ -103,6 +117,42 @@ class Sampler:
             else:
                 self._fault("read")
         self.last_round = self.clock()
+
+    def _counter(
+        self, st: _GpuState, raw: float, power_w: float | None, now: float, prev_poll: float | None, anchored: bool
+    ) -> None:
+        """Store a counter reading when it changed, made continuous across resets."""
+        if st.last_raw is None:
+            st.samples.append((now, raw))
+            st.last_raw = raw
+            st.pending = [(now, 0.0)] if anchored else []
+            return
+        if raw == st.last_raw:
+            return
+        if raw < st.last_raw:
+            self._fault("counter_reset")
+            # Unknown energy between the last value and the reset: assume power held.
+            gap = (power_w or 0.0) * (now - (prev_poll or now))
+            st.offset += st.last_raw - raw + gap
+        st.last_raw = raw
+        t_a, e_a = st.samples[-1]
+        if anchored:
+            # The counter stepped within its update period before this read.
+            stamp = max(now - self.counter_lag_s, (t_a + now) / 2)
+        else:
+            # Polled often: it stepped between the previous poll and this one.
+            stamp = now if prev_poll is None else (prev_poll + now) / 2
+        e_new = raw + st.offset
+        if anchored and len(st.pending) > 1:
+            cum_at = _interp(st.pending, stamp)
+            if cum_at > 0:
+                scale = (e_new - e_a) / cum_at
+                st.samples.extend((t, e_a + c * scale) for t, c in st.pending if t_a < t < stamp)
+            keep = [(t, c - cum_at) for t, c in st.pending if t > stamp]
+            st.pending = [(stamp, 0.0), *keep]
+        elif anchored:
+            st.pending = [(stamp, 0.0)]
+        st.samples.append((stamp, e_new))
 
     def samples_since(self, gpu: int, t: float | None) -> list[tuple[float, float]]:
         """Buffered samples from the last one at or before ``t`` on (all when ``t`` is None)."""
@@ -161,3 +211,13 @@ class Sampler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def _interp(points: list[tuple[float, float]], t: float) -> float:
+    """Linear interpolation of ``(time, value)`` points at ``t`` (clamped at the ends)."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
+    return points[-1][1]

@@ -80,7 +80,8 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
         interval_s=m.interval_ms / 1000,
         idle=m.idle,
         settle_lag_s=m.settle_lag_ms / 1000,
-        stale_after_s=m.stale_after_ms / 1000,
+        stale_after_s=m.stale_after_ms / 1000 + m.counter_interval_ms / 1000,
+        counter_every_s=m.counter_interval_ms / 1000 or None,
     )
     if init_fault:
         meter.errors[init_fault] += 1

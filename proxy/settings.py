@@ -37,6 +37,9 @@ class MeterSettings(_Strict):
     source: Literal["nvml", "simulated", "none"] = "nvml"
     interval_ms: int = Field(default=50, ge=5, le=10_000)
     idle: Literal["exclude", "amortize"] = "exclude"
+    # Energy-counter reads; power is read every interval and places the energy in between.
+    # One counter read measured 4 ms of CPU on an H200 host (bench/RESULTS.md); 0 = every interval.
+    counter_interval_ms: int = Field(default=1000, ge=0, le=60_000)
     # How long attribution waits for a request's next token before splitting without it.
     settle_lag_ms: int = Field(default=1000, ge=0, le=60_000)
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.

@@ -46,8 +46,8 @@ def gpu_work():
     return step
 
 
-@pytest.fixture
-def meter():
+@pytest.fixture(params=[None, 1.0], ids=["counter-every-poll", "counter-every-1s"])
+def meter(request):
     settled: dict[str, Measurement] = {}
     done = threading.Event()
 
@@ -55,7 +55,15 @@ def meter():
         settled[m.request_id] = m
         done.set()
 
-    m = Meter(NvmlSource([GPU]), [GPU], interval_s=0.02, settle_lag_s=0.5, on_settled=on_settled)
+    m = Meter(
+        NvmlSource([GPU]),
+        [GPU],
+        interval_s=0.05,
+        settle_lag_s=0.5,
+        counter_every_s=request.param,
+        stale_after_s=3.0,
+        on_settled=on_settled,
+    )
     m.start()
     time.sleep(0.5)
     yield m, settled
@@ -112,5 +120,7 @@ def test_overlapping_windows_sum_to_counter_delta(meter, gpu_work):
     shares = {r: round(settled[r].joules, 1) for r in schedule}
     print(f"\noverlap: attributed {total:.1f} J {shares}, NVML bracket {e1 - e0:.1f} J")
     assert math.isclose(total, e1 - e0, rel_tol=0.02)
-    # Same length, same work rate, overlapping symmetrically: the middle one is within 10 % of the others.
-    assert max(shares.values()) < 1.1 * min(shares.values())
+    # One token each per step: a is alone for 1 s, shares 1 s by two and 1 s by three
+    # (1 + 1/2 + 1/3 = 11/6 s of GPU); c mirrors a; b never runs alone (1/2 + 1/3 + 1/2 = 4/3).
+    assert math.isclose(shares["a"], shares["c"], rel_tol=0.05)
+    assert math.isclose(shares["b"] / shares["a"], (4 / 3) / (11 / 6), rel_tol=0.05)

@@ -196,3 +196,24 @@ def test_request_without_gpus_is_an_estimate():
     w.usage(100, 50)
     m = w.end()
     assert m.method == "estimate" and m.settled and m.fault is None and m.joules > 0
+
+
+@pytest.mark.parametrize("window", [(1.0, 5.0), (2.0, 2.5), (3.8, 4.6)])
+def test_sparse_counter_reads_placed_by_instantaneous_power(window):
+    """Counter read once a second; power read every poll says where in that second the energy went."""
+
+    def power(t):
+        return 400.0 if 2.0 <= t < 4.0 else 80.0
+
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(power)}, clock, counter_every_s=1.0, stale_after_s=3.0)
+    start, end = window
+    run_until(meter, clock, start)
+    w = meter.begin("r", [0])
+    run_until(meter, clock, end, lambda t: w.tokens(1, t))
+    w.end(t=end)
+    run_until(meter, clock, end + 2.5)
+    assert settled["r"].method == "trace"
+    # Within 5 %, or one poll interval (50 ms) of the 320 W power step, which trapezoids smear.
+    true = true_energy(power, start, end)
+    assert settled["r"].joules == pytest.approx(true, abs=max(0.05 * true, 0.05 * 320))

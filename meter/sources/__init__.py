@@ -38,8 +38,8 @@ class PowerSource(Protocol):
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
     method: str
 
-    def read(self, gpu: int) -> Reading:
-        """Read one GPU now; raise :class:`MeterFault` when it cannot be read."""
+    def read(self, gpu: int, energy: bool = True) -> Reading:
+        """Read one GPU now (the energy counter only if ``energy``); raise :class:`MeterFault` when it cannot."""
         ...
 
     def close(self) -> None: ...

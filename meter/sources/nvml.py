@@ -82,18 +82,20 @@ class NvmlSource:
         except nv.NVMLError:
             return None
 
-    def read(self, gpu: int) -> Reading:
+    def read(self, gpu: int, energy: bool = True) -> Reading:
         handle = self._handles.get(gpu)
         if handle is None:
             raise MeterFault("lost_gpu", f"GPU {gpu} is not metered")
         try:
-            energy = (
-                self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0 if self.has_counter[gpu] else None
+            energy_j = (
+                self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+                if energy and self.has_counter[gpu]
+                else None
             )
         except self._nvml.NVMLError as exc:
             kind = "lost_gpu" if "lost" in str(exc).lower() else "read"
             raise MeterFault(kind, f"GPU {gpu}: {exc}") from exc
-        return Reading(energy, self._instant_power_w(handle))
+        return Reading(energy_j, self._instant_power_w(handle))
 
     def close(self) -> None:
         try:

@@ -94,9 +94,10 @@ class SimulatedSource:
     def __init__(self, gpus: dict[int, SimulatedGpu]) -> None:
         self.gpus = gpus
 
-    def read(self, gpu: int) -> Reading:
+    def read(self, gpu: int, energy: bool = True) -> Reading:
         try:
-            return self.gpus[gpu].reading()
+            reading = self.gpus[gpu].reading()
+            return reading if energy else Reading(None, reading.power_w)
         except KeyError:
             raise MeterFault("lost_gpu", f"no simulated GPU {gpu}") from None
 

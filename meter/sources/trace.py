@@ -31,7 +31,7 @@ class TraceSource:
         self._clock = clock
         self._fail_from = fail_from
 
-    def read(self, gpu: int) -> Reading:
+    def read(self, gpu: int, energy: bool = True) -> Reading:
         now = self._clock()
         if self._fail_from is not None and now >= self._fail_from:
             raise MeterFault("read", f"scripted fault on GPU {gpu}")
@@ -40,8 +40,8 @@ class TraceSource:
         i = bisect.bisect_right(self._times[gpu], now) - 1
         if i < 0:
             raise MeterFault("read", f"trace of GPU {gpu} starts after t={now}")
-        _, energy, power = self._traces[gpu][i]
-        return Reading(energy, power)
+        _, energy_j, power = self._traces[gpu][i]
+        return Reading(energy_j if energy else None, power)
 
     def close(self) -> None:
         pass
