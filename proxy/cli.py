@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures")
     demo.add_argument("--keep-serving", action="store_true", help="leave the gateway up afterwards")
+    sim = sub.add_parser("simulate-upstream", help="serve the built-in vLLM-like simulated upstream (no GPU)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--served-name", default="meta-llama/Llama-3.1-8B-Instruct")
     args = parser.parse_args(argv)
 
     from proxy.settings import ConfigError
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
             from proxy.demo import run_demo
 
             return run_demo(keep_serving=args.keep_serving)
+        if args.command == "simulate-upstream":
+            return _simulate_upstream(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"wattgate: {exc}", file=sys.stderr)
@@ -43,6 +49,15 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(load_settings(args.config))
     # One worker: attribution needs every request on a GPU in one process.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    return 0
+
+
+def _simulate_upstream(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.simulated_upstream import SimulatedUpstream
+
+    uvicorn.run(SimulatedUpstream(served_name=args.served_name), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
