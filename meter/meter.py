@@ -217,6 +217,7 @@ class Meter:
             )
             self.sampler.on_error = self._count_error
         self._started = False
+        self._created_at = clock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -331,6 +332,10 @@ class Meter:
                 return self._provisional(req)
             req.end = max(t, req.start)
             req.status = status
+            if req.fault is None:
+                stale = [g for g in req.gpus if self._stale(g, self.clock())]
+                if stale:  # no fresh reading: do not hand out a figure the meter cannot back
+                    req.fault = self._gpu[stale[0]].faulted or "stale"
             if self._estimated(req):
                 settled = self._settle(req)
                 result = settled
@@ -360,13 +365,8 @@ class Meter:
 
     def _advance_gpu(self, g: int, st: _Gpu, now: float) -> None:
         assert self.sampler is not None
-        last_ok = self.sampler.last_ok(g)
         samples = self.sampler.samples_since(g, st.frontier)
-        if not samples:
-            return
-        last_t = samples[-1][0]
-        stale = (last_ok is None or now - last_ok > self.stale_after_s) or now - last_t > self.stale_after_s
-        if stale:
+        if self._stale(g, now):
             if st.faulted is None:
                 st.faulted = "stale"
                 self._count_error("stale")
@@ -374,6 +374,9 @@ class Meter:
             for rid in st.requests:
                 self._requests[rid].fault = self._requests[rid].fault or "stale"
             return
+        if not samples:
+            return
+        last_t = samples[-1][0]
         if st.faulted is not None:
             # Readings are back: skip the gap rather than attribute it.
             st.faulted = None
@@ -418,6 +421,14 @@ class Meter:
             st.joules_per_work = attributed / split.work
         st.frontier = target
         st.foreign = [f for f in st.foreign if f[1] > target]
+
+    def _stale(self, g: int, now: float) -> bool:
+        """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
+        assert self.sampler is not None
+        last_ok, last_step = self.sampler.last_ok(g), self.sampler.last_sample_time(g)
+        if last_ok is None or last_step is None:
+            return now - self._created_at > self.stale_after_s  # allow start-up time
+        return now - min(last_ok, last_step) > self.stale_after_s
 
     def _can_settle(self, rid: str) -> bool:
         req = self._requests[rid]

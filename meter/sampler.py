@@ -171,6 +171,11 @@ class Sampler:
         """Latest instantaneous power of one GPU in watts, if known."""
         return self._gpu[gpu].power_w
 
+    def last_sample_time(self, gpu: int) -> float | None:
+        """Time of the newest buffered energy sample of one GPU."""
+        samples = self._gpu[gpu].samples
+        return samples[-1][0] if samples else None
+
     def last_ok(self, gpu: int) -> float | None:
         """Time of the last successful reading of one GPU."""
         return self._gpu[gpu].last_ok

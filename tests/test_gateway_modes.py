@@ -1,0 +1,80 @@
+"""Gateway set-ups beyond the shared stack: meter faults, registry-built meters, gateway keys."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from meter import Meter
+from meter.sources.trace import TraceSource
+from proxy.app import create_app
+from proxy.serving import ServerThread
+from proxy.settings import Auth, Gateway, MeterSettings, Model, Settings
+from proxy.simulated_upstream import SimulatedUpstream
+from tests.conftest import SERVED
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with ServerThread(SimulatedUpstream(served_name=SERVED, default_max_tokens=8)) as up:
+        yield up
+
+
+def settings_for(upstream, **kw) -> Settings:
+    return Settings(models={"llama": Model(served_name=SERVED, upstream=f"{upstream.url}/v1", gpus=[0])}, **kw)
+
+
+def test_meter_fault_never_fails_the_request(upstream):
+    """A GPU that cannot be read: the request is served, figures are estimates, the fault is counted."""
+    meter = Meter(TraceSource({0: [(0.0, 0.0, 100.0)]}, time.monotonic, fail_from=0.0), [0], stale_after_s=0.3)
+    with ServerThread(create_app(settings_for(upstream), meter=meter)) as gw:
+        time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="llama", messages=MSG, max_tokens=8)
+        energy = raw.parse().model_extra["energy"]
+        assert raw.headers["x-energy-method"] == "estimate" and energy["method"] == "estimate"
+        assert energy["joules"] > 0 and energy["settled"]
+        chunks = list(client.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=True))
+        assert chunks[-1].model_extra["energy"]["method"] == "estimate"
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'wattgate_meter_errors_total{kind="read"}' in metrics
+        assert 'wattgate_meter_errors_total{kind="read"} 0.0' not in metrics
+        ready = httpx.get(f"{gw.url}/readyz").json()
+        assert ready["meter"]["ok"] is False
+
+
+def test_registry_simulated_meter_follows_gateway_load(upstream):
+    with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="simulated")))) as gw:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})
+        assert r.status_code == 200 and r.headers["x-energy-method"] == "simulated"
+        assert float(r.headers["x-energy-joules"]) >= 0
+
+
+def test_registry_without_meter_estimates(upstream):
+    with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="none")))) as gw:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})
+        assert r.status_code == 200 and r.headers["x-energy-method"] == "estimate"
+
+
+def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
+    monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b")
+    settings = settings_for(
+        upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=Auth(keys_env="WG_TEST_KEYS"))
+    )
+    with ServerThread(create_app(settings)) as gw:
+        url = f"{gw.url}/v1/chat/completions"
+        body = {"model": "llama", "messages": MSG}
+        denied = httpx.post(url, json=body, headers={"authorization": "Bearer sk-wrong"})
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+        assert "sk-wrong" not in denied.text
+        ok = httpx.post(url, json=body, headers={"authorization": "Bearer sk-a"})
+        assert ok.status_code == 200
+        rid = ok.headers["x-request-id"]
+        own = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-a"})
+        other = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-b"})
+        assert own.status_code == 200 and other.status_code == 404
