@@ -55,6 +55,18 @@ def run_until(meter, clock, t_end, hook=None):
         meter.advance()
 
 
+def one_request(meter, clock, start, end, gpus=(0,), rid="r", settle_s=1.0, before_tokens=None):
+    """Run the clock to ``start``, stream one token per poll until ``end``, then settle for ``settle_s``."""
+    run_until(meter, clock, start)
+    w = meter.begin(rid, list(gpus), prompt_tokens=20)
+    if before_tokens:
+        before_tokens()
+    run_until(meter, clock, end, lambda t: w.tokens(1, t))
+    provisional = w.end(t=end)
+    run_until(meter, clock, end + settle_s)
+    return provisional
+
+
 def test_lone_request_gets_its_window_and_settles_after_counter_passes_end():
     def power(t):
         return 400.0 if 2.0 <= t < 4.0 else 80.0
@@ -112,11 +124,7 @@ def test_multi_gpu_request_sums_its_gpus():
     clock = Clock()
     traces = {0: counter_trace(lambda t: 300.0), 1: counter_trace(lambda t: 200.0, start_j=9e6)}
     meter, settled = make_meter(traces, clock)
-    run_until(meter, clock, 1.0)
-    w = meter.begin("tp", [0, 1])
-    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
-    w.end(t=3.0)
-    run_until(meter, clock, 4.0)
+    one_request(meter, clock, 1.0, 3.0, gpus=(0, 1), rid="tp")
     m = settled["tp"]
     assert set(m.joules_by_gpu) == {0, 1}
     assert math.isclose(m.joules_by_gpu[0], 600.0, rel_tol=0.03)
@@ -128,11 +136,7 @@ def test_counter_reset_is_made_continuous_and_counted():
     trace = [(t, e - (trace[30][1] if t >= 3.0 else 0.0), p) for t, e, p in trace]  # counter back to 0 at 3 s
     clock = Clock()
     meter, settled = make_meter({0: trace}, clock)
-    run_until(meter, clock, 1.0)
-    w = meter.begin("r", [0])
-    run_until(meter, clock, 5.0, lambda t: w.tokens(1, t))
-    w.end(t=5.0)
-    run_until(meter, clock, 6.0)
+    one_request(meter, clock, 1.0, 5.0)
     assert meter.errors["counter_reset"] == 1
     assert math.isclose(settled["r"].joules, 800.0, rel_tol=0.03)
 
@@ -141,11 +145,7 @@ def test_gpu_without_counter_integrates_power():
     trace = [(round(k * 0.05, 6), None, 250.0) for k in range(200)]
     clock = Clock()
     meter, settled = make_meter({0: trace}, clock)
-    run_until(meter, clock, 1.0)
-    w = meter.begin("r", [0])
-    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
-    w.end(t=3.0)
-    run_until(meter, clock, 4.0)
+    one_request(meter, clock, 1.0, 3.0)
     assert math.isclose(settled["r"].joules, 500.0, rel_tol=0.01)
 
 
@@ -154,10 +154,7 @@ def test_meter_fault_falls_back_to_estimate_and_is_counted():
     errors = []
     meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, fail_from=2.0, stale_after_s=0.5)
     meter.on_error = errors.append
-    run_until(meter, clock, 1.0)
-    w = meter.begin("r", [0], prompt_tokens=20)
-    run_until(meter, clock, 4.0, lambda t: w.tokens(1, t))
-    m = w.end(t=4.0)
+    m = one_request(meter, clock, 1.0, 4.0)
     assert m.method == "estimate" and m.settled and m.fault == "stale"
     assert m.joules > 0 and settled["r"].method == "estimate"
     assert "read" in errors and "stale" in errors
@@ -167,11 +164,7 @@ def test_meter_fault_falls_back_to_estimate_and_is_counted():
 def test_idle_amortize_moves_idle_into_next_request():
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(lambda t: 100.0)}, clock, idle="amortize")
-    run_until(meter, clock, 2.0)
-    w = meter.begin("r", [0])
-    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
-    w.end(t=3.0)
-    run_until(meter, clock, 4.0)
+    one_request(meter, clock, 2.0, 3.0)
     # ~2 s of idle before it plus its own ~1 s window.
     assert settled["r"].joules == pytest.approx(300.0, rel=0.05)
     assert meter.gpu_totals()[0].idle == 0.0
@@ -180,12 +173,7 @@ def test_idle_amortize_moves_idle_into_next_request():
 def test_foreign_work_on_gpu_is_not_pinned_on_gateway_requests():
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(lambda t: 400.0)}, clock)
-    run_until(meter, clock, 1.0)
-    w = meter.begin("r", [0])
-    meter.report_foreign([0], 3, 1.0, 3.0)
-    run_until(meter, clock, 3.0, lambda t: w.tokens(1, t))
-    w.end(t=3.0)
-    run_until(meter, clock, 4.0)
+    one_request(meter, clock, 1.0, 3.0, before_tokens=lambda: meter.report_foreign([0], 3, 1.0, 3.0))
     assert settled["r"].joules == pytest.approx(200.0, rel=0.05)  # one head of four
     assert meter.gpu_totals()[0].unattributed == pytest.approx(600.0, rel=0.05)
 
@@ -208,11 +196,7 @@ def test_sparse_counter_reads_placed_by_instantaneous_power(window):
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(power)}, clock, counter_every_s=1.0, stale_after_s=3.0)
     start, end = window
-    run_until(meter, clock, start)
-    w = meter.begin("r", [0])
-    run_until(meter, clock, end, lambda t: w.tokens(1, t))
-    w.end(t=end)
-    run_until(meter, clock, end + 2.5)
+    one_request(meter, clock, start, end, settle_s=2.5)
     assert settled["r"].method == "trace"
     # Within 5 %, or one poll interval (50 ms) of the 320 W power step, which trapezoids smear.
     true = true_energy(power, start, end)
