@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import re
+import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +35,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.figures import energy_headers, energy_object
+from proxy.foreign import ForeignLoadPoller
 from proxy.metrics import Metrics
 from proxy.records import Records
 from proxy.relay import StreamRelay
@@ -99,6 +102,7 @@ class Gateway:
         self.metrics = Metrics(settings.models, meter)
         self.records = Records(settings.gateway.recent_records)
         self.keys = load_keys(settings.gateway.auth)
+        self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         for kind, n in meter.errors.items():
             self.metrics.meter_errors.labels(kind).inc(n)
         meter.on_settled = self.settled
@@ -168,6 +172,7 @@ class Gateway:
         return headers
 
     def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
+        self.in_flight[name] += 1
         for g in model.gpus:
             if g in self.drive:
                 self.drive[g].begin_sequence()
@@ -180,6 +185,7 @@ class Gateway:
         )
 
     def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]:
+        self.in_flight[name] -= 1
         for g in model.gpus:
             if g in self.drive:
                 self.drive[g].end_sequence()
@@ -238,9 +244,18 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw.meter.start()
+        poller = None
+        if settings.meter.foreign_poll_ms and gw.meter.sampler is not None:
+            foreign = ForeignLoadPoller(
+                gw.client, gw.meter, settings.models, settings.served_name, gw.in_flight,
+                settings.meter.foreign_poll_ms / 1000,
+            )
+            poller = asyncio.create_task(foreign.run())
         try:
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
             await gw.client.aclose()
             gw.meter.stop()
 

@@ -42,6 +42,8 @@ class MeterSettings(_Strict):
     counter_interval_ms: int = Field(default=1000, ge=0, le=60_000)
     # How long attribution waits for a request's next token before splitting without it.
     settle_lag_ms: int = Field(default=1000, ge=0, le=60_000)
+    # Poll vLLM's /metrics for requests that bypass the gateway (their energy is unattributed); 0 = off.
+    foreign_poll_ms: int = Field(default=1000, ge=0, le=60_000)
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.
     stale_after_ms: int = Field(default=2000, ge=100, le=600_000)
 

@@ -34,6 +34,7 @@ def scenario(body: dict[str, Any]) -> Scenario:
 @dataclass
 class Stack:
     url: str
+    upstream_url: str
     upstream: SimulatedUpstream
     gpu: SimulatedGpu
     meter: Meter
@@ -55,7 +56,7 @@ def stack():
     upstream = SimulatedUpstream(gpu, served_name=SERVED, default_max_tokens=16, scenario=scenario)
     with ServerThread(upstream) as up:
         settings = Settings(
-            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            meter=MeterSettings(source="simulated", settle_lag_ms=200, foreign_poll_ms=100),
             gateway=Gateway(timeouts=Timeouts(read_s=1.0, connect_s=1.0), max_body_bytes=64 * 1024),
             models={
                 "llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
@@ -65,4 +66,4 @@ def stack():
         )
         meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
         with ServerThread(create_app(settings, meter=meter)) as gw:
-            yield Stack(gw.url, upstream, gpu, meter)
+            yield Stack(gw.url, up.url, upstream, gpu, meter)

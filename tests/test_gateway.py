@@ -201,3 +201,37 @@ def test_health_and_readiness(stack):
     body = ready.json()
     assert body["upstreams"] == {"llama": True, "remote": True, "down": False} and ready.status_code == 503
     assert body["meter"]["method"] == "simulated" and body["meter"]["ok"] is True
+
+
+def test_requests_that_bypass_the_gateway_are_unattributed(stack, client):
+    """Direct calls to vLLM show in its /metrics; their energy is not pinned on gateway requests."""
+    before = stack.meter.gpu_totals()[0].unattributed
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as direct:
+            body = {"model": SERVED, "messages": MSG, "max_tokens": 120, "stream": True}
+
+            async def one():
+                async with direct.stream("POST", f"{stack.upstream_url}/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_bytes():
+                        pass
+
+            gw = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+            await asyncio.gather(*(one() for _ in range(4)),
+                                 gw.chat.completions.create(model="llama", messages=MSG, max_tokens=60))
+            await gw.close()
+
+    asyncio.run(run())
+    time.sleep(1.0)
+    assert stack.meter.gpu_totals()[0].unattributed > before
+
+
+def test_running_sequences_parses_vllm_metrics():
+    from proxy.foreign import running_sequences
+
+    text = ('# TYPE vllm:num_requests_running gauge\n'
+            'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+            'vllm:num_requests_running{engine="1",model_name="m"} 2.0\n'
+            'vllm:num_requests_running{engine="0",model_name="other"} 7.0\n')
+    assert running_sequences(text, "m") == 5.0
+    assert running_sequences("up 1\n", "m") is None
