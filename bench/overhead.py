@@ -103,11 +103,13 @@ async def _level(url: str, model: str, concurrency: int, n: int) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-per-level", type=int, default=4, help="requests per concurrent stream")
+    parser.add_argument("--meter", default="simulated", choices=["simulated", "none"], help="gateway's meter source")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 16, 64], help="concurrency levels")
     args = parser.parse_args()
     up_port, gw_port = free_port(), free_port()
     tmp = Path(tempfile.mkdtemp())
     (tmp / "registry.yaml").write_text(
-        f"meter: {{source: simulated}}\nmodels:\n  {MODEL}:\n    served_name: {SERVED}\n"
+        f"meter: {{source: {args.meter}}}\nmodels:\n  {MODEL}:\n    served_name: {SERVED}\n"
         f"    upstream: http://127.0.0.1:{up_port}/v1\n    gpus: [0]\n"
     )
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
@@ -120,7 +122,7 @@ def main() -> None:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         _wait(f"http://127.0.0.1:{gw_port}/healthz")
         print(f"{'c':>3} {'path':<8}{'TTFT p50':>10}{'p99':>8}{'lat p50':>9}{'p99':>8}{'tok/s':>8}  gateway")
-        for c in (1, 16, 64):
+        for c in args.levels:
             n = c * args.requests_per_level
             direct = asyncio.run(_level(f"http://127.0.0.1:{up_port}/v1/chat/completions", SERVED, c, n))
             cpu0 = _cpu_s(gateway.pid)
