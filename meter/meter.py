@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from meter.attribution import Activity, energy_at, spans, split_energy, work_between
 from meter.estimate import estimate_joules
+from meter.host import HostPower
 from meter.sampler import Sampler
 from meter.sources import PowerSource
 
@@ -51,10 +52,16 @@ class Measurement:
     completion_tokens: int
     status: str = "ok"
     fault: str | None = None  # why an estimate replaced a measurement
+    host_joules: float = 0.0  # host (CPU, DRAM, NIC) share, when host energy is metered
+
+    @property
+    def gpu_joules(self) -> float:
+        return sum(self.joules_by_gpu.values())
 
     @property
     def joules(self) -> float:
-        return sum(self.joules_by_gpu.values())
+        """IT energy: GPU plus the host share."""
+        return self.gpu_joules + self.host_joules
 
     @property
     def window_s(self) -> float:
@@ -92,6 +99,7 @@ class _Request:
     status: str = "ok"
     fault: str | None = None
     shares: dict[int, float] = field(default_factory=dict)
+    host_j: float = 0.0
 
     @property
     def known_until(self) -> float:
@@ -123,6 +131,7 @@ class _Gpu:
     idle: float = 0.0
     unattributed: float = 0.0
     joules_per_work: float | None = None  # from the last slice, for provisional figures
+    host_per_gpu_joule: float = 0.0  # host J per GPU J in the last slice, likewise
     faulted: str | None = None
     requests: set[str] = field(default_factory=set)
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
@@ -185,6 +194,7 @@ class Meter:
         clock: Callable[[], float] = time.monotonic,
         on_settled: Callable[[Measurement], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        host: HostPower | None = None,
     ) -> None:
         if idle not in ("exclude", "amortize"):
             raise ValueError(f"idle must be 'exclude' or 'amortize', not {idle!r}")
@@ -199,6 +209,7 @@ class Meter:
         self.stale_after_s = stale_after_s
         self.on_settled = on_settled
         self.on_error = on_error
+        self.host = host
         self.errors: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}
@@ -417,6 +428,11 @@ class Meter:
             req.shares[g] = req.shares.get(g, 0.0) + joules
             attributed += joules
         st.attributed += attributed
+        if self.host is not None and measured > 0:
+            host_j = self.host.energy_j(st.frontier, target, len(self.gpus))
+            st.host_per_gpu_joule = host_j / measured
+            for rid, joules in split.shares.items():
+                self._requests[rid].host_j += joules * st.host_per_gpu_joule
         if split.work > 0:
             st.joules_per_work = attributed / split.work
         st.frontier = target
@@ -442,7 +458,7 @@ class Meter:
     def _completion_tokens(self, req: _Request) -> int:
         return req.completion_tokens if req.completion_tokens is not None else req.tokens_seen
 
-    def _measurement(self, req: _Request, joules: dict[int, float], settled: bool) -> Measurement:
+    def _measurement(self, req: _Request, joules: dict[int, float], settled: bool, host_j: float) -> Measurement:
         method = self.method
         if self._estimated(req):
             method = ESTIMATE
@@ -450,7 +466,7 @@ class Meter:
                 req.prompt_tokens, self._completion_tokens(req), req.active_params_b, req.prefill_weight
             )
             joules = {g: total / len(req.gpus) for g in req.gpus} if req.gpus else {-1: total}
-            settled = True
+            settled, host_j = True, 0.0
         return Measurement(
             req.request_id,
             joules,
@@ -462,12 +478,14 @@ class Meter:
             self._completion_tokens(req),
             req.status,
             req.fault,
+            host_j,
         )
 
     def _provisional(self, req: _Request) -> Measurement:
         """Settled slices plus the rest extrapolated at the GPU's latest joules per unit of work."""
         assert req.end is not None
         joules: dict[int, float] = {}
+        host = req.host_j
         for g in req.gpus:
             st = self._gpu[g]
             done = req.shares.get(g, 0.0)
@@ -480,11 +498,12 @@ class Meter:
                     power = self.sampler.power_w(g) if self.sampler else None
                     heads = max(1, sum(1 for rid in st.requests if self._requests[rid].end is None) + 1)
                     done += (power or 0.0) * (req.end - max(frontier, req.start)) / heads
+            host += (done - req.shares.get(g, 0.0)) * st.host_per_gpu_joule
             joules[g] = done
-        return self._measurement(req, joules, settled=False)
+        return self._measurement(req, joules, settled=False, host_j=host)
 
     def _settle(self, req: _Request) -> Measurement:
-        result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, settled=True)
+        result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
         self._requests.pop(req.request_id, None)
         self._ended.discard(req.request_id)
         for g in req.gpus:

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from meter import Measurement, Meter, MeterFault, RequestWindow
 from meter.footprint import SiteFactors, UnknownZone, grid_intensity
+from meter.host import FixedHostPower, HostPower, RaplHostPower
 from meter.sources.simulated import SimulatedGpu, SimulatedSource
 from proxy.errors import (
     GatewayError,
@@ -80,6 +81,7 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
     meter = Meter(
         source,
         gpus,
+        host=_host_power(settings),
         interval_s=m.interval_ms / 1000,
         idle=m.idle,
         settle_lag_s=m.settle_lag_ms / 1000,
@@ -89,6 +91,18 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
     if init_fault:
         meter.errors[init_fault] += 1
     return meter, simulated
+
+
+def _host_power(settings: Settings) -> HostPower | None:
+    host = settings.meter.host
+    if host.source == "fixed":
+        return FixedHostPower(host.watts_per_gpu)
+    if host.source == "rapl":
+        try:
+            return RaplHostPower()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"meter.host.source: rapl: {exc}") from None
+    return None
 
 
 class Gateway:

@@ -21,7 +21,7 @@ def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
         "method": m.method,
         "settled": m.settled,
         "gpus": gpus,
-        "components": {"gpu": round(fp.joules, 6)},
+        "components": {"gpu": round(m.gpu_joules, 6), **({"host": round(m.host_joules, 6)} if m.host_joules else {})},
         "window_ms": round(m.window_s * 1000),
         "prompt_tokens": m.prompt_tokens,
         "completion_tokens": m.completion_tokens,

@@ -33,6 +33,13 @@ class Site(_Strict):
     water_grid_l_per_kwh: float = Field(default=3.142, ge=0)
 
 
+class HostSettings(_Strict):
+    """Host energy (CPU, DRAM, NIC) added as a separate component."""
+
+    source: Literal["none", "fixed", "rapl"] = "none"
+    watts_per_gpu: float = Field(default=0.0, ge=0)  # for ``fixed``: host power per GPU
+
+
 class MeterSettings(_Strict):
     source: Literal["nvml", "simulated", "none"] = "nvml"
     interval_ms: int = Field(default=50, ge=5, le=10_000)
@@ -46,6 +53,7 @@ class MeterSettings(_Strict):
     foreign_poll_ms: int = Field(default=1000, ge=0, le=60_000)
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.
     stale_after_ms: int = Field(default=2000, ge=100, le=600_000)
+    host: HostSettings = HostSettings()
 
 
 class Estimate(_Strict):

@@ -28,3 +28,23 @@ def test_cloud_region_zone():
 def test_estimate_grows_with_tokens_and_parameters():
     assert estimate_joules(10, 100, 8) < estimate_joules(10, 200, 8) < estimate_joules(10, 200, 70)
     assert estimate_joules(0, 0, 8) == 0
+
+
+def test_unit_conversions_round_trip():
+    s = site("FRA", 56.039)
+    for joules in (0.0, 1.0, 3600.0, 123.456, J_PER_KWH):
+        f = footprint(joules, s)
+        assert f.wh * 3600 == pytest.approx(joules)
+        assert f.gco2e / 1.2 / 56.039 * J_PER_KWH == pytest.approx(joules, abs=1e-9)
+        assert f.water_ml / 1000 / (0.5 + 1.2 * 3.1) * J_PER_KWH == pytest.approx(joules, abs=1e-9)
+
+
+def test_override_beats_zone():
+    from proxy.app import site_factors
+    from proxy.settings import parse_settings
+
+    s = parse_settings("site: {grid_zone: FRA, grid_intensity_g_per_kwh: 20}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
+    f = site_factors(s)
+    assert f.grid_intensity_g_per_kwh == 20 and f.intensity_source == "override"
+    assert site_factors(parse_settings("site: {grid_zone: FRA}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
+                        ).intensity_source == "codecarbon:FRA"

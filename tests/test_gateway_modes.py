@@ -78,3 +78,18 @@ def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
         own = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-a"})
         other = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-b"})
         assert own.status_code == 200 and other.status_code == 404
+
+
+def test_fixed_host_power_is_a_separate_component(upstream):
+    host = MeterSettings(source="simulated", settle_lag_ms=200, host={"source": "fixed", "watts_per_gpu": 150})
+    with ServerThread(create_app(settings_for(upstream, meter=host))) as gw:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG},
+                       headers={"x-request-id": "host-1"})
+        assert r.status_code == 200
+        deadline = time.monotonic() + 5
+        while not (rec := httpx.get(f"{gw.url}/v1/energy/host-1").json()).get("settled"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    parts = rec["components"]
+    assert parts["host"] > 0 and parts["gpu"] > 0
+    assert rec["joules"] == pytest.approx(parts["gpu"] + parts["host"], rel=1e-5)

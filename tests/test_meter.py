@@ -201,3 +201,30 @@ def test_sparse_counter_reads_placed_by_instantaneous_power(window):
     # Within 5 %, or one poll interval (50 ms) of the 320 W power step, which trapezoids smear.
     true = true_energy(power, start, end)
     assert settled["r"].joules == pytest.approx(true, abs=max(0.05 * true, 0.05 * 320))
+
+
+def test_host_share_follows_the_gpu_share():
+    from meter.host import FixedHostPower
+
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, host=FixedHostPower(100.0))
+    m = one_request(meter, clock, 1.0, 3.0)
+    got = settled["r"]
+    # Alone for 2 s: all of the GPU's 600 J and of the host's 200 J.
+    assert got.gpu_joules == pytest.approx(600.0, rel=0.03) and got.host_joules == pytest.approx(200.0, rel=0.03)
+    assert got.joules == pytest.approx(got.gpu_joules + got.host_joules)
+    assert m.host_joules == pytest.approx(got.host_joules, rel=0.1)  # provisional carries it too
+
+
+def test_rapl_host_power_reads_powercap_with_wraparound(tmp_path):
+    from meter.host import RaplHostPower
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000000000")
+    (zone / "energy_uj").write_text("999000000")
+    clock = Clock()
+    rapl = RaplHostPower(tmp_path, clock)
+    clock.t = 1.0
+    (zone / "energy_uj").write_text("49000000")  # wrapped: 1000 J - 999 J + 49 J = 50 J in 1 s
+    assert rapl.energy_j(0.0, 1.0, gpus=2) == pytest.approx(25.0)
