@@ -1,32 +1,67 @@
-"""Parametric energy estimate for requests no meter can see.
+"""Energy estimate for requests no meter can see, from EcoLogits' LLM inference model.
 
 Used for remote APIs (no visible GPU) and as the fallback when the meter
 faults; every figure from here is labelled ``estimate``.
 
-Formula: joules = (completion_tokens + prefill_weight * prompt_tokens)
-x J_PER_TOKEN_PER_B_PARAMS x active_params_b.
+EcoLogits (genai-impact/ecologits, methodology "LLM inference") models GPU
+energy per output token as a regression on active parameters and batch size
+(fitted to the ML.ENERGY leaderboard, batch 64 assumed), and the rest of the
+server (CPU, DRAM, NIC) from the request's latency and the GPUs the model needs.
+We take its IT energy only (PUE 1, no electricity factors): wattgate applies
+the site's own PUE, grid and water factors to it like to any other figure.
 
-Decoding is memory-bound: each step reads every active weight, so energy per
-output token grows about linearly with active parameters. The constant is the
-ML.ENERGY leaderboard's Llama-3.1-8B-Instruct on one H100 under vLLM at a
-moderate batch (about 64 sequences: 0.18 J per output token, between the
-0.46 J measured at batch 8 and 0.07 J at batch 512), divided by 8 B parameters.
-It is a central figure for a well-used server, not a bound: a lightly loaded
-server spends up to 2.5x more per token, a saturated one about 2.5x less.
+One extension: EcoLogits counts output tokens only. Prompt tokens are added as
+``prefill_weight`` output-token equivalents, so embeddings and long prompts are
+not free.
 """
 
 from __future__ import annotations
 
-J_PER_TOKEN_PER_B_PARAMS = 0.18 / 8.0
+from dataclasses import dataclass
+
+from ecologits.impacts.llm import compute_llm_impacts_dag
+
+J_PER_KWH = 3.6e6
 DEFAULT_ACTIVE_PARAMS_B = 8.0
 
 
-def estimate_joules(
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Estimated IT energy of one request in joules."""
+
+    gpu_j: float
+    host_j: float
+
+
+def _value(v: object) -> float:
+    """EcoLogits returns a number or a min/max range; take the middle of a range."""
+    lo, hi = getattr(v, "min", None), getattr(v, "max", None)
+    return (lo + hi) / 2 if lo is not None and hi is not None else float(v)  # type: ignore[arg-type]
+
+
+def estimate(
     prompt_tokens: int,
     completion_tokens: int,
     active_params_b: float = DEFAULT_ACTIVE_PARAMS_B,
     prefill_weight: float = 0.2,
-) -> float:
-    """Estimated accelerator energy of one request in joules."""
-    work = max(completion_tokens, 0) + prefill_weight * max(prompt_tokens, 0)
-    return work * J_PER_TOKEN_PER_B_PARAMS * active_params_b
+    latency_s: float | None = None,
+    total_params_b: float | None = None,
+) -> Estimate:
+    """EcoLogits' estimate of one request's GPU and host energy."""
+    tokens = max(completion_tokens, 0) + prefill_weight * max(prompt_tokens, 0)
+    if tokens <= 0:
+        return Estimate(0.0, 0.0)
+    dag = compute_llm_impacts_dag(
+        model_active_parameter_count=active_params_b,
+        model_total_parameter_count=total_params_b or active_params_b,
+        output_token_count=tokens,
+        request_latency=latency_s if latency_s and latency_s > 0 else None,
+        if_electricity_mix_adpe=0.0,
+        if_electricity_mix_pe=0.0,
+        if_electricity_mix_gwp=0.0,
+        if_electricity_mix_wue=0.0,
+        datacenter_pue=1.0,
+        datacenter_wue=0.0,
+    )
+    gpu_kwh = _value(dag["gpu_energy"]) * _value(dag["gpu_required_count"])
+    return Estimate(gpu_kwh * J_PER_KWH, _value(dag["server_energy"]) * J_PER_KWH)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meter.attribution import Activity, energy_at, spans, split_energy, work_between
-from meter.estimate import estimate_joules
+from meter.estimate import estimate
 from meter.host import HostPower
 from meter.sampler import Sampler
 from meter.sources import PowerSource
@@ -462,11 +462,16 @@ class Meter:
         method = self.method
         if self._estimated(req):
             method = ESTIMATE
-            total = estimate_joules(
-                req.prompt_tokens, self._completion_tokens(req), req.active_params_b, req.prefill_weight
+            end = req.end if req.end is not None else self.clock()
+            est = estimate(
+                req.prompt_tokens,
+                self._completion_tokens(req),
+                req.active_params_b,
+                req.prefill_weight,
+                latency_s=end - req.start,
             )
-            joules = {g: total / len(req.gpus) for g in req.gpus} if req.gpus else {-1: total}
-            settled, host_j = True, 0.0
+            joules = {g: est.gpu_j / len(req.gpus) for g in req.gpus} if req.gpus else {-1: est.gpu_j}
+            settled, host_j = True, est.host_j
         return Measurement(
             req.request_id,
             joules,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meter.estimate import estimate_joules
+from meter.estimate import estimate
 from meter.footprint import J_PER_KWH, SiteFactors, footprint, grid_intensity
 
 
@@ -26,8 +26,19 @@ def test_cloud_region_zone():
 
 
 def test_estimate_grows_with_tokens_and_parameters():
-    assert estimate_joules(10, 100, 8) < estimate_joules(10, 200, 8) < estimate_joules(10, 200, 70)
-    assert estimate_joules(0, 0, 8) == 0
+    def gpu(prompt, completion, params):
+        return estimate(prompt, completion, params, latency_s=2.0).gpu_j
+
+    assert gpu(10, 100, 8) < gpu(10, 200, 8) < gpu(10, 200, 70)
+    assert gpu(100, 0, 8) > 0  # prompt tokens count too (embeddings)
+    assert estimate(0, 0, 8).gpu_j == 0
+
+
+def test_estimate_is_ecologits_it_energy():
+    """8B active parameters, 100 output tokens, 2 s: EcoLogits 0.11 gives 4.51e-6 kWh GPU, 1.30e-6 kWh server."""
+    est = estimate(0, 100, 8, latency_s=2.0)
+    assert est.gpu_j == pytest.approx(4.508459e-6 * J_PER_KWH, rel=1e-4)
+    assert est.host_j == pytest.approx(1.302083e-6 * J_PER_KWH, rel=1e-4)
 
 
 def test_unit_conversions_round_trip():
