@@ -25,7 +25,8 @@ def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
         "window_ms": round(m.window_s * 1000),
         "prompt_tokens": m.prompt_tokens,
         "completion_tokens": m.completion_tokens,
-        "grid_zone": site.grid_zone,
+        # The zone the intensity came from; "override" when the registry fixed it.
+        "grid_zone": site.grid_zone if site.intensity_source.startswith("codecarbon:") else "override",
         "grid_intensity_g_per_kwh": site.grid_intensity_g_per_kwh,
         "pue": site.pue,
         "status": m.status,
