@@ -37,6 +37,7 @@ from proxy.errors import (
 )
 from proxy.figures import energy_headers, energy_object
 from proxy.foreign import ForeignLoadPoller
+from proxy.ledger import Ledger, default_path, to_row
 from proxy.metrics import Metrics
 from proxy.records import Records
 from proxy.relay import StreamRelay
@@ -119,6 +120,11 @@ class Gateway:
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         for kind, n in meter.errors.items():
             self.metrics.meter_errors.labels(kind).inc(n)
+        self.ledger = (
+            Ledger(settings.ledger.path or default_path(), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
+            if settings.ledger.enabled
+            else None
+        )
         meter.on_settled = self.settled
         meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
@@ -143,6 +149,8 @@ class Gateway:
             mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
         mx.carbon.labels(rec.model).inc(energy["gco2e"])
         mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
+        if self.ledger is not None:
+            self.ledger.submit(to_row(rec.energy, rec.model, rec.team, time.time()))
 
     # -- request handling --------------------------------------------------------
 
@@ -271,7 +279,9 @@ def create_app(
             if poller is not None:
                 poller.cancel()
             await gw.client.aclose()
-            gw.meter.stop()
+            gw.meter.stop()  # settles what it can: those records still reach the ledger
+            if gw.ledger is not None:
+                gw.ledger.close()
 
     app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gw
@@ -396,9 +406,15 @@ def create_app(
     async def energy(request_id: str, request: Request) -> Response:
         team = gw.authenticate(request)
         rec = gw.records.get(request_id)
-        if rec is None or not rec.energy or (gw.keys and rec.team != team):
+        if rec is not None and rec.energy:
+            found, owner = rec.energy, rec.team
+        elif gw.ledger is not None and (row := gw.ledger.get(request_id)) is not None:
+            found, owner = row, row["team"]
+        else:
+            found, owner = None, None
+        if found is None or (gw.keys and owner != team):
             raise NotFound(f"no energy record for request '{request_id}'")
-        return JSONResponse(rec.energy)
+        return JSONResponse(found)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--served-name", default="meta-llama/Llama-3.1-8B-Instruct")
+    report = sub.add_parser("report", help="energy, carbon and water totals from the ledger")
+    report.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR)")
+    report.add_argument("--by", choices=["model", "team", "day"], default="model")
+    report.add_argument("--since", help="only records newer than this, e.g. 7d, 12h")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     args = parser.parse_args(argv)
 
     from proxy.settings import ConfigError
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(keep_serving=args.keep_serving)
         if args.command == "simulate-upstream":
             return _simulate_upstream(args)
+        if args.command == "report":
+            return _report(args)
         return _serve(args)
     except ConfigError as exc:
         print(f"wattgate: {exc}", file=sys.stderr)
@@ -49,6 +56,24 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(load_settings(args.config))
     # One worker: attribution needs every request on a GPU in one process.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.ledger import default_path
+    from proxy.report import run_report
+    from proxy.settings import load_settings
+
+    path = default_path()
+    if args.config:
+        path = load_settings(args.config).ledger.path or path
+    try:
+        print(run_report(Path(path), args.by, args.since, args.format), end="")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"wattgate report: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

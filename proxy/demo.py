@@ -16,6 +16,7 @@ import openai
 from meter import Meter
 from meter.sources.simulated import SimulatedGpu, SimulatedSource
 from proxy.app import create_app
+from proxy.ledger import default_path
 from proxy.serving import ServerThread
 from proxy.settings import MeterSettings, Model, Settings, Site
 from proxy.simulated_upstream import SimulatedUpstream
@@ -145,6 +146,7 @@ def _totals(rows: list[dict[str, Any]], meter: Meter) -> None:
             f" + idle {t.idle:.1f} J + unattributed {t.unattributed:.1f} J"
         )
     print("All figures are simulated: no GPU was measured. Point `wattgate serve` at vLLM for measured ones.")
+    print(f"Settled records are in the ledger {default_path()}: try `wattgate report`.")
 
 
 def _snippets(url: str) -> None:

@@ -50,6 +50,9 @@ class Metrics:
             registry=r,
         )
         self.meter_errors = Counter("wattgate_meter_errors", "Meter faults by kind", ["kind"], registry=r)
+        self.ledger_dropped = Counter(
+            "wattgate_ledger_dropped_records", "Settled records not stored (ledger queue full or write failed)", registry=r
+        )
         for model in models:
             for status in STATUSES:
                 self.requests.labels(model, status)

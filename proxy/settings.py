@@ -103,8 +103,15 @@ class Gateway(_Strict):
     recent_records: int = Field(default=100_000, ge=100)
 
 
+class LedgerSettings(_Strict):
+    enabled: bool = True
+    path: Path | None = None  # default: $WATTGATE_DATA_DIR/ledger.db
+    queue_size: int = Field(default=10_000, ge=1)
+
+
 class Settings(_Strict):
     site: Site = Site()
+    ledger: LedgerSettings = LedgerSettings()
     meter: MeterSettings = MeterSettings()
     gateway: Gateway = Gateway()
     models: dict[str, Model]

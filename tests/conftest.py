@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,9 @@ from proxy.app import create_app
 from proxy.serving import ServerThread, free_port
 from proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
 from proxy.simulated_upstream import Scenario, SimulatedUpstream
+
+# Ledgers of the apps under test go to a scratch directory, never the user's.
+os.environ["WATTGATE_DATA_DIR"] = tempfile.mkdtemp(prefix="wattgate-test-")
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 FAULTS = {

@@ -1,0 +1,156 @@
+"""The durable per-request ledger: one SQLite row per settled request.
+
+One writer thread drains a bounded queue (settling never waits on the disk);
+WAL mode lets ``wattgate report`` and ``GET /v1/energy/{id}`` read while it
+writes. The schema is versioned with ``PRAGMA user_version`` and migrated at
+open. Prompts and keys are never stored; the team is the key's alias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "request_id", "ts_end", "model", "team", "status", "method", "settled", "prompt_tokens",
+    "completion_tokens", "window_ms", "joules", "wh", "gco2e", "water_ml", "gpus", "components",
+    "pue", "grid_zone", "grid_intensity_g_per_kwh",
+)
+MIGRATIONS = (
+    """CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY, ts_end REAL NOT NULL, model TEXT NOT NULL, team TEXT,
+        status TEXT NOT NULL, method TEXT NOT NULL, settled INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, window_ms INTEGER NOT NULL,
+        joules REAL NOT NULL, wh REAL NOT NULL, gco2e REAL NOT NULL, water_ml REAL NOT NULL,
+        gpus TEXT NOT NULL, components TEXT NOT NULL,
+        pue REAL NOT NULL, grid_zone TEXT NOT NULL, grid_intensity_g_per_kwh REAL NOT NULL)""",
+    "CREATE INDEX requests_ts_end ON requests (ts_end)",
+)
+
+
+def data_dir() -> Path:
+    """``$WATTGATE_DATA_DIR``, else the platform's user data directory."""
+    if env := os.environ.get("WATTGATE_DATA_DIR"):
+        return Path(env)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "wattgate"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "wattgate"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "wattgate"
+
+
+def default_path() -> Path:
+    return data_dir() / "ledger.db"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (and create or migrate) the ledger at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for i, statement in enumerate(MIGRATIONS[version:], start=version):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(statement)
+        db.execute(f"PRAGMA user_version={i + 1}")
+        db.execute("COMMIT")
+    return db
+
+
+def to_row(energy: dict[str, Any], model: str, team: str | None, ts_end: float) -> tuple[Any, ...]:
+    return (
+        energy["request_id"], ts_end, model, team, energy["status"], energy["method"], int(energy["settled"]),
+        energy["prompt_tokens"], energy["completion_tokens"], energy["window_ms"], energy["joules"], energy["wh"],
+        energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
+        energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
+    )
+
+
+def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    rec = dict(zip(COLUMNS, row))
+    rec["settled"] = bool(rec["settled"])
+    rec["gpus"] = json.loads(rec["gpus"])
+    rec["components"] = json.loads(rec["components"])
+    return rec
+
+
+class Ledger:
+    """Asynchronous writer of settled records; ``on_drop`` is called when the queue is full."""
+
+    def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.db = connect(path)
+        self._read_lock = threading.Lock()
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=queue_size)
+        self.on_drop = on_drop
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write_loop, name="wattgate-ledger", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: tuple[Any, ...]) -> bool:
+        """Queue a row; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(row)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.error("ledger queue full: record %s not stored", row[0])
+            if self.on_drop is not None:
+                self.on_drop()
+            return False
+
+    def _write_loop(self) -> None:
+        placeholders = ",".join("?" * len(COLUMNS))
+        sql = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({placeholders})"
+        while True:
+            row = self._queue.get()
+            if row is None:
+                return
+            batch = [row]
+            while len(batch) < 500:  # commit what is waiting together
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._commit(sql, batch)
+                    return
+                batch.append(nxt)
+            self._commit(sql, batch)
+
+    def _commit(self, sql: str, batch: list[tuple[Any, ...]]) -> None:
+        try:
+            with self._read_lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany(sql, batch)
+                self.db.execute("COMMIT")
+        except sqlite3.Error:
+            log.exception("ledger write of %d records failed", len(batch))
+            self.dropped += len(batch)
+            if self.on_drop is not None:
+                for _ in batch:
+                    self.on_drop()
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        with self._read_lock:
+            row = self.db.execute(
+                f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        return from_row(row) if row else None
+
+    def close(self) -> None:
+        """Write what is queued, then close."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self.db.close()

@@ -1,0 +1,120 @@
+"""The ledger: durable settled records, restart, full queue, report arithmetic, and the API over it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from proxy.cli import main
+from proxy.ledger import Ledger, connect, to_row
+from proxy.report import parse_duration, totals
+from proxy.serving import ServerThread
+from proxy.settings import LedgerSettings, MeterSettings, Model, Settings
+from proxy.simulated_upstream import SimulatedUpstream
+from tests.conftest import SERVED
+
+
+def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, prompt: int = 5) -> dict:
+    return {"request_id": rid, "status": "ok", "method": method, "settled": True, "prompt_tokens": prompt,
+            "completion_tokens": completion, "window_ms": 100, "joules": joules, "wh": joules / 3600,
+            "gco2e": joules / 3.6e6 * 1.2 * 56.0, "water_ml": joules / 3.6e6 * 4.22 * 1000, "gpus": [0],
+            "components": {"gpu": joules}, "pue": 1.2, "grid_zone": "FRA", "grid_intensity_g_per_kwh": 56.0}
+
+
+def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
+    path = tmp_path / "l.db"
+    ledger = Ledger(path)
+
+    def writer(w: int) -> None:
+        for i in range(200):
+            assert ledger.submit(to_row(energy(f"w{w}-{i}", 1.0), "m", None, time.time()))
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ledger.close()
+    reopened = Ledger(path)
+    assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1600
+    assert reopened.get("w3-17")["joules"] == 1.0 and reopened.get("nope") is None
+    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    reopened.close()
+
+
+def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
+    drops = []
+    ledger = Ledger(tmp_path / "l.db", queue_size=2, on_drop=lambda: drops.append(1))
+    with ledger._read_lock:  # the writer is stuck behind this lock, as behind a slow disk
+        results = [ledger.submit(to_row(energy(f"r{i}", 1.0), "m", None, time.time())) for i in range(20)]
+    assert not all(results) and len(drops) == results.count(False) == ledger.dropped
+    ledger.close()
+
+
+def test_report_arithmetic(tmp_path):
+    path = tmp_path / "l.db"
+    ledger = Ledger(path)
+    day = 86400 * 20000.0
+    rows = [("a", "m1", "t1", 36.0, "nvml", day), ("b", "m1", "t2", 72.0, "estimate", day),
+            ("c", "m2", "t1", 3.6, "nvml", day + 86400)]
+    for rid, model, team, joules, method, ts in rows:
+        ledger.submit(to_row(energy(rid, joules, method), model, team, ts))
+    ledger.close()
+    db = connect(path)
+    by_model = {r["model"]: r for r in totals(db, "model")}
+    m1 = by_model["m1"]
+    assert m1["requests"] == 2 and m1["completion_tokens"] == 20 and m1["prompt_tokens"] == 10
+    assert m1["joules"] == pytest.approx(108.0) and m1["wh"] == pytest.approx(0.03)
+    assert m1["wh_per_1000_queries"] == pytest.approx(15.0) and m1["joules_per_token"] == pytest.approx(5.4)
+    assert m1["measured_share"] == pytest.approx(1 / 3)
+    assert m1["gco2e"] == pytest.approx(108 / 3.6e6 * 1.2 * 56.0)
+    assert [r["team"] for r in totals(db, "team")] == ["t1", "t2"]
+    assert [r["requests"] for r in totals(db, "day")] == [2, 1]
+    assert totals(db, "model", since_s=3600) == []  # all of them are from 1970s-era timestamps
+    db.close()
+    assert parse_duration("7d") == 604800 and parse_duration("90m") == 5400
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_report_totals_equal_the_records_the_api_returns(tmp_path, capsys):
+    path = tmp_path / "ledger.db"
+    with ServerThread(SimulatedUpstream(served_name=SERVED, default_max_tokens=8)) as up:
+        settings = Settings(
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            ledger=LedgerSettings(path=path),
+            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
+        )
+        from proxy.app import create_app
+
+        with ServerThread(create_app(settings)) as gw:
+            ids = []
+            for i in range(5):
+                r = httpx.post(f"{gw.url}/v1/chat/completions", json={
+                    "model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": i % 2 == 0})
+                assert r.status_code == 200
+                ids.append(r.headers["x-request-id"])
+            records = []
+            deadline = time.monotonic() + 10
+            for rid in ids:
+                while not (rec := httpx.get(f"{gw.url}/v1/energy/{rid}").json()).get("settled"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                records.append(rec)
+        # The gateway has stopped; a new one serves the same records from the ledger.
+        with ServerThread(create_app(settings)) as gw2:
+            again = httpx.get(f"{gw2.url}/v1/energy/{ids[0]}")
+            assert again.status_code == 200 and again.json()["joules"] == records[0]["joules"]
+    config = tmp_path / "registry.yaml"
+    config.write_text(f"ledger: {{path: '{path}'}}\nmodels: {{llama: {{upstream: 'http://x/v1'}}}}\n")
+    assert main(["report", "--config", str(config), "--by", "model", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["model"] == "llama" and row["requests"] == 5
+    assert row["joules"] == pytest.approx(sum(r["joules"] for r in records), rel=1e-9)
+    assert row["gco2e"] == pytest.approx(sum(r["gco2e"] for r in records), rel=1e-9)
+    assert main(["report", "--config", str(config), "--format", "table"]) == 0
+    assert "llama" in capsys.readouterr().out
