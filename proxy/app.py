@@ -139,18 +139,22 @@ class Gateway:
     # -- settled figures (called from the meter's thread) ------------------------
 
     def settled(self, m: Measurement) -> None:
-        energy = energy_object(m, self.site)
-        rec = self.records.update(m.request_id, energy)
+        rec = self.records.get(m.request_id)
         if rec is None:
             return
+        energy = energy_object(m, self.site)
         mx = self.metrics
         mx.energy.labels(rec.model, m.method if m.method in ("nvml", "estimate") else "simulated").observe(m.joules)
         if m.completion_tokens:
             mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
         mx.carbon.labels(rec.model).inc(energy["gco2e"])
         mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
-        if self.ledger is not None:
-            self.ledger.submit(to_row(rec.energy, rec.model, rec.team, time.time()))
+        if self.ledger is None:
+            self.records.update(m.request_id, energy)
+        else:
+            # The API calls a record settled only once it is durable: a crash loses no settled record.
+            row = to_row(energy, rec.model, rec.team, time.time())
+            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
 
     # -- request handling --------------------------------------------------------
 
@@ -217,6 +221,10 @@ class Gateway:
         mx.tokens.labels(name, "completion").inc(m.completion_tokens)
         mx.latency.labels(name).observe(time.monotonic() - forwarded_at)
         energy = energy_object(m, self.site)
+        if m.settled and self.ledger is not None:
+            # Final already (an estimate), but the API says settled only once the ledger has it.
+            self.records.update(m.request_id, {**energy, "settled": False})
+            return energy
         self.records.update(m.request_id, energy)
         rec = self.records.get(m.request_id)
         return rec.energy if rec is not None and rec.energy else energy

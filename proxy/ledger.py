@@ -38,6 +38,17 @@ MIGRATIONS = (
 )
 
 
+_Item = tuple[tuple[Any, ...], Callable[[], None] | None]
+
+
+def _run(callback: Callable[[], None] | None) -> None:
+    if callback is not None:
+        try:
+            callback()
+        except Exception:
+            log.exception("ledger commit callback failed")
+
+
 def data_dir() -> Path:
     """``$WATTGATE_DATA_DIR``, else the platform's user data directory."""
     if env := os.environ.get("WATTGATE_DATA_DIR"):
@@ -92,55 +103,65 @@ class Ledger:
         self.path = path
         self.db = connect(path)
         self._read_lock = threading.Lock()
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self.on_drop = on_drop
         self.dropped = 0
         self._thread = threading.Thread(target=self._write_loop, name="wattgate-ledger", daemon=True)
         self._thread.start()
 
-    def submit(self, row: tuple[Any, ...]) -> bool:
-        """Queue a row; False (and counted) when the queue is full."""
+    def submit(self, row: tuple[Any, ...], after: Callable[[], None] | None = None) -> bool:
+        """Queue a row; ``after`` runs once it is committed (or could not be).
+
+        False (and counted) when the queue is full; ``after`` then runs at once.
+        """
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait((row, after))
             return True
         except queue.Full:
-            self.dropped += 1
+            self._dropped(1)
             log.error("ledger queue full: record %s not stored", row[0])
-            if self.on_drop is not None:
-                self.on_drop()
+            _run(after)
             return False
+
+    def _dropped(self, n: int) -> None:
+        self.dropped += n
+        if self.on_drop is not None:
+            for _ in range(n):
+                self.on_drop()
 
     def _write_loop(self) -> None:
         placeholders = ",".join("?" * len(COLUMNS))
         sql = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({placeholders})"
         while True:
-            row = self._queue.get()
-            if row is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            batch = [row]
+            batch = [item]
+            stop = False
             while len(batch) < 500:  # commit what is waiting together
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._commit(sql, batch)
-                    return
+                    stop = True
+                    break
                 batch.append(nxt)
             self._commit(sql, batch)
+            if stop:
+                return
 
-    def _commit(self, sql: str, batch: list[tuple[Any, ...]]) -> None:
+    def _commit(self, sql: str, batch: list[_Item]) -> None:
         try:
             with self._read_lock:
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(sql, batch)
+                self.db.executemany(sql, [row for row, _ in batch])
                 self.db.execute("COMMIT")
         except sqlite3.Error:
             log.exception("ledger write of %d records failed", len(batch))
-            self.dropped += len(batch)
-            if self.on_drop is not None:
-                for _ in batch:
-                    self.on_drop()
+            self._dropped(len(batch))
+        for _, after in batch:
+            _run(after)
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         with self._read_lock:

@@ -118,3 +118,65 @@ def test_report_totals_equal_the_records_the_api_returns(tmp_path, capsys):
     assert row["gco2e"] == pytest.approx(sum(r["gco2e"] for r in records), rel=1e-9)
     assert main(["report", "--config", str(config), "--format", "table"]) == 0
     assert "llama" in capsys.readouterr().out
+
+
+def test_kill_9_under_load_loses_no_settled_record(tmp_path):
+    """A record the API called settled is in the ledger even when the gateway is killed with SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.serving import free_port
+
+    path = tmp_path / "ledger.db"
+    with ServerThread(SimulatedUpstream(served_name=SERVED, default_max_tokens=20)) as up:
+        port = free_port()
+        config = tmp_path / "registry.yaml"
+        config.write_text(
+            f"meter: {{source: simulated, settle_lag_ms: 200}}\nledger: {{path: '{path}'}}\n"
+            f"models: {{llama: {{served_name: '{SERVED}', upstream: '{up.url}/v1', gpus: [0]}}}}\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
+                                 "--port", str(port), "--log-level", "warning"])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "gateway did not start"
+                    time.sleep(0.1)
+            body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+
+            def one(i: int) -> str | None:
+                try:
+                    r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": i % 2 == 0}, timeout=10)
+                    return r.headers.get("x-request-id")
+                except httpx.HTTPError:
+                    return None  # in flight when killed
+
+            seen: dict[str, float] = {}
+            with ThreadPoolExecutor(16) as pool:
+                ids = list(pool.map(one, range(32)))
+                later = [pool.submit(one, i) for i in range(32, 96)]  # keep the gateway busy
+                for rid in ids:
+                    rec = httpx.get(f"{url}/v1/energy/{rid}").json()
+                    if rec.get("settled"):
+                        seen[rid] = rec["joules"]
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+                for f in later:
+                    f.result()
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+    assert seen, "no record settled before the kill"
+    ledger = Ledger(path)
+    for rid, joules in seen.items():
+        stored = ledger.get(rid)
+        assert stored is not None and stored["settled"] and stored["joules"] == joules
+    ledger.close()
