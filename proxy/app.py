@@ -114,9 +114,9 @@ class Gateway:
         self.site = site_factors(settings)
         self.meter = meter
         self.drive = drive  # simulated GPUs whose load follows the gateway's requests
-        self.metrics = Metrics(settings.models, meter)
-        self.records = Records(settings.gateway.recent_records)
         self.keys = load_keys(settings.gateway.auth)
+        self.metrics = Metrics(settings.models, meter, teams=sorted(set(self.keys.values())))
+        self.records = Records(settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         for kind, n in meter.errors.items():
             self.metrics.meter_errors.labels(kind).inc(n)
@@ -149,6 +149,10 @@ class Gateway:
             mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
         mx.carbon.labels(rec.model).inc(energy["gco2e"])
         mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
+        if rec.team is not None:
+            mx.team_energy.labels(rec.team).inc(m.joules)
+            mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
+            mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:

@@ -25,7 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR)")
     report.add_argument("--by", choices=["model", "team", "day"], default="model")
     report.add_argument("--since", help="only records newer than this, e.g. 7d, 12h")
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "jsonl", "export-csv"],
+        default="table",
+        help="totals as table, csv or json; or every record as jsonl or export-csv (for ESG tooling)",
+    )
+    report.add_argument("--keep", help="first delete records older than this, e.g. 90d (retention)")
     args = parser.parse_args(argv)
 
     from proxy.settings import ConfigError
@@ -70,7 +76,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.config:
         path = load_settings(args.config).ledger.path or path
     try:
-        print(run_report(Path(path), args.by, args.since, args.format), end="")
+        print(run_report(Path(path), args.by, args.since, args.format, args.keep), end="")
     except (FileNotFoundError, ValueError) as exc:
         print(f"wattgate report: {exc}", file=sys.stderr)
         return 2

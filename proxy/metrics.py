@@ -21,7 +21,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     """The gateway's metrics in their own registry; series of known labels start at zero."""
 
-    def __init__(self, models: Iterable[str], meter: Meter) -> None:
+    def __init__(self, models: Iterable[str], meter: Meter, teams: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("wattgate_requests", "Requests by model and status", ["model", "status"], registry=r)
@@ -64,6 +64,13 @@ class Metrics:
             self.carbon.labels(model)
             self.water.labels(model)
             self.latency.labels(model)
+        # Per-team accounting: labelled by the configured key aliases only, never by a key.
+        self.team_energy = Counter("wattgate_team_energy_joules", "Settled energy by team (J)", ["team"], registry=r)
+        self.team_carbon = Counter("wattgate_team_carbon_grams", "Settled grams CO2e by team", ["team"], registry=r)
+        self.team_water = Counter("wattgate_team_water_liters", "Settled litres of water by team", ["team"], registry=r)
+        for team in teams:
+            for counter in (self.team_energy, self.team_carbon, self.team_water):
+                counter.labels(team)
         for kind in METER_ERROR_KINDS:
             self.meter_errors.labels(kind)
         r.register(_GpuCollector(meter))

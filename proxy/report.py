@@ -72,11 +72,42 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
-def run_report(path: Path, by: str, since: str | None, fmt: str) -> str:
+def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> str:
+    """Every record (oldest first) as CSV or JSON Lines, for ESG tooling."""
+    from proxy.ledger import COLUMNS, from_row
+
+    where, args = "", []
+    if since_s is not None:
+        where, args = "WHERE ts_end >= ?", [time.time() - since_s]
+    rows = [from_row(r) for r in db.execute(f"SELECT {','.join(COLUMNS)} FROM requests {where} ORDER BY ts_end", args)]
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "gpus": json.dumps(r["gpus"]), "components": json.dumps(r["components"])})
+    return buf.getvalue()
+
+
+def prune(db: sqlite3.Connection, keep_s: float) -> int:
+    """Delete records older than ``keep_s`` seconds; return how many."""
+    cur = db.execute("DELETE FROM requests WHERE ts_end < ?", (time.time() - keep_s,))
+    return cur.rowcount
+
+
+def run_report(path: Path, by: str, since: str | None, fmt: str, keep: str | None = None) -> str:
+    """The ``wattgate report`` command's output; ``keep`` first deletes older records."""
     if not path.exists():
         raise FileNotFoundError(f"no ledger at {path}")
     db = connect(path)
     try:
-        return render(totals(db, by, parse_duration(since) if since else None), by, fmt)
+        note = ""
+        if keep:
+            note = f"pruned {prune(db, parse_duration(keep))} records older than {keep}\n"
+        since_s = parse_duration(since) if since else None
+        if fmt in ("jsonl", "export-csv"):
+            return note + export(db, "jsonl" if fmt == "jsonl" else "csv", since_s)
+        return note + render(totals(db, by, since_s), by, fmt)
     finally:
         db.close()

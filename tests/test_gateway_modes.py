@@ -78,6 +78,9 @@ def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
         own = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-a"})
         other = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-b"})
         assert own.status_code == 200 and other.status_code == 404
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        assert 'wattgate_team_carbon_grams_total{team="team-b"} 0.0' in metrics
+        assert 'wattgate_team_energy_joules_total{team="team-a"}' in metrics and "sk-a" not in metrics
 
 
 def test_fixed_host_power_is_a_separate_component(upstream):

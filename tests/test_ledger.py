@@ -180,3 +180,22 @@ def test_kill_9_under_load_loses_no_settled_record(tmp_path):
         stored = ledger.get(rid)
         assert stored is not None and stored["settled"] and stored["joules"] == joules
     ledger.close()
+
+
+def test_export_and_retention(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WATTGATE_DATA_DIR", str(tmp_path))
+    ledger = Ledger(tmp_path / "ledger.db")
+    now = time.time()
+    ledger.submit(to_row(energy("old", 1.0), "m", "t", now - 100 * 86400))
+    ledger.submit(to_row(energy("new", 2.0), "m", "t", now))
+    ledger.close()
+    assert main(["report", "--format", "jsonl"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["request_id"] for r in lines] == ["old", "new"] and lines[1]["components"] == {"gpu": 2.0}
+    assert main(["report", "--format", "export-csv", "--since", "1d"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("request_id,") and len(out) == 2 and out[1].startswith("new,")
+    assert main(["report", "--keep", "90d", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pruned 1 records older than 90d")
+    assert json.loads(out.split("\n", 1)[1])[0]["requests"] == 1
