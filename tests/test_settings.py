@@ -47,3 +47,10 @@ def test_gateway_keys(monkeypatch):
     with pytest.raises(ConfigError) as exc:
         load_keys(Auth(keys_env="WG_KEYS"))
     assert "no-colon-secret" not in str(exc.value)
+
+
+def test_readme_registry_reference_is_valid():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```yaml", text.index("## Registry")) + len("```yaml")
+    s = parse_settings(text[start : text.index("```", start)], "README.md")
+    assert set(s.models) == {"llama-3.1-8b", "gpt-4o-mini"}
