@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ecologits.impacts.llm import compute_llm_impacts_dag
 
-J_PER_KWH = 3.6e6
+from meter.footprint import J_PER_KWH
+
 DEFAULT_ACTIVE_PARAMS_B = 8.0
 
 
