@@ -39,13 +39,6 @@ class Activity:
     end: float | None = None
     prefill_work: float = 0.0
 
-    @property
-    def known_until(self) -> float:
-        """Time up to which this request's work rate is known."""
-        if self.end is not None:
-            return self.end
-        return self.arrivals[-1][0] if self.arrivals else self.start
-
 
 @dataclass(frozen=True, slots=True)
 class Span:

@@ -80,6 +80,3 @@ def grid_intensity(zone: str) -> float:
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise UnknownZone(f"unknown grid zone {zone!r} in CodeCarbon's data{hint}")
 
-
-def known_zones() -> list[str]:
-    return sorted(_zones())

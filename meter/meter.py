@@ -103,7 +103,7 @@ class _Request:
 
     @property
     def known_until(self) -> float:
-        """Time up to which this request's work rate is known (see :class:`Activity`)."""
+        """Time up to which this request's work rate is known: its end, else its last token."""
         if self.end is not None:
             return self.end
         return self.times[-1] if self.times else self.start

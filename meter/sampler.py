@@ -69,7 +69,6 @@ class Sampler:
         self.on_error: Callable[[str], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_round: float | None = None
 
     def _fault(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -116,7 +115,6 @@ class Sampler:
                     st.samples.append((now, e0 + avg * (now - t0)))
             else:
                 self._fault("read")
-        self.last_round = self.clock()
 
     def _counter(
         self, st: _GpuState, raw: float, power_w: float | None, now: float, prev_poll: float | None, anchored: bool
@@ -179,11 +177,6 @@ class Sampler:
     def last_ok(self, gpu: int) -> float | None:
         """Time of the last successful reading of one GPU."""
         return self._gpu[gpu].last_ok
-
-    def buffer_bytes(self) -> int:
-        """Rough memory held by the sample buffers."""
-        # A deque slot holds a 2-tuple (56 B) of two floats (24 B each) plus an 8 B pointer.
-        return sum(len(st.samples) for st in self._gpu.values()) * (56 + 48 + 8)
 
     def _run(self) -> None:
         next_at = self.clock()

@@ -111,7 +111,7 @@ def test_overlapping_windows_sum_to_counter_delta(meter, gpu_work):
         for w in windows.values():
             if w is not None:
                 w.tokens(1)
-    for rid, w in windows.items():
+    for w in windows.values():
         if w is not None:
             w.end()
     e1 = counter_j()

@@ -48,7 +48,6 @@ class NvmlSource:
             raise MeterFault("init", f"GPU indices {missing} not visible to NVML ({count} GPUs)")
         self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
-        self.names = {g: _text(pynvml.nvmlDeviceGetName(h)) for g, h in self._handles.items()}
         for g, h in self._handles.items():
             if self._in_mig_mode(h):
                 log.warning("GPU %d is in MIG mode: NVML reads power for the whole GPU, not per instance", g)
@@ -117,6 +116,3 @@ def visible_gpu_count() -> int:
     except Exception:
         return 0
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
