@@ -83,6 +83,17 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack, tmp_pa
             if not missing:
                 break
         assert not missing, f"queries with no data: {missing}"
+        # The scrape holds every metric of DESIGN.md.
+        names = httpx.get(api, params={"query": 'count by (__name__) ({__name__=~"wattgate_.*"})'}).json()
+        scraped = {r["metric"]["__name__"] for r in names["data"]["result"]}
+        expected = {
+            "wattgate_requests_total", "wattgate_tokens_total", "wattgate_request_energy_joules_bucket",
+            "wattgate_energy_per_token_joules_bucket", "wattgate_carbon_grams_total", "wattgate_water_liters_total",
+            "wattgate_gpu_power_watts", "wattgate_gpu_energy_joules_total", "wattgate_gpu_idle_energy_joules_total",
+            "wattgate_gpu_unattributed_energy_joules_total", "wattgate_upstream_latency_seconds_bucket",
+            "wattgate_meter_errors_total",
+        }
+        assert expected <= scraped, expected - scraped
     finally:
         stop.set()
         for w in workers:
