@@ -157,7 +157,8 @@ class Gateway:
             self.records.update(m.request_id, energy)
         else:
             # The API calls a record settled only once it is durable: a crash loses no settled record.
-            row = to_row(energy, rec.model, rec.team, time.time())
+            gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
+            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
             self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
 
     # -- request handling --------------------------------------------------------

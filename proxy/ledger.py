@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "request_id", "ts_end", "model", "team", "status", "method", "settled", "prompt_tokens",
     "completion_tokens", "window_ms", "joules", "wh", "gco2e", "water_ml", "gpus", "components",
-    "pue", "grid_zone", "grid_intensity_g_per_kwh",
+    "pue", "grid_zone", "grid_intensity_g_per_kwh", "ts_start", "gpu_joules",
 )
 MIGRATIONS = (
     """CREATE TABLE requests (
@@ -35,6 +35,8 @@ MIGRATIONS = (
         gpus TEXT NOT NULL, components TEXT NOT NULL,
         pue REAL NOT NULL, grid_zone TEXT NOT NULL, grid_intensity_g_per_kwh REAL NOT NULL)""",
     "CREATE INDEX requests_ts_end ON requests (ts_end)",
+    "ALTER TABLE requests ADD COLUMN ts_start REAL",
+    "ALTER TABLE requests ADD COLUMN gpu_joules TEXT NOT NULL DEFAULT '{}'",  # {"gpu index": joules}
 )
 
 
@@ -79,12 +81,20 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def to_row(energy: dict[str, Any], model: str, team: str | None, ts_end: float) -> tuple[Any, ...]:
+def to_row(
+    energy: dict[str, Any],
+    model: str,
+    team: str | None,
+    ts_end: float,
+    gpu_joules: dict[int, float] | None = None,
+) -> tuple[Any, ...]:
+    """A ledger row from the body's ``energy`` object; times are Unix seconds."""
     return (
         energy["request_id"], ts_end, model, team, energy["status"], energy["method"], int(energy["settled"]),
         energy["prompt_tokens"], energy["completion_tokens"], energy["window_ms"], energy["joules"], energy["wh"],
         energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
         energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
+        ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
     )
 
 
@@ -93,6 +103,7 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     rec["settled"] = bool(rec["settled"])
     rec["gpus"] = json.loads(rec["gpus"])
     rec["components"] = json.loads(rec["components"])
+    rec["gpu_joules"] = json.loads(rec["gpu_joules"])
     return rec
 
 

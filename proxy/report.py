@@ -26,26 +26,71 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
-def totals(db: sqlite3.Connection, by: str = "model", since_s: float | None = None) -> list[dict[str, Any]]:
+#: Everyday equivalents: (label, figure it divides, amount of that figure per unit, source).
+EQUIVALENTS = (
+    ("smartphone charges", "wh", 15.0, "a 15 Wh phone battery (3.85 V x 3900 mAh) filled once, charger losses left out"),
+    ("hours of a 10 W LED bulb", "wh", 10.0, "a 10 W LED bulb, the usual replacement for a 60 W incandescent"),
+    ("km by car", "gco2e", 248.5, "US EPA, 'Greenhouse Gas Emissions from a Typical Passenger Vehicle': ~400 g CO2/mile"),
+    ("0.5 L bottles of water", "water_ml", 500.0, "a 0.5 L bottle"),
+)
+#: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
+PROGRESS_ROWS = 200_000
+_SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules")
+
+
+def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:
+    rows = db.execute(
+        f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
+                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = 'nvml' THEN joules ELSE 0 END)
+            FROM requests {where} GROUP BY k""",
+        args,
+    ).fetchall()
+    return {k: list(v) for k, *v in rows}
+
+
+def totals(
+    db: sqlite3.Connection, by: str = "model", since_s: float | None = None, progress: bool = False
+) -> list[dict[str, Any]]:
     """One row per group: sums of the settled records, Wh per 1000 queries, measured share of energy."""
     where, args = "WHERE settled = 1", []
     if since_s is not None:
         where += " AND ts_end >= ?"
         args.append(time.time() - since_s)
-    rows = db.execute(
-        f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
-                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = 'nvml' THEN joules ELSE 0 END)
-            FROM requests {where} GROUP BY k ORDER BY k""",
-        args,
-    ).fetchall()
+    n, lo, hi = db.execute(f"SELECT COUNT(*), MIN(ts_end), MAX(ts_end) FROM requests {where}", args).fetchone()
+    if not progress or n < PROGRESS_ROWS:
+        sums = _sums(db, by, where, args)
+    else:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        sums = {}
+        slices = 50
+        edges = [lo + (hi - lo) * i / slices for i in range(slices)] + [hi + 1]
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"summing {n} records", total=slices)
+            for a, b in zip(edges, edges[1:]):
+                for k, v in _sums(db, by, where + " AND ts_end >= ? AND ts_end < ?", [*args, a, b]).items():
+                    sums[k] = [x + y for x, y in zip(sums.get(k, [0] * len(v)), v)]
+                bar.advance(task)
     out = []
-    for k, n, pt, ct, j, wh, g, w, measured in rows:
+    for k in sorted(sums, key=str):
+        r = dict(zip(_SUMS, sums[k]))
+        n_req, j, ct = r["requests"], r["joules"], r["completion_tokens"]
         out.append({
-            by: k, "requests": n, "prompt_tokens": pt, "completion_tokens": ct, "joules": j, "wh": wh,
-            "gco2e": g, "water_ml": w, "wh_per_1000_queries": wh * 1000 / n,
-            "joules_per_token": j / ct if ct else None, "measured_share": measured / j if j else 0.0,
+            by: k, "requests": n_req, "prompt_tokens": r["prompt_tokens"], "completion_tokens": ct, "joules": j,
+            "wh": r["wh"], "gco2e": r["gco2e"], "water_ml": r["water_ml"], "wh_per_1000_queries": r["wh"] * 1000 / n_req,
+            "joules_per_token": j / ct if ct else None, "measured_share": r["measured_joules"] / j if j else 0.0,
         })
     return out
+
+
+def equivalents(rows: list[dict[str, Any]]) -> list[str]:
+    """The totals of ``rows`` as everyday equivalents, each with its source."""
+    lines = []
+    for label, key, per_unit, source in EQUIVALENTS:
+        total = sum(r[key] for r in rows)
+        lines.append(f"{total / per_unit:,.3g} {label}  ({source})")
+    return lines
 
 
 def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
@@ -69,6 +114,9 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
         table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     console = Console(file=io.StringIO(), width=160)
     console.print(table)
+    console.print("In everyday terms, all of the above together is about:")
+    for line in equivalents(rows):
+        console.print(f"  {line}", highlight=False)
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
@@ -86,7 +134,7 @@ def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> st
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "gpus": json.dumps(r["gpus"]), "components": json.dumps(r["components"])})
+        writer.writerow({**r, **{k: json.dumps(r[k]) for k in ("gpus", "components", "gpu_joules")}})
     return buf.getvalue()
 
 
@@ -108,6 +156,6 @@ def run_report(path: Path, by: str, since: str | None, fmt: str, keep: str | Non
         since_s = parse_duration(since) if since else None
         if fmt in ("jsonl", "export-csv"):
             return note + export(db, "jsonl" if fmt == "jsonl" else "csv", since_s)
-        return note + render(totals(db, by, since_s), by, fmt)
+        return note + render(totals(db, by, since_s, progress=True), by, fmt)
     finally:
         db.close()

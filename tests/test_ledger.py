@@ -42,8 +42,33 @@ def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
     reopened = Ledger(path)
     assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1600
     assert reopened.get("w3-17")["joules"] == 1.0 and reopened.get("nope") is None
-    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == 4
     reopened.close()
+
+
+def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
+    import sqlite3
+
+    from proxy.ledger import MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[:2]:
+        old.execute(statement)
+    old.execute("PRAGMA user_version=2")
+    old.execute("INSERT INTO requests VALUES ('r1', 1.0, 'm', NULL, 'ok', 'nvml', 1, 1, 2, 100, 3.0, 0.001, 0.1,"
+                " 0.2, '[0]', '{\"gpu\": 3.0}', 1.2, 'FRA', 56.0)")
+    old.commit()
+    old.close()
+    ledger = Ledger(path)
+    rec = ledger.get("r1")
+    assert rec["joules"] == 3.0 and rec["gpu_joules"] == {} and rec["ts_start"] is None
+    ledger.submit(to_row(energy("r2", 2.0), "m", None, 10.0, {0: 2.0}))
+    ledger.close()
+    reopened = Ledger(path)
+    rec2 = reopened.get("r2")
+    reopened.close()
+    assert rec2["gpu_joules"] == {"0": 2.0} and rec2["ts_start"] == pytest.approx(9.9)
 
 
 def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
@@ -199,3 +224,32 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith("pruned 1 records older than 90d")
     assert json.loads(out.split("\n", 1)[1])[0]["requests"] == 1
+
+
+def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):
+    import proxy.report as report
+
+    ledger = Ledger(tmp_path / "l.db")
+    for i in range(300):
+        ledger.submit(to_row(energy(f"r{i}", 1.0 + i % 7, "nvml" if i % 3 else "estimate"), f"m{i % 4}", None,
+                             1_700_000_000.0 + i * 37.0))
+    ledger.close()
+    db = connect(tmp_path / "l.db")
+    whole = totals(db, "model")
+    monkeypatch.setattr(report, "PROGRESS_ROWS", 10)
+    sliced = totals(db, "model", progress=True)
+    db.close()
+    assert [r["model"] for r in sliced] == [r["model"] for r in whole]
+    for a, b in zip(whole, sliced):
+        for key in ("requests", "completion_tokens", "joules", "gco2e", "measured_share"):
+            assert a[key] == pytest.approx(b[key])
+
+
+def test_equivalents_state_their_sources():
+    from proxy.report import equivalents
+
+    lines = equivalents([{"wh": 30.0, "gco2e": 497.0, "water_ml": 1000.0}])
+    assert lines[0].startswith("2 smartphone charges") and "15 Wh" in lines[0]
+    assert lines[1].startswith("3 hours of a 10 W LED bulb")
+    assert lines[2].startswith("2 km by car") and "EPA" in lines[2]
+    assert lines[3].startswith("2 0.5 L bottles")
