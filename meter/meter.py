@@ -262,7 +262,8 @@ class Meter:
                 "last_reading_age_s": None if last is None else round(now - last, 3),
             }
         sampler_ok = self.sampler is None or not self._started or self.sampler.alive
-        ok = sampler_ok and all(v["fault"] is None for v in gpus.values())
+        # "init": the configured source could not start and every figure is an estimate.
+        ok = sampler_ok and "init" not in self.errors and all(v["fault"] is None for v in gpus.values())
         return {
             "method": self.method,
             "ok": ok,
@@ -308,12 +309,11 @@ class Meter:
             active_params_b,
             prompt_tokens,
         )
-        unknown = [g for g in req.gpus if g not in self._gpu]
-        if unknown:
+        if not req.gpus or self.sampler is None:
+            pass  # a plain estimate: no meter for these GPUs (counted once, at start-up)
+        elif any(g not in self._gpu for g in req.gpus):
             req.fault = "unmetered_gpu"
             self._count_error("unmetered_gpu")
-        elif not req.gpus or self.sampler is None:
-            req.fault = None  # a plain estimate, not a fault
         elif self._started and not self.sampler.alive:
             req.fault = "sampler_dead"
             self._count_error("sampler_dead")

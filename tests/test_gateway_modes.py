@@ -96,3 +96,12 @@ def test_fixed_host_power_is_a_separate_component(upstream):
     parts = rec["components"]
     assert parts["host"] > 0 and parts["gpu"] > 0
     assert rec["joules"] == pytest.approx(parts["gpu"] + parts["host"], rel=1e-5)
+
+
+def test_nvml_missing_degrades_to_estimates_and_says_so(upstream):
+    """On a machine without NVML the gateway still serves, every figure is an estimate, /readyz says why."""
+    with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="nvml")))) as gw:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})
+        assert r.status_code == 200 and r.headers["x-energy-method"] == "estimate"
+        meter = httpx.get(f"{gw.url}/readyz").json()["meter"]
+        assert meter["ok"] is False and meter["errors"] == {"init": 1}
