@@ -164,8 +164,16 @@ class RequestWindow:
             self._req.completion_tokens = completion_tokens
 
     def end(self, status: str = "ok", t: float | None = None) -> Measurement:
-        """Close the window and return the provisional measurement."""
-        return self._meter._end(self._req, status, self._meter.clock() if t is None else t)
+        """Close the window and return the provisional measurement; never raises."""
+        meter, req = self._meter, self._req
+        try:
+            return meter._end(req, status, meter.clock() if t is None else t)
+        except Exception:  # a meter bug must not fail the request: fall back to an estimate
+            log.exception("meter failed to close window %s", req.request_id)
+            meter._count_error("internal")
+            req.fault, req.status = "internal", status
+            req.end = req.end if req.end is not None else meter.clock()
+            return meter._measurement(req, {}, settled=True, host_j=0.0)
 
 
 class Meter:
@@ -343,7 +351,7 @@ class Meter:
                 return self._provisional(req)
             req.end = max(t, req.start)
             req.status = status
-            if req.fault is None:
+            if not self._estimated(req):
                 stale = [g for g in req.gpus if self._stale(g, self.clock())]
                 if stale:  # no fresh reading: do not hand out a figure the meter cannot back
                     req.fault = self._gpu[stale[0]].faulted or "stale"

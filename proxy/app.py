@@ -125,6 +125,8 @@ class Gateway:
             if settings.ledger.enabled
             else None
         )
+        self.estimates = Meter(None)  # windows for when the meter itself fails
+        self.estimates.on_settled = self.settled
         meter.on_settled = self.settled
         meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
@@ -207,13 +209,17 @@ class Gateway:
         for g in model.gpus:
             if g in self.drive:
                 self.drive[g].begin_sequence()
-        return self.meter.begin(
-            request_id,
-            model.gpus,
-            prompt_tokens=prompt_tokens,
-            prefill_weight=model.prefill_weight,
-            active_params_b=model.estimate.active_params_b,
-        )
+        kwargs = {
+            "prompt_tokens": prompt_tokens,
+            "prefill_weight": model.prefill_weight,
+            "active_params_b": model.estimate.active_params_b,
+        }
+        try:
+            return self.meter.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
+        except Exception:  # metering never fails a request: fall back to an estimate
+            log.exception("meter failed to open a window")
+            self.metrics.meter_errors.labels("internal").inc()
+            return self.estimates.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
 
     def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]:
         self.in_flight[name] -= 1
