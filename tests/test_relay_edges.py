@@ -1,0 +1,64 @@
+"""Upstreams that speak SSE a little differently: CRLF line ends, comments, odd bodies."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.app import create_app
+from proxy.serving import ServerThread
+from proxy.settings import MeterSettings, Model, Settings
+
+CHUNK = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
+
+
+async def chat(request: Request) -> Response:
+    body = await request.json()
+    if not body.get("stream"):
+        return Response(b"this is not json", media_type="application/json")
+
+    async def events():
+        yield b": keep-alive\r\n\r\n"
+        for text in ("Hello", " world"):
+            c = {**CHUNK, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+            yield b"data: " + orjson.dumps(c) + b"\r\n\r\n"
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        # The usage chunk arrives split across two writes.
+        raw = b"data: " + orjson.dumps({**CHUNK, "choices": [], "usage": usage}) + b"\r\n\r\n"
+        yield raw[:20]
+        yield raw[20:]
+        yield b"data: [DONE]\r\n\r\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    odd = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with ServerThread(odd) as up:
+        settings = Settings(meter=MeterSettings(source="none"), models={"odd": Model(upstream=f"{up.url}/v1")})
+        with ServerThread(create_app(settings)) as gw:
+            yield gw.url
+
+
+def test_crlf_stream_with_comments_and_split_usage_chunk(gateway):
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions",
+                      json={"model": "odd", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        text = r.read().decode()
+    assert text.startswith(": keep-alive\n\n") and text.endswith("data: [DONE]\n\n")
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+    chunks = list(client.chat.completions.create(model="odd", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Hello world"
+    energy = chunks[-1].model_extra["energy"]
+    assert energy["completion_tokens"] == 2 and energy["prompt_tokens"] == 3 and energy["method"] == "estimate"
+
+
+def test_upstream_200_that_is_not_json_is_502(gateway):
+    r = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "odd", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
