@@ -21,6 +21,8 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 #: Events closer than this (s) are merged. Far below the energy counter's resolution
 #: (~100 ms on H100), and it keeps work rates bounded so their running sum stays exact.
 MIN_SPAN_S = 1e-4
@@ -127,108 +129,159 @@ def split_energy(
     slice that has a request (``carry`` in and out). Per call,
     ``attributed + idle + unattributed + carry_out == measured + carry_in``.
     """
+    keys = list(participants)
+    flat = [
+        (k, sp.start, sp.end, math.nan if sp.rate is None else sp.rate)
+        for k, key in enumerate(keys)
+        for sp in participants[key]
+    ]
+    arr = np.array(flat, dtype=float).reshape(-1, 4)
+    split = split_arrays(
+        samples, arr[:, 0].astype(np.intp), arr[:, 1], arr[:, 2], arr[:, 3], len(keys), a, b,
+        foreign=foreign, carry=carry, amortize=amortize,
+    )
+    return Split(dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.work)
+
+
+def split_arrays(
+    samples: Sequence[tuple[float, float]],
+    key_idx: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    rate: np.ndarray,
+    n_keys: int,
+    a: float,
+    b: float,
+    *,
+    foreign: Sequence[tuple[float, float, int]] = (),
+    carry: float = 0.0,
+    amortize: bool = False,
+) -> Split:
+    """:func:`split_energy` on flat span arrays (``rate`` NaN: unknown); shares keyed 0..n_keys-1.
+
+    One vectorised sweep: O((spans + samples) log(spans + samples)).
+    """
     if b <= a:
-        return Split({}, 0.0, 0.0, carry)
-    # Per breakpoint: changes of (sum of known rates, positive-rate heads, known heads,
-    # unknown heads, foreign heads).
-    deltas: dict[float, list[float]] = {a: [0.0, 0, 0, 0, 0], b: [0.0, 0, 0, 0, 0]}
+        return Split({k: 0.0 for k in range(n_keys)}, 0.0, 0.0, carry)
+    s, e = np.clip(start, a, b), np.clip(end, a, b)
+    keep = e > s
+    key_idx, s, e, rate = key_idx[keep], s[keep], e[keep], rate[keep]
+    known = ~np.isnan(rate)
+    rate_k = np.where(known, rate, 0.0)
 
-    def add(t: float, i: int, v: float) -> None:
-        d = deltas.get(t)
-        if d is None:
-            d = deltas[t] = [0.0, 0, 0, 0, 0]
-        d[i] += v
+    far = np.array([(max(fs, a), min(fe, b), n) for fs, fe, n in foreign if n > 0], dtype=float).reshape(-1, 3)
+    far = far[far[:, 1] > far[:, 0]]
+    st = np.array(samples, dtype=float).reshape(-1, 2)
+    inner = st[(st[:, 0] > a) & (st[:, 0] < b), 0]
+    points = np.unique(np.concatenate(([a, b], s, e, inner, far[:, 0], far[:, 1])))
+    n = len(points)
+    i0, i1 = np.searchsorted(points, s), np.searchsorted(points, e)
+    f0, f1 = np.searchsorted(points, far[:, 0]), np.searchsorted(points, far[:, 1])
 
-    clipped: list[tuple[Hashable, float, float, float | None]] = []
-    work = 0.0
-    for key, key_spans in participants.items():
-        for sp in key_spans:
-            s, e = max(sp.start, a), min(sp.end, b)
-            if e <= s:
-                continue
-            clipped.append((key, s, e, sp.rate))
-            if sp.rate is not None:
-                work += sp.rate * (e - s)
-            if sp.rate is None:
-                add(s, 3, 1)
-                add(e, 3, -1)
-            else:
-                add(s, 0, sp.rate)
-                add(e, 0, -sp.rate)
-                add(s, 2, 1)
-                add(e, 2, -1)
-                if sp.rate > 0:
-                    add(s, 1, 1)
-                    add(e, 1, -1)
-    for s, e, n in foreign:
-        s, e = max(s, a), min(e, b)
-        if e > s and n > 0:
-            add(s, 4, n)
-            add(e, 4, -n)
-    for t, _ in samples:
-        if a < t < b:
-            deltas.setdefault(t, [0.0, 0, 0, 0, 0])
+    def level(lo: np.ndarray, hi: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Per segment, the sum of ``weight`` over the intervals covering it."""
+        return np.cumsum(np.bincount(lo, weight, minlength=n) - np.bincount(hi, weight, minlength=n))[:-1]
 
-    points = sorted(deltas)
-    energy = energy_at(samples, points)
-    # Cumulative per-unit-work share (known, positive rate), per-head share for
-    # known heads when nobody has work, and per-head share for unknown heads.
-    cum_f = [0.0] * len(points)
-    cum_hk = [0.0] * len(points)
-    cum_hu = [0.0] * len(points)
-    rate = 0.0
-    n_pos = n_known = n_unknown = n_foreign = 0
-    idle = unattributed = 0.0
-    for i in range(len(points) - 1):
-        d = deltas[points[i]]
-        rate += d[0]
-        n_pos += int(d[1])
-        n_known += int(d[2])
-        n_unknown += int(d[3])
-        n_foreign += int(d[4])
-        if n_pos == 0:
-            rate = 0.0  # drop float residue so "nobody has work" is exact
-        de = energy[i + 1] - energy[i]
-        f = hk = hu = 0.0
-        if n_known + n_unknown == 0:
-            if n_foreign:
-                unattributed += de
-            elif amortize:
-                carry += de
-            else:
-                idle += de
+    rate_sum = level(i0, i1, rate_k)
+    n_pos = level(i0, i1, (rate_k > 0).astype(float))
+    n_known = level(i0, i1, known.astype(float))
+    n_unknown = level(i0, i1, (~known).astype(float))
+    n_foreign = level(f0, f1, far[:, 2])
+    rate_sum[n_pos < 0.5] = 0.0  # drop float residue so "nobody has work" is exact
+
+    de = np.diff(np.interp(points, st[:, 0], st[:, 1]))
+    active = n_known + n_unknown > 0.5
+    idle_seg = ~active & (n_foreign < 0.5)
+    unattributed = float(de[~active & ~idle_seg].sum())
+    idle = 0.0
+    if amortize:
+        # Idle energy waits and joins the next slice that has a request.
+        pooled = carry + np.cumsum(np.where(idle_seg, de, 0.0))
+        act = np.flatnonzero(active)
+        if len(act):
+            de = de.copy()
+            de[act] += np.diff(pooled[act], prepend=0.0)
+            carry = float(pooled[-1] - pooled[act[-1]])
         else:
-            if amortize:
-                de += carry
-                carry = 0.0
-            heads = n_known + n_unknown + n_foreign
-            hu = de / heads
-            if n_pos and rate > 0:
-                f = de * n_known / (heads * rate)
-            else:
-                hk = hu
-            unattributed += n_foreign * hu
-        cum_f[i + 1] = cum_f[i] + f
-        cum_hk[i + 1] = cum_hk[i] + hk
-        cum_hu[i + 1] = cum_hu[i] + hu
+            carry = float(pooled[-1])
+    else:
+        idle = float(de[idle_seg].sum())
 
-    index = {t: i for i, t in enumerate(points)}
-    shares: dict[Hashable, float] = {key: 0.0 for key in participants}
-    for key, s, e, r in clipped:
-        i0, i1 = index[s], index[e]
-        if r is None:
-            shares[key] += cum_hu[i1] - cum_hu[i0]
-        else:
-            shares[key] += r * (cum_f[i1] - cum_f[i0]) + cum_hk[i1] - cum_hk[i0]
-    return Split(shares, idle, unattributed, carry, work)
+    heads = np.where(active, n_known + n_unknown + n_foreign, 1.0)
+    head_share = np.where(active, de / heads, 0.0)
+    by_work = active & (rate_sum > 0)
+    per_work = np.where(by_work, de * n_known / (heads * np.where(by_work, rate_sum, 1.0)), 0.0)
+    known_heads = np.where(active & ~by_work, head_share, 0.0)
+    unattributed += float((n_foreign * head_share).sum())
+
+    cum_f, cum_hk, cum_hu = (np.concatenate(([0.0], np.cumsum(x))) for x in (per_work, known_heads, head_share))
+    share = np.where(
+        known,
+        rate_k * (cum_f[i1] - cum_f[i0]) + cum_hk[i1] - cum_hk[i0],
+        cum_hu[i1] - cum_hu[i0],
+    )
+    per_key = np.bincount(key_idx, share, minlength=n_keys)
+    work = float((rate_k * (e - s)).sum())
+    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, work)
 
 
-def work_between(activity: Activity, a: float, b: float) -> float:
-    """Known work units of ``activity`` inside ``[a, b)``."""
-    total = 0.0
-    for sp in spans(activity):
-        s, e = max(sp.start, a), min(sp.end, b)
-        if e > s and sp.rate:
-            total += sp.rate * (e - s)
-    return total
+def activity_spans(
+    starts: np.ndarray,
+    prefill: np.ndarray,
+    ends: np.ndarray,
+    counts_per: np.ndarray,
+    times: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`spans` of many requests at once, as flat ``(key_idx, start, end, rate)`` arrays.
 
+    Request ``k`` starts at ``starts[k]`` with ``prefill[k]`` work, has
+    ``counts_per[k]`` arrivals (consecutive in ``times``/``counts``) and ends at
+    ``ends[k]`` (NaN: still open, its tail rate unknown). An arrival closer than
+    ``MIN_SPAN_S`` to the one before is merged into the next span, as in :func:`spans`.
+    """
+    n_keys, n = len(starts), len(times)
+    idx = np.arange(n)
+    owner = np.repeat(np.arange(n_keys), counts_per)
+    first = np.concatenate(([0], np.cumsum(counts_per)[:-1])).astype(np.intp)
+    has = counts_per > 0
+    work = counts.astype(float)
+    work[first[has]] += prefill[has]
+    cum = np.concatenate(([0.0], np.cumsum(work)))  # cum[i]: work of arrivals before i
+    prev = np.empty(n)
+    prev[1:] = times[:-1]
+    prev[first[has]] = starts[has]
+    kept = times - prev >= MIN_SPAN_S
+    # For each arrival, the last kept arrival at or before it, within its own request (-1: none).
+    last_kept = np.maximum.accumulate(np.where(kept, idx, -1)) if n else idx
+    group_first = first[owner]
+    before = np.concatenate(([-1], last_kept[:-1])) if n else idx
+    before = np.where(before >= group_first, before, -1)
+    k = np.flatnonzero(kept)
+    base_idx = np.where(before[k] >= 0, before[k] + 1, group_first[k])
+    span_start = np.where(before[k] >= 0, times[np.maximum(before[k], 0)], starts[owner[k]])
+    rate = (cum[k + 1] - cum[base_idx]) / (times[k] - span_start)
+    # The tail after each request's last kept arrival: the work left over, then nothing (ended) or unknown (open).
+    last_idx = first + counts_per - 1
+    tail_kept = np.where(has, last_kept[np.maximum(last_idx, 0)] if n else -1, -1)
+    tail_kept = np.where(tail_kept >= first, tail_kept, -1)
+    tail_start = np.where(tail_kept >= 0, times[np.maximum(tail_kept, 0)] if n else starts, starts)
+    tail_from = np.where(tail_kept >= 0, tail_kept + 1, first)
+    pending = np.where(has, cum[np.minimum(last_idx + 1, n)] - cum[np.minimum(tail_from, n)], prefill)
+    open_ = np.isnan(ends)
+    tail_end = np.where(open_, math.inf, ends)
+    # Work left after the last kept arrival of a request that ended within MIN_SPAN_S of it
+    # goes to that arrival's span, as :func:`spans` does.
+    fold = ~open_ & (tail_kept >= 0) & (tail_end - tail_start < MIN_SPAN_S) & (pending > 0)
+    if fold.any():
+        pos = np.searchsorted(k, tail_kept[fold])
+        rate[pos] += pending[fold] / (times[k[pos]] - span_start[pos])
+        pending = np.where(fold, 0.0, pending)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail_rate = np.where(open_, math.nan, pending / np.maximum(tail_end - tail_start, MIN_SPAN_S))
+    return (
+        np.concatenate((owner[k], np.arange(n_keys))),
+        np.concatenate((span_start, tail_start)),
+        np.concatenate((times[k], tail_end)),
+        np.concatenate((rate, tail_rate)),
+    )

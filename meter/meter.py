@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from meter.attribution import Activity, energy_at, spans, split_energy, work_between
+import numpy as np
+
+from meter.attribution import activity_spans, energy_at, split_arrays
 from meter.estimate import estimate
 from meter.host import HostPower
 from meter.sampler import Sampler
@@ -111,15 +114,6 @@ class _Request:
     @property
     def tokens_seen(self) -> int:
         return int(sum(self.counts))
-
-    def activity_since(self, t: float) -> Activity:
-        """The part of this request's activity needed to attribute from ``t`` on."""
-        i = bisect.bisect_right(self.times, t)
-        if i == 0:
-            start, prefill = self.start, self.prompt_tokens * self.prefill_weight
-        else:
-            start, prefill = self.times[i - 1], 0.0
-        return Activity(start, list(zip(self.times[i:], self.counts[i:])), self.end, prefill)
 
 
 @dataclass(slots=True)
@@ -411,14 +405,11 @@ class Meter:
         target = max(target, last_t - self.settle_lag_s)
         if target <= st.frontier:
             return
-        participants = {
-            req.request_id: spans(req.activity_since(st.frontier))
-            for req in reqs
-            if req.start < target and (req.end is None or req.end > st.frontier)
-        }
-        split = split_energy(
+        active = [r for r in reqs if r.start < target and (r.end is None or r.end > st.frontier)]
+        split = split_arrays(
             samples,
-            participants,
+            *self._spans_since(active, st.frontier),
+            len(active),
             st.frontier,
             target,
             foreign=st.foreign,
@@ -431,20 +422,41 @@ class Meter:
         st.unattributed += split.unattributed
         st.carry = split.carry
         attributed = 0.0
-        for rid, joules in split.shares.items():
-            req = self._requests[rid]
+        for k, joules in split.shares.items():
+            req = active[k]
             req.shares[g] = req.shares.get(g, 0.0) + joules
             attributed += joules
         st.attributed += attributed
         if self.host is not None and measured > 0:
             host_j = self.host.energy_j(st.frontier, target, len(self.gpus))
             st.host_per_gpu_joule = host_j / measured
-            for rid, joules in split.shares.items():
-                self._requests[rid].host_j += joules * st.host_per_gpu_joule
+            for k, joules in split.shares.items():
+                active[k].host_j += joules * st.host_per_gpu_joule
         if split.work > 0:
             st.joules_per_work = attributed / split.work
         st.frontier = target
         st.foreign = [f for f in st.foreign if f[1] > target]
+
+    @staticmethod
+    def _spans_since(reqs: list[_Request], t: float) -> tuple[np.ndarray, ...]:
+        """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`activity_spans`)."""
+        starts, prefill, ends, per, times, counts = [], [], [], [], [], []
+        for req in reqs:
+            i = bisect.bisect_right(req.times, t)
+            if i == 0:
+                starts.append(req.start)
+                prefill.append(req.prompt_tokens * req.prefill_weight)
+            else:
+                starts.append(req.times[i - 1])
+                prefill.append(0.0)
+            n = min(len(req.times), len(req.counts))  # tokens() may be between its two appends
+            times.extend(req.times[i:n])
+            counts.extend(req.counts[i:n])
+            per.append(max(n - i, 0))
+            ends.append(math.nan if req.end is None else req.end)
+        f = np.asarray
+        return activity_spans(f(starts, float), f(prefill, float), f(ends, float), f(per, np.intp),
+                              f(times, float), f(counts, float))
 
     def _stale(self, g: int, now: float) -> bool:
         """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
@@ -504,7 +516,9 @@ class Meter:
             done = req.shares.get(g, 0.0)
             frontier = st.frontier if st.frontier is not None else req.start
             if req.end > frontier:
-                work = work_between(req.activity_since(frontier), frontier, req.end)
+                # Work since the frontier: tokens that arrived after it (plus the prompt if none before).
+                i = bisect.bisect_right(req.times, frontier)
+                work = sum(req.counts[i:]) + (req.prompt_tokens * req.prefill_weight if i == 0 else 0.0)
                 if st.joules_per_work is not None and work > 0:
                     done += work * st.joules_per_work
                 else:
