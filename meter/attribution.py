@@ -252,6 +252,14 @@ def activity_spans(
     prev[1:] = times[:-1]
     prev[first[has]] = starts[has]
     kept = times - prev >= MIN_SPAN_S
+    # Whether an arrival starts a span depends on the last one that did: settle the few requests
+    # with arrivals closer than MIN_SPAN_S (bursts read together) one by one.
+    for g in np.unique(owner[~kept]):
+        boundary = starts[g]
+        for i in range(first[g], first[g] + counts_per[g]):
+            kept[i] = times[i] - boundary >= MIN_SPAN_S
+            if kept[i]:
+                boundary = times[i]
     # For each arrival, the last kept arrival at or before it, within its own request (-1: none).
     last_kept = np.maximum.accumulate(np.where(kept, idx, -1)) if n else idx
     group_first = first[owner]

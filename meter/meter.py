@@ -188,7 +188,7 @@ class Meter:
         *,
         interval_s: float = 0.05,
         idle: str = "exclude",
-        settle_lag_s: float = 1.0,
+        settle_lag_s: float = 10.0,
         settle_every_s: float = 0.25,
         counter_every_s: float | None = None,
         stale_after_s: float = 2.0,
@@ -400,7 +400,7 @@ class Meter:
         reqs = [self._requests[rid] for rid in st.requests]
         target = last_t
         for req in reqs:
-            if req.end is None or req.end > st.frontier:
+            if req.end is None:  # an ended request's work is known to its end
                 target = min(target, req.known_until)
         target = max(target, last_t - self.settle_lag_s)
         if target <= st.frontier:
@@ -436,6 +436,19 @@ class Meter:
             st.joules_per_work = attributed / split.work
         st.frontier = target
         st.foreign = [f for f in st.foreign if f[1] > target]
+
+    @staticmethod
+    def _work_since(req: _Request, t: float) -> float:
+        """Known work of ``req`` after ``t``: later tokens, and the part of the span that straddles ``t``."""
+        i = bisect.bisect_right(req.times, t)
+        prefill = req.prompt_tokens * req.prefill_weight if i == 0 else 0.0
+        prev = req.times[i - 1] if i else req.start
+        if i == len(req.times):  # no token after t: only an unfinished prompt is left
+            end = req.end if req.end is not None else t
+            return prefill * max(end - t, 0.0) / (end - prev) if end > prev else 0.0
+        first_t = req.times[i]
+        share = (first_t - t) / (first_t - prev) if first_t > prev else 1.0
+        return (req.counts[i] + prefill) * min(max(share, 0.0), 1.0) + sum(req.counts[i + 1 :])
 
     @staticmethod
     def _spans_since(reqs: list[_Request], t: float) -> tuple[np.ndarray, ...]:
@@ -516,15 +529,14 @@ class Meter:
             done = req.shares.get(g, 0.0)
             frontier = st.frontier if st.frontier is not None else req.start
             if req.end > frontier:
-                # Work since the frontier: tokens that arrived after it (plus the prompt if none before).
-                i = bisect.bisect_right(req.times, frontier)
-                work = sum(req.counts[i:]) + (req.prompt_tokens * req.prefill_weight if i == 0 else 0.0)
-                if st.joules_per_work is not None and work > 0:
+                work = self._work_since(req, frontier)
+                if st.joules_per_work is not None:
                     done += work * st.joules_per_work
-                else:
-                    power = self.sampler.power_w(g) if self.sampler else None
-                    heads = max(1, sum(1 for rid in st.requests if self._requests[rid].end is None) + 1)
-                    done += (power or 0.0) * (req.end - max(frontier, req.start)) / heads
+                else:  # no slice attributed yet: split the tail's energy by work among the requests on the GPU
+                    power = (self.sampler.power_w(g) if self.sampler else None) or 0.0
+                    total = sum(self._work_since(self._requests[rid], frontier) for rid in st.requests)
+                    mine = work / total if total > 0 else 1 / max(len(st.requests), 1)
+                    done += power * (req.end - max(frontier, req.start)) * mine
             host += (done - req.shares.get(g, 0.0)) * st.host_per_gpu_joule
             joules[g] = done
         return self._measurement(req, joules, settled=False, host_j=host)

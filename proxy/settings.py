@@ -47,8 +47,10 @@ class MeterSettings(_Strict):
     # Energy-counter reads; power is read every interval and places the energy in between.
     # One counter read measured 4 ms of CPU on an H200 host (bench/RESULTS.md); 0 = every interval.
     counter_interval_ms: int = Field(default=1000, ge=0, le=60_000)
-    # How long attribution waits for a request's next token before splitting without it.
-    settle_lag_ms: int = Field(default=1000, ge=0, le=60_000)
+    # How long attribution waits for a request's next token before splitting without it (the
+    # request then takes an average head's share). Non-stream requests report their tokens only at
+    # the end, so this bounds how long a plain request can run and still be split by its work.
+    settle_lag_ms: int = Field(default=10_000, ge=0, le=600_000)
     # Poll vLLM's /metrics for requests that bypass the gateway (their energy is unattributed); 0 = off.
     foreign_poll_ms: int = Field(default=1000, ge=0, le=60_000)
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.

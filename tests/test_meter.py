@@ -228,3 +228,20 @@ def test_rapl_host_power_reads_powercap_with_wraparound(tmp_path):
     clock.t = 1.0
     (zone / "energy_uj").write_text("49000000")  # wrapped: 1000 J - 999 J + 49 J = 50 J in 1 s
     assert rapl.energy_j(0.0, 1.0, gpus=2) == pytest.approx(25.0)
+
+
+def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier():
+    """A plain request reports all its tokens at the end; its provisional figure must not count them twice."""
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, settle_lag_s=10.0)
+    run_until(meter, clock, 1.0)
+    stream = meter.begin("s", [0])
+    plain = meter.begin("p", [0], prompt_tokens=300)
+    run_until(meter, clock, 4.0, lambda t: stream.tokens(1, t))
+    plain.tokens(60, 4.0)  # the same pace as the stream, all at once
+    provisional = plain.end(t=4.0)
+    stream.end(t=4.0)
+    run_until(meter, clock, 5.0)
+    # Work 60 + 0.2 x 300 against the stream's 60 over the same 3 s: two thirds of 900 J.
+    assert settled["p"].joules == pytest.approx(600.0, rel=0.03)
+    assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.05)
