@@ -91,24 +91,13 @@ def spans(activity: Activity) -> list[Span]:
 
 
 def energy_at(samples: Sequence[tuple[float, float]], times: Sequence[float]) -> list[float]:
-    """Cumulative energy (J) at each of ``times`` (sorted), linearly interpolated.
+    """Cumulative energy (J) at each of ``times``, linearly interpolated.
 
     ``samples`` are ``(time, cumulative_joules)`` in time order. Outside the
-    sampled range the nearest sample's value is used.
+    sampled range the nearest sample's value is used (as in :func:`split_arrays`).
     """
-    out: list[float] = []
-    j = 0
-    last = len(samples) - 1
-    for t in times:
-        while j < last and samples[j + 1][0] <= t:
-            j += 1
-        t0, e0 = samples[j]
-        if t <= t0 or j == last:
-            out.append(e0)
-            continue
-        t1, e1 = samples[j + 1]
-        out.append(e0 + (e1 - e0) * (t - t0) / (t1 - t0))
-    return out
+    st = np.array(samples, dtype=float).reshape(-1, 2)
+    return np.interp(np.asarray(times, dtype=float), st[:, 0], st[:, 1]).tolist()
 
 
 def split_energy(

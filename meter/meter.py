@@ -11,7 +11,7 @@ Usage (the proxy does exactly this)::
     # later, from the sampler thread: store(settled Measurement)
 
 Energy is attributed per GPU slice by slice with
-:func:`meter.attribution.split_energy`. Each slice is attributed once, when the
+:func:`meter.attribution.split_arrays`. Each slice is attributed once, when the
 counter has passed it and the work of every request on the GPU in it is known
 (or ``settle_lag_s`` has passed), so figures of overlapping requests always add
 up to what was measured.
