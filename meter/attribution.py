@@ -60,6 +60,7 @@ class Split:
     unattributed: float
     carry: float  # idle energy held back for ``amortize``, not yet given to a request
     work: float = 0.0  # known work units of all participants in the slice
+    measured: float = 0.0  # the GPU's energy over the slice, from the samples
 
     @property
     def attributed(self) -> float:
@@ -129,7 +130,9 @@ def split_energy(
         samples, arr[:, 0].astype(np.intp), arr[:, 1], arr[:, 2], arr[:, 3], len(keys), a, b,
         foreign=foreign, carry=carry, amortize=amortize,
     )
-    return Split(dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.work)
+    return Split(
+        dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.work, split.measured
+    )
 
 
 def split_arrays(
@@ -178,7 +181,8 @@ def split_arrays(
     n_foreign = level(f0, f1, far[:, 2])
     rate_sum[n_pos < 0.5] = 0.0  # drop float residue so "nobody has work" is exact
 
-    de = np.diff(np.interp(points, st[:, 0], st[:, 1]))
+    energy = np.interp(points, st[:, 0], st[:, 1])
+    de = np.diff(energy)
     active = n_known + n_unknown > 0.5
     idle_seg = ~active & (n_foreign < 0.5)
     unattributed = float(de[~active & ~idle_seg].sum())
@@ -211,7 +215,8 @@ def split_arrays(
     )
     per_key = np.bincount(key_idx, share, minlength=n_keys)
     work = float((rate_k * (e - s)).sum())
-    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, work)
+    measured = float(energy[-1] - energy[0])
+    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, work, measured)
 
 
 def activity_spans(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meter.attribution import activity_spans, energy_at, split_arrays
+from meter.attribution import activity_spans, split_arrays
 from meter.estimate import estimate
 from meter.host import HostPower
 from meter.sampler import Sampler
@@ -416,7 +416,7 @@ class Meter:
             carry=st.carry,
             amortize=self.amortize,
         )
-        measured = samples_energy(samples, st.frontier, target)
+        measured = split.measured
         st.measured += measured
         st.idle += split.idle
         st.unattributed += split.unattributed
@@ -438,11 +438,17 @@ class Meter:
         st.foreign = [f for f in st.foreign if f[1] > target]
 
     @staticmethod
-    def _work_since(req: _Request, t: float) -> float:
-        """Known work of ``req`` after ``t``: later tokens, and the part of the span that straddles ``t``."""
+    def _from(req: _Request, t: float) -> tuple[int, float, float]:
+        """Index of ``req``'s first token after ``t``, the start of the span holding ``t``, and its prefill work."""
         i = bisect.bisect_right(req.times, t)
-        prefill = req.prompt_tokens * req.prefill_weight if i == 0 else 0.0
-        prev = req.times[i - 1] if i else req.start
+        if i == 0:
+            return 0, req.start, req.prompt_tokens * req.prefill_weight
+        return i, req.times[i - 1], 0.0
+
+    @classmethod
+    def _work_since(cls, req: _Request, t: float) -> float:
+        """Known work of ``req`` after ``t``: later tokens, and the part of the span that straddles ``t``."""
+        i, prev, prefill = cls._from(req, t)
         if i == len(req.times):  # no token after t: only an unfinished prompt is left
             end = req.end if req.end is not None else t
             return prefill * max(end - t, 0.0) / (end - prev) if end > prev else 0.0
@@ -450,18 +456,14 @@ class Meter:
         share = (first_t - t) / (first_t - prev) if first_t > prev else 1.0
         return (req.counts[i] + prefill) * min(max(share, 0.0), 1.0) + sum(req.counts[i + 1 :])
 
-    @staticmethod
-    def _spans_since(reqs: list[_Request], t: float) -> tuple[np.ndarray, ...]:
+    @classmethod
+    def _spans_since(cls, reqs: list[_Request], t: float) -> tuple[np.ndarray, ...]:
         """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`activity_spans`)."""
         starts, prefill, ends, per, times, counts = [], [], [], [], [], []
         for req in reqs:
-            i = bisect.bisect_right(req.times, t)
-            if i == 0:
-                starts.append(req.start)
-                prefill.append(req.prompt_tokens * req.prefill_weight)
-            else:
-                starts.append(req.times[i - 1])
-                prefill.append(0.0)
+            i, start, work = cls._from(req, t)
+            starts.append(start)
+            prefill.append(work)
             n = min(len(req.times), len(req.counts))  # tokens() may be between its two appends
             times.extend(req.times[i:n])
             counts.extend(req.counts[i:n])
@@ -568,9 +570,3 @@ class Meter:
                 self.on_settled(m)
             except Exception:
                 log.exception("meter on_settled callback failed")
-
-
-def samples_energy(samples: Sequence[tuple[float, float]], a: float, b: float) -> float:
-    """Measured joules over ``[a, b)`` from cumulative samples."""
-    ea, eb = energy_at(samples, [a, b])
-    return eb - ea

@@ -97,21 +97,23 @@ class Sampler:
             prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
             prev_power, st.power_w = st.power_w, reading.power_w
             anchored = self.counter_every_s is not None and reading.power_w is not None
+            # Mean power since the previous poll (trapezoid), for integrating power into energy.
+            avg = None
+            if reading.power_w is not None:
+                avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
             if anchored and st.pending:
                 t0, c0 = st.pending[-1]
-                avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
                 st.pending.append((now, c0 + avg * (now - t0)))
             if reading.energy_j is not None:
                 st.last_counter_read = now
                 self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)
             elif not due and st.last_raw is not None:
                 pass  # between counter reads: power is in ``pending``
-            elif reading.power_w is not None:
+            elif avg is not None:
                 if not st.samples:
                     st.samples.append((now, 0.0))
                 else:
                     t0, e0 = st.samples[-1]
-                    avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
                     st.samples.append((now, e0 + avg * (now - t0)))
             else:
                 self._fault("read")
