@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +41,8 @@ from proxy.metrics import Metrics
 from proxy.records import Records
 from proxy.relay import StreamRelay
 from proxy.settings import ConfigError, Model, Settings, load_keys
+from proxy.upstream import ERRORS as UPSTREAM_ERRORS
+from proxy.upstream import Upstream, describe
 
 log = logging.getLogger("wattgate")
 
@@ -130,13 +131,7 @@ class Gateway:
         meter.on_settled = self.settled
         meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=t.connect_s, read=t.read_s, write=t.read_s, pool=t.connect_s),
-            limits=httpx.Limits(
-                max_connections=settings.gateway.max_connections,
-                max_keepalive_connections=settings.gateway.max_connections,
-            ),
-        )
+        self.upstream = Upstream(t.connect_s, t.read_s, settings.gateway.max_connections)
 
     # -- settled figures (called from the meter's thread) ------------------------
 
@@ -284,11 +279,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.upstream.open()
         gw.meter.start()
         poller = None
         if settings.meter.foreign_poll_ms and gw.meter.sampler is not None:
             foreign = ForeignLoadPoller(
-                gw.client, gw.meter, settings.models, settings.served_name, gw.in_flight,
+                gw.upstream, gw.meter, settings.models, settings.served_name, gw.in_flight,
                 settings.meter.foreign_poll_ms / 1000,
             )
             poller = asyncio.create_task(foreign.run())
@@ -297,7 +293,7 @@ def create_app(
         finally:
             if poller is not None:
                 poller.cancel()
-            await gw.client.aclose()
+            await gw.upstream.close()
             gw.meter.stop()  # settles what it can: those records still reach the ledger
             if gw.ledger is not None:
                 gw.ledger.close()
@@ -345,19 +341,18 @@ def create_app(
         gw.records.open(request_id, name, team)
         window = gw.begin(request_id, name, model, _prompt_tokens_guess(path, body))
         forwarded_at = time.monotonic()
-        upstream_req = gw.client.build_request(
-            "POST", f"{model.base_url}/{path}", content=orjson.dumps(body), headers=gw.upstream_headers(model, request_id)
-        )
         try:
-            upstream = await gw.client.send(upstream_req, stream=True)
-        except httpx.TimeoutException:
+            upstream = await gw.upstream.post(
+                f"{model.base_url}/{path}", orjson.dumps(body), gw.upstream_headers(model, request_id)
+            )
+        except TimeoutError:
             gw.finish(name, model, window.end("error"), "error", forwarded_at)
             raise UpstreamTimeout(f"upstream for '{name}' did not answer in time") from None
-        except httpx.TransportError as exc:
+        except UPSTREAM_ERRORS as exc:
             gw.finish(name, model, window.end("error"), "error", forwarded_at)
-            raise UpstreamUnavailable(f"upstream for '{name}' is unreachable ({type(exc).__name__})") from None
+            raise UpstreamUnavailable(f"upstream for '{name}' is unreachable ({describe(exc)})") from None
 
-        if stream and upstream.status_code == 200:
+        if stream and upstream.status == 200:
 
             async def finish(m: Measurement, status: str) -> dict[str, Any]:
                 return gw.finish(name, model, m, status, forwarded_at)
@@ -366,20 +361,20 @@ def create_app(
             return StreamRelay(upstream, window, headers, client_wants_usage, finish)  # type: ignore[return-value]
 
         try:
-            raw = await upstream.aread()
-        except httpx.TimeoutException:
+            raw = await upstream.read()
+        except TimeoutError:
             gw.finish(name, model, window.end("error"), "error", forwarded_at)
             raise UpstreamTimeout(f"upstream for '{name}' stopped answering") from None
-        except httpx.TransportError:
+        except UPSTREAM_ERRORS:
             gw.finish(name, model, window.end("error"), "error", forwarded_at)
             raise UpstreamUnavailable(f"upstream for '{name}' broke the connection") from None
         finally:
-            await upstream.aclose()
+            upstream.release()
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             data = None
-        ok = upstream.status_code == 200 and isinstance(data, dict)
+        ok = upstream.status == 200 and isinstance(data, dict)
         if ok:
             usage = data.get("usage") or {}
             completion = usage.get("completion_tokens") or 0
@@ -392,13 +387,13 @@ def create_app(
         if ok:
             data["energy"] = energy
             return Response(orjson.dumps(data), status_code=200, media_type="application/json", headers=headers)
-        if upstream.status_code == 200:
+        if upstream.status == 200:
             raise UpstreamUnavailable(f"upstream for '{name}' sent a response that is not a JSON object")
         if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
-            return Response(raw, status_code=upstream.status_code, media_type="application/json", headers=headers)
-        message = raw.decode("utf-8", "replace")[:500] or upstream.reason_phrase
+            return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
+        message = raw.decode("utf-8", "replace")[:500] or upstream.reason or ""
         err = GatewayError(f"upstream error: {message}")
-        err.status = upstream.status_code if upstream.status_code >= 400 else 502
+        err.status = upstream.status if upstream.status >= 400 else 502
         err.type = "upstream_error"
         return err.response(headers)
 
@@ -448,9 +443,9 @@ def create_app(
         upstreams: dict[str, bool] = {}
         for name, model in settings.models.items():
             try:
-                r = await gw.client.get(f"{model.base_url}/models", headers=gw.upstream_headers(model, "readyz"))
-                upstreams[name] = r.status_code < 500
-            except httpx.HTTPError:
+                status, _ = await gw.upstream.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
+                upstreams[name] = status < 500
+            except UPSTREAM_ERRORS:
                 upstreams[name] = False
         meter_state = gw.meter.state()
         ready = all(upstreams.values())

@@ -16,11 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter import Meter
 from proxy.settings import Model
+from proxy.upstream import ERRORS, Upstream
 
 log = logging.getLogger(__name__)
 RUNNING = "vllm:num_requests_running"
@@ -41,14 +41,14 @@ class ForeignLoadPoller:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         meter: Meter,
         models: dict[str, Model],
         served_name: Callable[[str], str],
         in_flight: Counter[str],
         period_s: float = 1.0,
     ) -> None:
-        self.client = client
+        self.upstream = upstream
         self.meter = meter
         self.period_s = period_s
         self.in_flight = in_flight
@@ -66,9 +66,9 @@ class ForeignLoadPoller:
             if root in self.disabled:
                 continue
             try:
-                r = await self.client.get(f"{root}/metrics", timeout=min(self.period_s, 2.0))
-                running = running_sequences(r.text, served) if r.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+                status, body = await self.upstream.get(f"{root}/metrics", timeout_s=min(self.period_s, 2.0))
+                running = running_sequences(body.decode("utf-8", "replace"), served) if status == 200 else None
+            except (*ERRORS, ValueError):
                 continue  # a passing failure: try again next period
             if running is None:
                 log.info("upstream %s has no %s: foreign load detection off for it", root, RUNNING)

@@ -10,21 +10,23 @@ JSON; the exact totals come from the usage chunk.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
-import httpx
 import orjson
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from meter import Measurement, RequestWindow
+from proxy import upstream as up
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _CHOICE = b'"choices":[{'
+# Choice chunks that carry no generated text: the role chunk and the finish chunk.
+_EMPTY = re.compile(rb'"(?:content|text)":""|"delta":\{\}')
 _DONE = b"data: [DONE]"
 
 
@@ -38,7 +40,7 @@ class StreamRelay(Response):
 
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: up.Response,
         window: RequestWindow,
         headers: dict[str, str],
         client_wants_usage: bool,
@@ -54,34 +56,44 @@ class StreamRelay(Response):
         self.held: dict[str, Any] | None = None
         self.first: dict[str, Any] | None = None
         self.status = "ok"
+        self.streaming = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         client_gone = False
+
+        def on_message(message: asyncio.Future[Message]) -> None:
+            nonlocal client_gone
+            if message.cancelled() or message.exception() is not None or not self.streaming:
+                return
+            if message.result()["type"] == "http.disconnect":
+                client_gone = True
+                task.cancel()  # stop relaying now, even while waiting for a slow first token
+
+        # A bare future rather than a task group: this runs once per request, and
+        # anyio's cancel scopes cost more CPU than the rest of the request set-up.
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_message)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async with anyio.create_task_group() as tg:
-
-                async def watch_disconnect() -> None:
-                    nonlocal client_gone
-                    while True:
-                        message = await receive()
-                        if message["type"] == "http.disconnect":
-                            client_gone = True
-                            tg.cancel_scope.cancel()
-                            return
-
-                tg.start_soon(watch_disconnect)
-                tail = await self._relay(send)
-                tg.cancel_scope.cancel()
+            tail = await self._relay(send)
         except OSError:  # the client's socket went away while sending
             client_gone = True
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            task.uncancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                # Closing the upstream connection makes vLLM abort the generation.
-                await self.upstream.aclose()
-                if client_gone:
-                    await self.finish(self.window.end("client_closed"), "client_closed")
-        if not client_gone:
+            watcher.remove_done_callback(on_message)
+            watcher.cancel()
+            if not client_gone:
+                self.upstream.release()  # back to the pool; aiohttp closes it if the body was not read to the end
+            else:
+                self.upstream.close()  # dropping the connection makes vLLM abort the generation
+        if client_gone:
+            await self.finish(self.window.end("client_closed"), "client_closed")
+        else:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def _relay(self, send: Send) -> bytes:
@@ -89,24 +101,20 @@ class StreamRelay(Response):
         buf = b""
         error_event = b""
         try:
-            # Raw bytes: SSE is not compressed by vLLM, and skipping the decoder saves a layer per chunk.
-            chunks = self.upstream.aiter_raw() if not self.upstream.headers.get("content-encoding") else self.upstream.aiter_bytes()
-            async for chunk in chunks:
+            async for chunk in self.upstream.content.iter_any():
                 buf += chunk
                 if b"\r" in buf:
                     buf = buf.replace(b"\r\n", b"\n")
-                out = []
-                while (i := buf.find(b"\n\n")) >= 0:
-                    event, buf = buf[: i + 2], buf[i + 2 :]
-                    forwarded = self._event(event)
-                    if forwarded:
-                        out.append(forwarded)
+                *events, buf = buf.split(b"\n\n")
+                out = [forwarded for event in events if (forwarded := self._event(event))]
                 if out:
-                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-        except httpx.TimeoutException:
+                    out.append(b"")
+                    await send({"type": "http.response.body", "body": b"\n\n".join(out), "more_body": True})
+        except TimeoutError:
             error_event = self._error_event("upstream stopped sending (read timeout)", 504)
-        except httpx.TransportError:
+        except up.ERRORS:
             error_event = self._error_event("upstream connection broke mid-stream", 502)
+        self.streaming = False  # from here on, a disconnect no longer interrupts: the window is closing
         measurement = self.window.end(self.status)
         energy = await self.finish(measurement, self.status)
         last = self.held if self.held is not None else self._synthetic_last()
@@ -116,7 +124,7 @@ class StreamRelay(Response):
         return error_event + b"data: " + orjson.dumps(last) + b"\n\n" + _DONE + b"\n\n"
 
     def _event(self, event: bytes) -> bytes | None:
-        """Account one upstream event; return the bytes to forward (None: hold or drop)."""
+        """Account one upstream event (without its blank line); return what to forward (None: hold or drop)."""
         if event.startswith(_DONE):
             return None
         if not event.startswith(b"data: {"):
@@ -135,8 +143,8 @@ class StreamRelay(Response):
                 return None
             if not self.client_wants_usage:  # continuous usage stats the client did not ask for
                 obj.pop("usage", None)
-                event = b"data: " + orjson.dumps(obj) + b"\n\n"
-        if _CHOICE in event:
+                event = b"data: " + orjson.dumps(obj)
+        if _CHOICE in event and not _EMPTY.search(event):
             self.window.tokens(1)
         return event
 

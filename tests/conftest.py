@@ -24,6 +24,7 @@ os.environ["WATTGATE_DATA_DIR"] = tempfile.mkdtemp(prefix="wattgate-test-")
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 FAULTS = {
     "fault:slow": Scenario(first_token_delay_s=0.3),
+    "fault:very-slow": Scenario(first_token_delay_s=30.0),
     "fault:500": Scenario(status=500),
     "fault:break": Scenario(break_after_tokens=3),
     "fault:hang": Scenario(hang=True),

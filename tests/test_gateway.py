@@ -183,6 +183,17 @@ def test_client_disconnect_closes_upstream_and_records_partial_window(stack):
     assert stack.gpu.batch == 0
 
 
+def test_client_disconnect_before_the_first_token_is_noticed_at_once(stack):
+    """A client that gives up during a long prefill frees the upstream without waiting for a token."""
+    body = {"model": "llama", "messages": [{"role": "user", "content": "fault:very-slow"}], "stream": True}
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, headers={"x-request-id": "gone-2"}):
+        pass  # headers only: the first token is 30 s away
+    record = stack.record("gone-2")
+    assert record["status"] == "client_closed" and record["completion_tokens"] == 0
+    assert time.monotonic() - t0 < 5
+
+
 def test_metrics_exposed_with_zero_series(stack, client):
     client.chat.completions.create(model="llama", messages=MSG, max_tokens=2)
     text = httpx.get(f"{stack.url}/metrics").text
