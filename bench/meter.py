@@ -58,16 +58,17 @@ class NvmlFanout:
         self.inner.close()
 
 
-def sampler_cpu(n_gpus: int, seconds: float, real: bool, counter_every_s: float | None) -> float:
+def sampler_cpu(n_gpus: int, seconds: float, real: bool, **counter: float) -> tuple[float, float]:
+    """Share of one core the sampler uses, and the counter interval it ran with."""
     source = NvmlFanout() if real else CostlySource()
-    sampler = Sampler(source, list(range(n_gpus)), interval_s=0.05, counter_every_s=counter_every_s)
+    sampler = Sampler(source, list(range(n_gpus)), interval_s=0.05, **counter)
     cpu0, t0 = time.process_time(), time.monotonic()
     sampler.start()
     time.sleep(seconds)
     sampler.stop()
     share = (time.process_time() - cpu0) / (time.monotonic() - t0)
     source.close()
-    return share
+    return share, sampler.counter_period_s
 
 
 def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, int]:
@@ -134,11 +135,12 @@ def main() -> None:
     args = parser.parse_args()
     real = visible_gpu_count() > 0
     print(f"power source: {'NVML (GPU 0 read once per logical GPU)' if real else 'CPU-burning stand-in'}")
-    for every in (None, 1.0):
-        mode = "counter every poll" if every is None else f"counter every {every:g} s, power every poll"
+    modes = {"counter every poll": {}, "counter every 1 s": {"counter_every_s": 1.0},
+             "counter auto (budget 0.5 % of a core)": {"counter_cpu_budget": 0.005}}
+    for mode, counter in modes.items():
         for n in (1, 8):
-            share = sampler_cpu(n, args.seconds, real, every)
-            print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core")
+            share, period = sampler_cpu(n, args.seconds, real, **counter)
+            print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core (counter every {period:g} s)")
     for c in (10, 100, 1000):
         per, n = attribution_cost(c)
         print(f"attribution, {c:>4} concurrent: {per * 1e6:.1f} us per request ({n} requests)")

@@ -176,7 +176,9 @@ class Meter:
     ``source`` None (or no GPUs) makes every figure an estimate.
     ``counter_every_s``: read the energy counter only this often and place its
     energy with instantaneous power (see :class:`~meter.sampler.Sampler`); None
-    reads it at every poll. Settling then waits for the next counter read. ``idle`` is
+    reads it at every poll; ``counter_cpu_budget`` lets the sampler choose that
+    interval from what a counter read costs. Settling then waits for the next
+    counter read, and a GPU is stale after ``stale_after_s`` plus that interval. ``idle`` is
     ``exclude`` or ``amortize``. Settled measurements are passed to
     ``on_settled`` from the sampler thread; faults to ``on_error`` by kind.
     """
@@ -191,9 +193,11 @@ class Meter:
         settle_lag_s: float = 10.0,
         settle_every_s: float = 0.25,
         counter_every_s: float | None = None,
+        counter_cpu_budget: float | None = None,
         stale_after_s: float = 2.0,
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
         on_settled: Callable[[Measurement], None] | None = None,
         on_error: Callable[[str], None] | None = None,
         host: HostPower | None = None,
@@ -227,6 +231,8 @@ class Meter:
                 clock=clock,
                 after_poll=self._after_poll,
                 counter_every_s=counter_every_s,
+                counter_cpu_budget=counter_cpu_budget,
+                cpu_clock=cpu_clock,
             )
             self.sampler.on_error = self._count_error
         self._started = False
@@ -270,6 +276,7 @@ class Meter:
             "method": self.method,
             "ok": ok,
             "sampler_alive": sampler_ok,
+            "counter_interval_s": None if self.sampler is None else round(self.sampler.counter_period_s, 3),
             "gpus": gpus,
             "open_requests": len(self._requests) - len(self._ended),
             "unsettled_requests": len(self._ended),
@@ -479,7 +486,7 @@ class Meter:
         last_ok, last_step = self.sampler.last_ok(g), self.sampler.last_sample_time(g)
         if last_ok is None or last_step is None:
             return now - self._created_at > self.stale_after_s  # allow start-up time
-        return now - min(last_ok, last_step) > self.stale_after_s
+        return now - min(last_ok, last_step) > self.stale_after_s + self.sampler.counter_period_s
 
     def _can_settle(self, rid: str) -> bool:
         req = self._requests[rid]

@@ -13,6 +13,9 @@ from meter.sources import MeterFault, PowerSource
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_READS = 5  # counter reads timed before the interval is chosen (``counter_cpu_budget``)
+MAX_COUNTER_EVERY_S = 10.0
+
 
 @dataclass(slots=True)
 class _GpuState:
@@ -41,6 +44,13 @@ class Sampler:
     readings: the counter fixes how much, the power trace fixes when. (On some
     hosts one counter read costs milliseconds of CPU; power reads cost microseconds.)
 
+    With ``counter_cpu_budget`` set instead (a fraction of one core), the
+    sampler chooses that interval itself: it reads the counter at every poll for
+    the first few reads, times them on ``cpu_clock``, then reads it as often as
+    the budget allows for all GPUs (every poll when it is cheap, up to every
+    ``MAX_COUNTER_EVERY_S``). The counter's cost is a property of the host and
+    driver, so it is measured once.
+
     ``poll()`` takes one round of readings; ``start()`` runs it in a daemon
     thread (NVML calls release the GIL) and calls ``after_poll`` after each.
     """
@@ -55,6 +65,8 @@ class Sampler:
         after_poll: Callable[[], None] | None = None,
         counter_every_s: float | None = None,
         counter_lag_s: float = 0.05,
+        counter_cpu_budget: float | None = None,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.source = source
         self.gpus = tuple(gpus)
@@ -63,6 +75,9 @@ class Sampler:
         self.after_poll = after_poll
         self.counter_every_s = counter_every_s
         self.counter_lag_s = counter_lag_s  # half the counter's update period (H100/H200: 100 ms)
+        self.counter_cpu_budget = counter_cpu_budget
+        self.cpu_clock = cpu_clock
+        self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(deque(maxlen=maxlen)) for g in self.gpus}
         self.errors: Counter[str] = Counter()
@@ -85,6 +100,8 @@ class Sampler:
                 or st.last_counter_read is None
                 or now - st.last_counter_read >= self.counter_every_s - self.interval_s / 2
             )
+            calibrating = due and self.counter_cpu_budget is not None and len(self._read_costs) < CALIBRATION_READS
+            cpu0 = self.cpu_clock() if calibrating else 0.0
             try:
                 reading = self.source.read(gpu, energy=due)
             except MeterFault as exc:
@@ -94,6 +111,7 @@ class Sampler:
                 log.exception("power source failed on GPU %d", gpu)
                 self._fault("read")
                 continue
+            cost = self.cpu_clock() - cpu0 if calibrating else 0.0
             prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
             prev_power, st.power_w = st.power_w, reading.power_w
             anchored = self.counter_every_s is not None and reading.power_w is not None
@@ -107,6 +125,8 @@ class Sampler:
             if reading.energy_j is not None:
                 st.last_counter_read = now
                 self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)
+                if calibrating:
+                    self._calibrate(cost)
             elif not due and st.last_raw is not None:
                 pass  # between counter reads: power is in ``pending``
             elif avg is not None:
@@ -117,6 +137,34 @@ class Sampler:
                     st.samples.append((now, e0 + avg * (now - t0)))
             else:
                 self._fault("read")
+
+    def _calibrate(self, cost_s: float) -> None:
+        self._read_costs.append(cost_s)
+        if len(self._read_costs) < CALIBRATION_READS:
+            return
+        assert self.counter_cpu_budget is not None
+        cost = sorted(self._read_costs)[len(self._read_costs) // 2]
+        every = len(self.gpus) * cost / self.counter_cpu_budget
+        self.counter_every_s = None if every <= self.interval_s else min(every, MAX_COUNTER_EVERY_S)
+        if self.counter_every_s is not None:
+            for st in self._gpu.values():  # power from here on places the energy of the next counter step
+                st.pending = [(st.last_poll, 0.0)] if st.last_poll is not None else []
+        if every > MAX_COUNTER_EVERY_S:
+            log.warning(
+                "energy counter read costs %.1f ms of CPU: even every %.0f s, reads of %d GPU(s) take %.1f %% of a core",
+                cost * 1e3, MAX_COUNTER_EVERY_S, len(self.gpus), 100 * len(self.gpus) * cost / MAX_COUNTER_EVERY_S,
+            )
+        log.info(
+            "energy counter read costs %.0f us of CPU: reading it %s for %d GPU(s)",
+            cost * 1e6,
+            "every poll" if self.counter_every_s is None else f"every {self.counter_every_s:.2f} s",
+            len(self.gpus),
+        )
+
+    @property
+    def counter_period_s(self) -> float:
+        """Time between two counter reads of one GPU."""
+        return self.counter_every_s if self.counter_every_s is not None else self.interval_s
 
     def _counter(
         self, st: _GpuState, raw: float, power_w: float | None, now: float, prev_poll: float | None, anchored: bool
@@ -152,6 +200,8 @@ class Sampler:
             st.pending = [(stamp, 0.0), *keep]
         elif anchored:
             st.pending = [(stamp, 0.0)]
+        else:
+            st.pending = []
         st.samples.append((stamp, e_new))
 
     def samples_since(self, gpu: int, t: float | None) -> list[tuple[float, float]]:

@@ -87,8 +87,9 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
         interval_s=m.interval_ms / 1000,
         idle=m.idle,
         settle_lag_s=m.settle_lag_ms / 1000,
-        stale_after_s=m.stale_after_ms / 1000 + m.counter_interval_ms / 1000,
-        counter_every_s=m.counter_interval_ms / 1000 or None,
+        stale_after_s=m.stale_after_ms / 1000,
+        counter_every_s=None if m.counter_interval_ms == "auto" else m.counter_interval_ms / 1000 or None,
+        counter_cpu_budget=m.counter_cpu_budget if m.counter_interval_ms == "auto" else None,
     )
     if init_fault:
         meter.errors[init_fault] += 1

@@ -45,8 +45,11 @@ class MeterSettings(_Strict):
     interval_ms: int = Field(default=50, ge=5, le=10_000)
     idle: Literal["exclude", "amortize"] = "exclude"
     # Energy-counter reads; power is read every interval and places the energy in between.
-    # One counter read measured 4 ms of CPU on an H200 host (bench/RESULTS.md); 0 = every interval.
-    counter_interval_ms: int = Field(default=1000, ge=0, le=60_000)
+    # "auto": as often as counter_cpu_budget allows, from the measured cost of a read (one read
+    # cost 4 ms of CPU on an H200 host, bench/RESULTS.md); a number of ms: that often; 0: every interval.
+    counter_interval_ms: Literal["auto"] | int = "auto"
+    # Share of one CPU core that counter reads may use, all GPUs together, for "auto".
+    counter_cpu_budget: float = Field(default=0.005, gt=0, le=1)
     # How long attribution waits for a request's next token before splitting without it (the
     # request then takes an average head's share). Non-stream requests report their tokens only at
     # the end, so this bounds how long a plain request can run and still be split by its work.
@@ -56,6 +59,13 @@ class MeterSettings(_Strict):
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.
     stale_after_ms: int = Field(default=2000, ge=100, le=600_000)
     host: HostSettings = HostSettings()
+
+    @field_validator("counter_interval_ms", mode="before")
+    @classmethod
+    def _counter_interval(cls, v: object) -> object:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 60_000):
+            return v
+        raise ValueError("must be 'auto' or a number of milliseconds from 0 to 60000")
 
 
 class Estimate(_Strict):

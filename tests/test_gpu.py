@@ -46,7 +46,7 @@ def gpu_work():
     return step
 
 
-@pytest.fixture(params=[None, 1.0], ids=["counter-every-poll", "counter-every-1s"])
+@pytest.fixture(params=[None, 1.0, "auto"], ids=["counter-every-poll", "counter-every-1s", "counter-auto"])
 def meter(request):
     settled: dict[str, Measurement] = {}
     done = threading.Event()
@@ -60,7 +60,8 @@ def meter(request):
         [GPU],
         interval_s=0.05,
         settle_lag_s=0.5,
-        counter_every_s=request.param,
+        counter_every_s=None if request.param == "auto" else request.param,
+        counter_cpu_budget=0.005 if request.param == "auto" else None,
         stale_after_s=3.0,
         on_settled=on_settled,
     )

@@ -203,6 +203,62 @@ def test_sparse_counter_reads_placed_by_instantaneous_power(window):
     assert settled["r"].joules == pytest.approx(true, abs=max(0.05 * true, 0.05 * 320))
 
 
+class CostlyCounter(TraceSource):
+    """A trace whose counter reads cost ``cost_s`` of CPU on ``cpu``, like NVML on some hosts."""
+
+    def __init__(self, traces, clock, cpu: Clock, cost_s: float) -> None:
+        super().__init__(traces, clock)
+        self.cpu, self.cost_s, self.counter_reads = cpu, cost_s, 0
+
+    def read(self, gpu, energy=True):
+        if energy:
+            self.cpu.t += self.cost_s
+            self.counter_reads += 1
+        return super().read(gpu, energy)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cost_s", "expected_every_s"),
+    [(8, 4e-3, 6.4), (1, 4e-3, 0.8), (8, 20e-6, None), (8, 0.5, 10.0)],
+)
+def test_auto_counter_interval_keeps_counter_reads_within_the_cpu_budget(gpus, cost_s, expected_every_s, caplog):
+    from meter.sampler import CALIBRATION_READS, Sampler
+
+    clock, cpu = Clock(), Clock()
+    source = CostlyCounter({g: counter_trace(lambda t: 300.0, until=40.0) for g in range(gpus)}, clock, cpu, cost_s)
+    sampler = Sampler(source, range(gpus), interval_s=0.05, clock=clock, counter_cpu_budget=0.005, cpu_clock=cpu)
+    while clock.t < 40.0:
+        sampler.poll()
+        clock.t = round(clock.t + 0.05, 6)
+    assert sampler.counter_every_s == (None if expected_every_s is None else pytest.approx(expected_every_s))
+    calibration_cpu = CALIBRATION_READS * cost_s
+    if expected_every_s is None:
+        assert source.counter_reads == gpus * 800  # every poll
+    elif expected_every_s < 10.0:
+        assert (cpu.t - calibration_cpu) / 40.0 <= 0.005 * 1.05
+    else:  # capped: the budget cannot be met, and the log says so
+        assert (cpu.t - calibration_cpu) / 40.0 == pytest.approx(8 * 0.5 / 10.0, rel=0.2)
+        assert "even every 10 s" in caplog.text
+
+
+def test_auto_counter_interval_still_attributes_the_window():
+    """With the counter read every few seconds, power places its energy and the total stays exact."""
+
+    def power(t):
+        return 400.0 if 2.0 <= t < 4.0 else 80.0
+
+    clock, cpu = Clock(), Clock()
+    settled: dict[str, Measurement] = {}
+    meter = Meter(CostlyCounter({0: counter_trace(power)}, clock, cpu, 10e-3), [0], interval_s=0.05, clock=clock,
+                  cpu_clock=cpu, counter_cpu_budget=0.005, stale_after_s=2.0,
+                  on_settled=lambda m: settled.__setitem__(m.request_id, m))
+    one_request(meter, clock, 1.5, 4.5, settle_s=5.0)
+    assert meter.sampler.counter_every_s == pytest.approx(2.0)
+    true = true_energy(power, 1.5, 4.5)
+    assert settled["r"].method == "trace" and settled["r"].joules == pytest.approx(true, abs=max(0.05 * true, 16.0))
+    assert meter.state()["ok"] and meter.state()["counter_interval_s"] == 2.0
+
+
 def test_host_share_follows_the_gpu_share():
     from meter.host import FixedHostPower
 
