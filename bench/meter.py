@@ -71,8 +71,13 @@ def sampler_cpu(n_gpus: int, seconds: float, real: bool, **counter: float) -> tu
     return share, sampler.counter_period_s
 
 
-def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, int]:
-    """Wall time spent in the meter (windows, sampling, attribution) per request, with ``concurrent`` streams on one GPU."""
+def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, float, int]:
+    """Wall time spent in the meter per request, with ``concurrent`` streams on one GPU.
+
+    Returns the time in token records (``RequestWindow.tokens``, one call per
+    token), the time in the rest (windows opened and closed, sampling,
+    attribution, settling) and the number of requests.
+    """
     clock_t = [0.0]
     clock = lambda: clock_t[0]  # noqa: E731
     trace = [(k * 0.1, 1000.0 + k * 40.0, 400.0) for k in range(int((seconds + 5) * 10))]
@@ -85,6 +90,7 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, int]
     pending = list(starts)
     open_: list[tuple[object, float, float]] = []
     spent = 0.0
+    spent_tokens = 0.0
     step = 0.01
     while clock_t[0] < seconds + dur + 2:
         clock_t[0] = round(clock_t[0] + step, 6)
@@ -105,7 +111,7 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, int]
                 if now - last >= 0.033:
                     t = time.perf_counter()
                     w.tokens(1, now)
-                    spent += time.perf_counter() - t
+                    spent_tokens += time.perf_counter() - t
                     last = now
                 still.append((w, end, last))
         open_ = still
@@ -114,7 +120,8 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, int]
             meter.sampler.poll()
             meter._after_poll()
             spent += time.perf_counter() - t
-    return spent / max(len(settled), 1), len(settled)
+    n = max(len(settled), 1)
+    return spent_tokens / n, spent / n, len(settled)
 
 
 def buffer_bytes(horizon_s: float = 900.0, interval_s: float = 0.05) -> int:
@@ -142,8 +149,9 @@ def main() -> None:
             share, period = sampler_cpu(n, args.seconds, real, **counter)
             print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core (counter every {period:g} s)")
     for c in (10, 100, 1000):
-        per, n = attribution_cost(c)
-        print(f"attribution, {c:>4} concurrent: {per * 1e6:.1f} us per request ({n} requests)")
+        tokens, rest, n = attribution_cost(c)
+        print(f"meter, {c:>4} concurrent: {(tokens + rest) * 1e6:.1f} us per request ({n} requests): "
+              f"token records {tokens * 1e6:.1f} us, windows + sampling + attribution {rest * 1e6:.1f} us")
     print(f"sample buffer, one GPU, 900 s at 50 ms: {buffer_bytes() / 1e6:.2f} MB")
 
 

@@ -256,7 +256,11 @@ class Meter:
 
     def _after_poll(self) -> None:
         # Attribution costs per participant and call: batch it rather than run it every poll.
-        if self.clock() - self._last_advance >= self.settle_every_s:
+        # Each pass walks every open request, so with many open it passes less often (up to
+        # 4x settle_every_s from 1000 open): the cost per request stays flat, figures settle
+        # at most a second later, and provisional ones extrapolate a little further.
+        every = self.settle_every_s * min(max(1.0, len(self._requests) / 250), 4.0)
+        if self.clock() - self._last_advance >= every:
             self._emit(self._advance_locked())
 
     def state(self) -> dict[str, object]:
