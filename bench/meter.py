@@ -143,7 +143,7 @@ def main() -> None:
     real = visible_gpu_count() > 0
     print(f"power source: {'NVML (GPU 0 read once per logical GPU)' if real else 'CPU-burning stand-in'}")
     modes = {"counter every poll": {}, "counter every 1 s": {"counter_every_s": 1.0},
-             "counter auto (budget 0.5 % of a core)": {"counter_cpu_budget": 0.005}}
+             "counter auto (budget 0.4 % of a core, the default)": {"counter_cpu_budget": 0.004}}
     for mode, counter in modes.items():
         for n in (1, 8):
             share, period = sampler_cpu(n, args.seconds, real, **counter)

@@ -49,7 +49,7 @@ class MeterSettings(_Strict):
     # cost 4 ms of CPU on an H200 host, bench/RESULTS.md); a number of ms: that often; 0: every interval.
     counter_interval_ms: Literal["auto"] | int = "auto"
     # Share of one CPU core that counter reads may use, all GPUs together, for "auto".
-    counter_cpu_budget: float = Field(default=0.005, gt=0, le=1)
+    counter_cpu_budget: float = Field(default=0.004, gt=0, le=1)
     # How long attribution waits for a request's next token before splitting without it (the
     # request then takes an average head's share). Non-stream requests report their tokens only at
     # the end, so this bounds how long a plain request can run and still be split by its work.

@@ -61,7 +61,7 @@ def meter(request):
         interval_s=0.05,
         settle_lag_s=0.5,
         counter_every_s=None if request.param == "auto" else request.param,
-        counter_cpu_budget=0.005 if request.param == "auto" else None,
+        counter_cpu_budget=0.004 if request.param == "auto" else None,
         stale_after_s=3.0,
         on_settled=on_settled,
     )
