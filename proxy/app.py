@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import re
@@ -47,7 +47,7 @@ from proxy.upstream import Upstream, describe
 log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_CHARS_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
+_BYTES_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
 
 
 def site_factors(settings: Settings) -> SiteFactors:
@@ -265,7 +265,7 @@ def _check_fields(path: str, body: dict[str, Any]) -> None:
 
 def _prompt_tokens_guess(path: str, body: dict[str, Any]) -> int:
     part = body.get({"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}[path])
-    return max(1, len(json.dumps(part, ensure_ascii=False)) // _CHARS_PER_TOKEN)
+    return max(1, len(orjson.dumps(part)) // _BYTES_PER_TOKEN)
 
 
 def create_app(
@@ -398,17 +398,9 @@ def create_app(
         err.type = "upstream_error"
         return err.response(headers)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await forward(request, "chat/completions")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await forward(request, "completions")
-
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await forward(request, "embeddings")
+    # Plain Starlette routes: the proxied calls need no FastAPI dependency solving per request.
+    for path in ("chat/completions", "completions", "embeddings"):
+        app.add_route(f"/v1/{path}", functools.partial(forward, path=path), methods=["POST"])
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
