@@ -119,3 +119,47 @@ def test_compose_file_is_consistent(name):
                 if target == "/etc/wattgate/models_registry.yaml":
                     assert load_settings(ROOT / source).models
     assert services["wattgate"]["ports"] == ["8080:8080"]
+
+
+K8S = ROOT / "deploy" / "k8s" / "wattgate.yaml"
+
+
+def k8s_objects() -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(K8S.read_text()) if doc}
+
+
+def test_k8s_manifests_pass_the_kubernetes_schemas():
+    import kubernetes_validate
+
+    for kind, obj in k8s_objects().items():
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_k8s_manifests_are_consistent(tmp_path):
+    """The pod, its registry and its service fit together: paths, ports, probes, labels."""
+    objs = k8s_objects()
+    pod = objs["Deployment"]["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    gw, vllm = containers["wattgate"], containers["vllm"]
+    mounts = {m["name"]: m["mountPath"] for m in gw["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+
+    config = gw["args"][gw["args"].index("--config") + 1]
+    registry_dir, registry_file = config.rsplit("/", 1)
+    assert mounts["registry"] == registry_dir and volumes["registry"]["configMap"]["name"] == "wattgate-registry"
+    (tmp_path / registry_file).write_text(objs["ConfigMap"]["data"][registry_file])
+    settings = load_settings(tmp_path / registry_file)
+    vllm_port = vllm["args"][vllm["args"].index("--port") + 1]
+    assert all(m.base_url == f"http://127.0.0.1:{vllm_port}/v1" for m in settings.models.values())
+    assert str(settings.ledger.path).startswith(mounts["ledger"] + "/")
+    assert volumes["ledger"]["persistentVolumeClaim"]["claimName"] == objs["PersistentVolumeClaim"]["metadata"]["name"]
+
+    port = gw["args"][gw["args"].index("--port") + 1]
+    assert [p["containerPort"] for p in gw["ports"]] == [int(port)]
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz" and gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
+    service = objs["Service"]["spec"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["ports"][0]["targetPort"] == gw["ports"][0]["name"]
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility" and "nvidia.com/gpu" not in gw.get("resources", {}).get("limits", {})
