@@ -29,6 +29,7 @@ class CostlySource:
 
     def __init__(self) -> None:
         self.energy = 0.0
+        self.unmeasurable: dict[int, str] = {}
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         end = time.perf_counter() + NVML_POWER_CPU_S + (NVML_COUNTER_CPU_S if energy else 0.0)
@@ -50,6 +51,7 @@ class NvmlFanout:
         from meter.sources.nvml import NvmlSource
 
         self.inner = NvmlSource([0])
+        self.unmeasurable: dict[int, str] = {}
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         return self.inner.read(0, energy)

@@ -206,7 +206,9 @@ class Meter:
             raise ValueError(f"idle must be 'exclude' or 'amortize', not {idle!r}")
         self.clock = clock
         self.source = source
-        self.gpus = tuple(sorted(set(gpus))) if source is not None else ()
+        # GPUs the source sees but cannot meter per request (MIG): their requests are estimated.
+        self.unmeasured = {g: why for g, why in source.unmeasurable.items() if g in gpus} if source is not None else {}
+        self.gpus = tuple(sorted(set(gpus) - set(self.unmeasured))) if source is not None else ()
         self.method = source.method if source is not None and self.gpus else ESTIMATE
         self.amortize = idle == "amortize"
         self.settle_lag_s = settle_lag_s
@@ -282,6 +284,7 @@ class Meter:
             "sampler_alive": sampler_ok,
             "counter_interval_s": None if self.sampler is None else round(self.sampler.counter_period_s, 3),
             "gpus": gpus,
+            "unmeasurable_gpus": {str(g): why for g, why in self.unmeasured.items()},
             "open_requests": len(self._requests) - len(self._ended),
             "unsettled_requests": len(self._ended),
             "errors": dict(self.errors),
@@ -324,6 +327,8 @@ class Meter:
         )
         if not req.gpus or self.sampler is None:
             pass  # a plain estimate: no meter for these GPUs (counted once, at start-up)
+        elif any(g in self.unmeasured for g in req.gpus):
+            req.fault = "unmeasurable"  # a known property of the GPU (shown in state()), not a meter error
         elif any(g not in self._gpu for g in req.gpus):
             req.fault = "unmetered_gpu"
             self._count_error("unmetered_gpu")
@@ -336,6 +341,12 @@ class Meter:
                 if g in self._gpu:
                     self._gpu[g].requests.add(request_id)
         return RequestWindow(self, req)
+
+    def method_for(self, gpus: Sequence[int]) -> str:
+        """The method of a request on ``gpus`` unless the meter faults during it."""
+        if not gpus or self.sampler is None or any(g not in self._gpu for g in gpus):
+            return ESTIMATE
+        return self.method
 
     def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
         """Record ``sequences`` running on ``gpus`` over ``[t0, t1)`` that did not come through the gateway."""

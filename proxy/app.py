@@ -76,7 +76,7 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
         from meter.sources.nvml import NvmlSource
 
         try:
-            source = NvmlSource(gpus)
+            source = NvmlSource(gpus, m.mig)
         except MeterFault as exc:
             log.warning("meter: %s; all figures will be estimates", exc)
             init_fault = exc.kind
@@ -358,7 +358,7 @@ def create_app(
             async def finish(m: Measurement, status: str) -> dict[str, Any]:
                 return gw.finish(name, model, m, status, forwarded_at)
 
-            headers = {"x-request-id": request_id, "x-energy-method": gw.meter.method if model.gpus else "estimate"}
+            headers = {"x-request-id": request_id, "x-energy-method": gw.meter.method_for(model.gpus)}
             return StreamRelay(upstream, window, headers, client_wants_usage, finish)  # type: ignore[return-value]
 
         try:

@@ -58,6 +58,9 @@ class MeterSettings(_Strict):
     foreign_poll_ms: int = Field(default=1000, ge=0, le=60_000)
     # A GPU without a fresh reading this long is faulted; its requests fall back to estimates.
     stale_after_ms: int = Field(default=2000, ge=100, le=600_000)
+    # A GPU in MIG mode has no per-instance power: "estimate" its requests, or meter the
+    # "whole_gpu" when every MIG instance of it serves through this gateway.
+    mig: Literal["estimate", "whole_gpu"] = "estimate"
     host: HostSettings = HostSettings()
 
     @field_validator("counter_interval_ms", mode="before")

@@ -48,6 +48,27 @@ def test_meter_fault_never_fails_the_request(upstream):
         assert ready["meter"]["ok"] is False
 
 
+def test_gpu_in_mig_mode_gets_estimates_and_says_why(upstream):
+    """No per-instance power on a MIG GPU: its requests are estimated, not errors, and /readyz says why."""
+    trace = [(k * 0.1, 1000.0 + k * 30.0, 300.0) for k in range(3000)]
+    source = TraceSource({0: trace, 1: trace}, time.monotonic, unmeasurable={0: "MIG mode: no power per instance"})
+    settings = Settings(models={
+        "mig": Model(served_name=SERVED, upstream=f"{upstream.url}/v1", gpus=[0]),
+        "whole": Model(served_name=SERVED, upstream=f"{upstream.url}/v1", gpus=[1]),
+    })
+    with ServerThread(create_app(settings, meter=Meter(source, [0, 1]))) as gw:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.with_raw_response.create(model="mig", messages=MSG, max_tokens=4, stream=True)
+        assert stream.headers["x-energy-method"] == "estimate"
+        assert list(stream.parse())[-1].model_extra["energy"]["method"] == "estimate"
+        measured = client.chat.completions.with_raw_response.create(model="whole", messages=MSG, max_tokens=4)
+        assert measured.headers["x-energy-method"] == "trace"
+        ready = httpx.get(f"{gw.url}/readyz").json()["meter"]
+        assert ready["ok"] and ready["unmeasurable_gpus"] == {"0": "MIG mode: no power per instance"}
+        assert list(ready["gpus"]) == ["1"] and not ready["errors"]
+        assert 'wattgate_gpu_power_watts{gpu="0"}' not in httpx.get(f"{gw.url}/metrics").text
+
+
 def test_registry_simulated_meter_follows_gateway_load(upstream):
     with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="simulated")))) as gw:
         r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})

@@ -7,6 +7,7 @@ demo, ``trace`` replays a scripted trace (the test seam).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,9 @@ class PowerSource(Protocol):
 
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
     method: str
+    #: GPUs the source sees but cannot meter per request, with the reason (a GPU in
+    #: MIG mode: NVML has no power reading per instance). Their requests are estimated.
+    unmeasurable: Mapping[int, str]
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         """Read one GPU now (the energy counter only if ``energy``); raise :class:`MeterFault` when it cannot."""

@@ -12,15 +12,19 @@ timestamps a reading when the value changes. Instantaneous power
 counter step. GPUs without the counter fall back to ``nvmlDeviceGetPowerUsage``
 (on H100 a 1 s average), integrated by the sampler.
 
-MIG: NVML has no power or energy reading per MIG instance; a GPU in MIG mode is
-metered as a whole, and energy of instances the gateway does not serve shows as
-idle or unattributed. :class:`NvmlSource` warns about it at start.
+MIG: NVML has no power or energy reading per MIG instance, only for the whole
+GPU. By default (``mig="estimate"``) a GPU in MIG mode is listed in
+``unmeasurable`` and its requests get estimates: other instances may run work
+the gateway never sees, and pinning their energy on its requests would
+overstate them. ``mig="whole_gpu"`` meters such a GPU as a whole, for when every
+instance of it serves through this gateway.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 from meter.sources import MeterFault, Reading
 
@@ -32,7 +36,7 @@ class NvmlSource:
 
     method = "nvml"
 
-    def __init__(self, gpus: Sequence[int]) -> None:
+    def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
         try:
             import pynvml  # provided by nvidia-ml-py
         except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
@@ -48,9 +52,15 @@ class NvmlSource:
             raise MeterFault("init", f"GPU indices {missing} not visible to NVML ({count} GPUs)")
         self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
+        self.unmeasurable: dict[int, str] = {}
         for g, h in self._handles.items():
             if self._in_mig_mode(h):
-                log.warning("GPU %d is in MIG mode: NVML reads power for the whole GPU, not per instance", g)
+                if mig == "estimate":
+                    self.unmeasurable[g] = "MIG mode: NVML has no power reading per MIG instance"
+                    log.warning("GPU %d is in MIG mode: its requests get estimates (meter.mig: whole_gpu meters "
+                                "the whole GPU, if every instance of it serves through this gateway)", g)
+                else:
+                    log.warning("GPU %d is in MIG mode: metered as a whole GPU (meter.mig: whole_gpu)", g)
             if not self.has_counter[g]:
                 log.warning("GPU %d has no energy counter; integrating nvmlDeviceGetPowerUsage", g)
 

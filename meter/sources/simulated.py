@@ -93,6 +93,7 @@ class SimulatedSource:
 
     def __init__(self, gpus: dict[int, SimulatedGpu]) -> None:
         self.gpus = gpus
+        self.unmeasurable: dict[int, str] = {}
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         try:

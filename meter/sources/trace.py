@@ -15,7 +15,8 @@ class TraceSource:
     before ``t``, so a trace with points every 100 ms behaves like an H100's
     counter that only advances every 100 ms. ``energy_j`` may be None (a GPU
     without the counter) and may step backwards (a counter reset). Reads at or
-    after ``fail_from`` raise a :class:`MeterFault`.
+    after ``fail_from`` raise a :class:`MeterFault`. ``unmeasurable`` marks GPUs
+    the way NVML's MIG GPUs are marked.
     """
 
     method = "trace"
@@ -25,11 +26,13 @@ class TraceSource:
         traces: Mapping[int, Sequence[tuple[float, float | None, float | None]]],
         clock: Callable[[], float],
         fail_from: float | None = None,
+        unmeasurable: Mapping[int, str] | None = None,
     ) -> None:
         self._traces = {gpu: sorted(points, key=lambda p: p[0]) for gpu, points in traces.items()}
         self._times = {gpu: [p[0] for p in points] for gpu, points in self._traces.items()}
         self._clock = clock
         self._fail_from = fail_from
+        self.unmeasurable = dict(unmeasurable or {})
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         now = self._clock()
