@@ -81,7 +81,7 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, floa
     attribution, settling) and the number of requests.
     """
     clock_t = [0.0]
-    clock = lambda: clock_t[0]  # noqa: E731
+    clock = lambda: clock_t[0]
     trace = [(k * 0.1, 1000.0 + k * 40.0, 400.0) for k in range(int((seconds + 5) * 10))]
     settled = []
     meter = Meter(TraceSource({0: trace}, clock), [0], interval_s=0.05, clock=clock, on_settled=settled.append)
@@ -117,7 +117,7 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[float, floa
                     last = now
                 still.append((w, end, last))
         open_ = still
-        if int(round(now / step)) % 5 == 0:  # every 50 ms, like the sampler thread
+        if round(now / step) % 5 == 0:  # every 50 ms, like the sampler thread
             t = time.perf_counter()
             meter.sampler.poll()
             meter._after_poll()

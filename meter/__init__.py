@@ -3,7 +3,7 @@
 A library with no web dependencies; ``proxy`` builds on it, never the reverse.
 """
 
-from meter.attribution import Activity, Span, Split, split_energy, spans
+from meter.attribution import Activity, Span, Split, spans, split_energy
 from meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow
 from meter.sources import MeterFault, PowerSource, Reading
 

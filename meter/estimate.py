@@ -17,6 +17,7 @@ not free.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ecologits.impacts.llm import compute_llm_impacts_dag
@@ -56,7 +57,8 @@ def estimate(
         model_active_parameter_count=active_params_b,
         model_total_parameter_count=total_params_b or active_params_b,
         output_token_count=tokens,
-        request_latency=latency_s if latency_s and latency_s > 0 else None,
+        # Unknown or zero latency: EcoLogits' own default (no cap on the modelled GPU time).
+        request_latency=latency_s if latency_s and latency_s > 0 else math.inf,
         if_electricity_mix_adpe=0.0,
         if_electricity_mix_pe=0.0,
         if_electricity_mix_gwp=0.0,

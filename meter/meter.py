@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -167,7 +168,11 @@ class RequestWindow:
             meter._count_error("internal")
             req.fault, req.status = "internal", status
             req.end = req.end if req.end is not None else meter.clock()
-            return meter._measurement(req, {}, settled=True, host_j=0.0)
+            try:
+                return meter._measurement(req, {}, settled=True, host_j=0.0)
+            except Exception:  # the estimate failed too: the window, without a figure (logged above)
+                return Measurement(req.request_id, {}, ESTIMATE, True, req.start, req.end, req.prompt_tokens,
+                                   req.tokens_seen, status, "internal")
 
 
 class Meter:
@@ -445,7 +450,7 @@ class Meter:
         st.carry = split.carry
         attributed = 0.0
         for k, joules in split.shares.items():
-            req = active[k]
+            req = active[cast(int, k)]
             req.shares[g] = req.shares.get(g, 0.0) + joules
             attributed += joules
         st.attributed += attributed
@@ -453,7 +458,7 @@ class Meter:
             host_j = self.host.energy_j(st.frontier, target, len(self.gpus))
             st.host_per_gpu_joule = host_j / measured
             for k, joules in split.shares.items():
-                active[k].host_j += joules * st.host_per_gpu_joule
+                active[cast(int, k)].host_j += joules * st.host_per_gpu_joule
         if split.work > 0:
             st.joules_per_work = attributed / split.work
         st.frontier = target
@@ -479,7 +484,7 @@ class Meter:
         return (req.counts[i] + prefill) * min(max(share, 0.0), 1.0) + sum(req.counts[i + 1 :])
 
     @classmethod
-    def _spans_since(cls, reqs: list[_Request], t: float) -> tuple[np.ndarray, ...]:
+    def _spans_since(cls, reqs: list[_Request], t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`activity_spans`)."""
         starts, prefill, ends, per, times, counts = [], [], [], [], [], []
         for req in reqs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -119,7 +120,7 @@ class Sampler:
             avg = None
             if reading.power_w is not None:
                 avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
-            if anchored and st.pending:
+            if anchored and st.pending and avg is not None:
                 t0, c0 = st.pending[-1]
                 st.pending.append((now, c0 + avg * (now - t0)))
             if reading.energy_j is not None:
@@ -267,7 +268,7 @@ def _interp(points: list[tuple[float, float]], t: float) -> float:
     """Linear interpolation of ``(time, value)`` points at ``t`` (clamped at the ends)."""
     if t <= points[0][0]:
         return points[0][1]
-    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+    for (t0, v0), (t1, v1) in itertools.pairwise(points):
         if t <= t1:
             return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
     return points[-1][1]

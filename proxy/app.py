@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import re
-import asyncio
 import time
 import uuid
 from collections import Counter
@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from meter import Measurement, Meter, MeterFault, RequestWindow
 from meter.footprint import SiteFactors, UnknownZone, grid_intensity
 from meter.host import FixedHostPower, HostPower, RaplHostPower
+from meter.sources import PowerSource
 from meter.sources.simulated import SimulatedGpu, SimulatedSource
 from proxy.errors import (
     GatewayError,
@@ -67,7 +68,7 @@ def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
     m = settings.meter
     gpus = settings.metered_gpus
     simulated: dict[int, SimulatedGpu] = {}
-    source = None
+    source: PowerSource | None = None
     init_fault = None
     if m.source == "simulated":
         simulated = {g: SimulatedGpu() for g in gpus}

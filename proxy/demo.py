@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
+from pydantic import HttpUrl
 
 from meter import Meter
 from meter.sources.simulated import SimulatedGpu, SimulatedSource
@@ -35,12 +37,12 @@ def demo_settings(upstream_url: str) -> Settings:
     return Settings(
         site=Site(grid_zone="USA"),
         meter=MeterSettings(source="simulated", interval_ms=50, settle_lag_ms=500),
-        models={MODEL: Model(served_name=SERVED, upstream=f"{upstream_url}/v1", gpus=[0])},
+        models={MODEL: Model(served_name=SERVED, upstream=HttpUrl(f"{upstream_url}/v1"), gpus=[0])},
     )
 
 
 async def _one(client: openai.AsyncOpenAI, i: int, stream: bool, max_tokens: int) -> dict[str, Any]:
-    messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
     if stream:
         chunks = await client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=max_tokens, stream=True
@@ -50,7 +52,7 @@ async def _one(client: openai.AsyncOpenAI, i: int, stream: bool, max_tokens: int
             energy = (chunk.model_extra or {}).get("energy") or energy
     else:
         resp = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
-        energy = resp.model_extra["energy"]
+        energy = (resp.model_extra or {}).get("energy")
     assert energy is not None
     return {"id": energy["request_id"], "mode": "stream" if stream else "json", "batch": 0, **energy}
 

@@ -40,10 +40,10 @@ MIGRATIONS = (
 )
 
 
-_Item = tuple[tuple[Any, ...], Callable[[], None] | None]
+_Item = tuple[tuple[Any, ...], Callable[[], object] | None]
 
 
-def _run(callback: Callable[[], None] | None) -> None:
+def _run(callback: Callable[[], object] | None) -> None:
     if callback is not None:
         try:
             callback()
@@ -110,7 +110,7 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
 class Ledger:
     """Asynchronous writer of settled records; ``on_drop`` is called when the queue is full."""
 
-    def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], None] | None = None) -> None:
+    def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], object] | None = None) -> None:
         self.path = path
         self.db = connect(path)
         self._read_lock = threading.Lock()
@@ -120,7 +120,7 @@ class Ledger:
         self._thread = threading.Thread(target=self._write_loop, name="wattgate-ledger", daemon=True)
         self._thread.start()
 
-    def submit(self, row: tuple[Any, ...], after: Callable[[], None] | None = None) -> bool:
+    def submit(self, row: tuple[Any, ...], after: Callable[[], object] | None = None) -> bool:
         """Queue a row; ``after`` runs once it is committed (or could not be).
 
         False (and counted) when the queue is full; ``after`` then runs at once.

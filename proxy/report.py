@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import sqlite3
@@ -68,7 +69,7 @@ def totals(
         edges = [lo + (hi - lo) * i / slices for i in range(slices)] + [hi + 1]
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"summing {n} records", total=slices)
-            for a, b in zip(edges, edges[1:]):
+            for a, b in itertools.pairwise(edges):
                 for k, v in _sums(db, by, where + " AND ts_end >= ? AND ts_end < ?", [*args, a, b]).items():
                     sums[k] = [x + y for x, y in zip(sums.get(k, [0] * len(v)), v)]
                 bar.advance(task)

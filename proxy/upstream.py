@@ -56,6 +56,6 @@ class Upstream:
         return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
 
     async def get(self, url: str, headers: dict[str, str] | None = None, timeout_s: float | None = None) -> tuple[int, bytes]:
-        extra = {"timeout": aiohttp.ClientTimeout(total=timeout_s)} if timeout_s is not None else {}
-        async with self.session.get(url, headers=headers, **extra) as r:
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else self.timeout
+        async with self.session.get(url, headers=headers, timeout=timeout) as r:
             return r.status, await r.read()

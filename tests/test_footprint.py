@@ -32,6 +32,8 @@ def test_estimate_grows_with_tokens_and_parameters():
     assert gpu(10, 100, 8) < gpu(10, 200, 8) < gpu(10, 200, 70)
     assert gpu(100, 0, 8) > 0  # prompt tokens count too (embeddings)
     assert estimate(0, 0, 8).gpu_j == 0
+    # A window of no measurable length (or none given) still gets the model's figure.
+    assert estimate(10, 100, 8, latency_s=0.0).gpu_j == estimate(10, 100, 8).gpu_j > 0
 
 
 def test_estimate_is_ecologits_it_energy():

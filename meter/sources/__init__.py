@@ -38,9 +38,11 @@ class PowerSource(Protocol):
 
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
     method: str
-    #: GPUs the source sees but cannot meter per request, with the reason (a GPU in
-    #: MIG mode: NVML has no power reading per instance). Their requests are estimated.
-    unmeasurable: Mapping[int, str]
+    @property
+    def unmeasurable(self) -> Mapping[int, str]:
+        """GPUs the source sees but cannot meter per request, with the reason (a GPU in MIG
+        mode: NVML has no power reading per instance). Their requests are estimated."""
+        ...
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         """Read one GPU now (the energy counter only if ``energy``); raise :class:`MeterFault` when it cannot."""
