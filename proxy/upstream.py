@@ -39,6 +39,7 @@ class Upstream:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
             timeout=self.timeout,
+            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as httpx, requests and curl honour them
         )
 
     async def close(self) -> None:

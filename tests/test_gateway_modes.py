@@ -69,6 +69,19 @@ def test_gpu_in_mig_mode_gets_estimates_and_says_why(upstream):
         assert 'wattgate_gpu_power_watts{gpu="0"}' not in httpx.get(f"{gw.url}/metrics").text
 
 
+def test_upstream_calls_honour_the_proxy_environment(upstream, monkeypatch):
+    """An upstream reachable only through HTTP_PROXY (here the simulated upstream, taking absolute-form requests)."""
+    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings = Settings(models={"llama": Model(served_name=SERVED, upstream="http://vllm.invalid:8000/v1")},
+                        meter=MeterSettings(source="none"))
+    with ServerThread(create_app(settings)) as gw:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG}, timeout=10,
+                       trust_env=False)  # the test client itself goes direct
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
 def test_registry_simulated_meter_follows_gateway_load(upstream):
     with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="simulated")))) as gw:
         r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})
