@@ -6,7 +6,8 @@ One run measures both paths at concurrency 1, 16 and 64 with 128-token answers
 paced like an H100 serving Llama-3.1-8B (the simulated upstream). On a 2-core
 machine the gateway is pinned to core 0 and the upstream plus this load
 generator to core 1 (taskset), so the gateway's CPU figures are its own.
-Reports gateway CPU microseconds per relayed chunk (from /proc), added TTFT and
+Reports gateway CPU microseconds per relayed chunk (from /proc; also net of the
+gateway's idle CPU, the meter's sampler, measured just before), added TTFT and
 latency at p50/p99, throughput ratio and gateway RSS. Not a test; results go to
 bench/RESULTS.md.
 """
@@ -125,14 +126,20 @@ def main() -> None:
         for c in args.levels:
             n = c * args.requests_per_level
             direct = asyncio.run(_level(f"http://127.0.0.1:{up_port}/v1/chat/completions", SERVED, c, n))
-            cpu0 = _cpu_s(gateway.pid)
+            # The gateway's CPU while idle (the meter's sampler), to tell it from the cost of relaying.
+            cpu0, t0 = _cpu_s(gateway.pid), time.monotonic()
+            time.sleep(3.0)
+            idle_rate = (_cpu_s(gateway.pid) - cpu0) / (time.monotonic() - t0)
+            cpu0, t0 = _cpu_s(gateway.pid), time.monotonic()
             via = asyncio.run(_level(f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, c, n))
-            us_per_chunk = (_cpu_s(gateway.pid) - cpu0) / via["chunks"] * 1e6
+            cpu = _cpu_s(gateway.pid) - cpu0
+            us_per_chunk = cpu / via["chunks"] * 1e6
+            us_net = (cpu - idle_rate * (time.monotonic() - t0)) / via["chunks"] * 1e6
             for name, r in (("direct", direct), ("gateway", via)):
                 print(f"{c:>3} {name:<8}{r['ttft_p50'] * 1e3:>9.1f}ms{r['ttft_p99'] * 1e3:>6.1f}ms"
                       f"{r['lat_p50']:>8.3f}s{r['lat_p99']:>7.3f}s{r['tokens_per_s']:>8.0f}", end="")
                 print("" if name == "direct" else
-                      f"  {us_per_chunk:.0f} us CPU/chunk, +{(via['ttft_p50'] - direct['ttft_p50']) * 1e3:.2f} ms TTFT p50, "
+                      f"  {us_per_chunk:.0f} us CPU/chunk ({us_net:.0f} net of idle), +{(via['ttft_p50'] - direct['ttft_p50']) * 1e3:.2f} ms TTFT p50, "
                       f"+{(via['lat_p50'] - direct['lat_p50']) * 1e3:.1f} ms latency p50, "
                       f"throughput x{via['tokens_per_s'] / direct['tokens_per_s']:.3f}, RSS {_rss_mb(gateway.pid):.0f} MB")
     finally:
