@@ -40,6 +40,8 @@ class Upstream:
             connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
             timeout=self.timeout,
             trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as httpx, requests and curl honour them
+            # One session serves every caller: a cookie an upstream sets for one must not go to the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:

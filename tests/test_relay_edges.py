@@ -18,8 +18,15 @@ from proxy.settings import MeterSettings, Model, Settings
 CHUNK = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
 
 
+COOKIES_SEEN: list[str | None] = []
+
+
 async def chat(request: Request) -> Response:
     body = await request.json()
+    COOKIES_SEEN.append(request.headers.get("cookie"))
+    if body.get("messages") == [{"role": "user", "content": "cookie"}]:  # a load balancer's sticky cookie
+        reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "odd", "choices": []}
+        return Response(orjson.dumps(reply), media_type="application/json", headers={"set-cookie": "lb=user-a; Path=/"})
     if not body.get("stream"):
         return Response(b"this is not json", media_type="application/json")
 
@@ -62,3 +69,17 @@ def test_crlf_stream_with_comments_and_split_usage_chunk(gateway):
 def test_upstream_200_that_is_not_json_is_502(gateway):
     r = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "odd", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_upstream_cookies_are_not_shared_between_callers():
+    """One pooled client serves every caller: a cookie an upstream sets for one must not reach the next."""
+    odd = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with ServerThread(odd) as up:
+        # By name, not IP: cookie jars keep no cookies from IP-address hosts.
+        upstream = f"http://localhost:{up.port}/v1"
+        settings = Settings(meter=MeterSettings(source="none"), models={"odd": Model(upstream=upstream)})
+        with ServerThread(create_app(settings)) as gw:
+            msg = {"model": "odd", "messages": [{"role": "user", "content": "cookie"}]}
+            for _ in range(2):
+                assert httpx.post(f"{gw.url}/v1/chat/completions", json=msg).status_code == 200
+    assert COOKIES_SEEN[-2:] == [None, None]
