@@ -348,8 +348,10 @@ class Meter:
         return RequestWindow(self, req)
 
     def method_for(self, gpus: Sequence[int]) -> str:
-        """The method of a request on ``gpus`` unless the meter faults during it."""
-        if not gpus or self.sampler is None or any(g not in self._gpu for g in gpus):
+        """The method a request on ``gpus`` starting now gets, unless the meter faults during it."""
+        if not gpus or self.sampler is None or any(g not in self._gpu or self._gpu[g].faulted for g in gpus):
+            return ESTIMATE
+        if self._started and not self.sampler.alive:
             return ESTIMATE
         return self.method
 

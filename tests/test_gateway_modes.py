@@ -39,8 +39,9 @@ def test_meter_fault_never_fails_the_request(upstream):
         energy = raw.parse().model_extra["energy"]
         assert raw.headers["x-energy-method"] == "estimate" and energy["method"] == "estimate"
         assert energy["joules"] > 0 and energy["settled"]
-        chunks = list(client.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=True))
-        assert chunks[-1].model_extra["energy"]["method"] == "estimate"
+        stream = client.chat.completions.with_raw_response.create(model="llama", messages=MSG, max_tokens=4, stream=True)
+        assert stream.headers["x-energy-method"] == "estimate"  # the meter was already faulted when it began
+        assert list(stream.parse())[-1].model_extra["energy"]["method"] == "estimate"
         metrics = httpx.get(f"{gw.url}/metrics").text
         assert 'wattgate_meter_errors_total{kind="read"}' in metrics
         assert 'wattgate_meter_errors_total{kind="read"} 0.0' not in metrics
