@@ -43,7 +43,7 @@ from proxy.records import Records
 from proxy.relay import StreamRelay
 from proxy.settings import ConfigError, Model, Settings, load_keys
 from proxy.upstream import ERRORS as UPSTREAM_ERRORS
-from proxy.upstream import Upstream, describe
+from proxy.upstream import Upstream, describe, passed_headers
 
 log = logging.getLogger("wattgate")
 
@@ -359,7 +359,8 @@ def create_app(
             async def finish(m: Measurement, status: str) -> dict[str, Any]:
                 return gw.finish(name, model, m, status, forwarded_at)
 
-            headers = {"x-request-id": request_id, "x-energy-method": gw.meter.method_for(model.gpus)}
+            headers = {**passed_headers(upstream), "x-request-id": request_id,
+                       "x-energy-method": gw.meter.method_for(model.gpus)}
             return StreamRelay(upstream, window, headers, client_wants_usage, finish)  # type: ignore[return-value]
 
         try:
@@ -385,7 +386,7 @@ def create_app(
             window.usage(usage.get("prompt_tokens"), completion)
         status = "ok" if ok else "error"
         energy = gw.finish(name, model, window.end(status), status, forwarded_at)
-        headers = {"x-request-id": request_id, **energy_headers(energy)}
+        headers = {**passed_headers(upstream), "x-request-id": request_id, **energy_headers(energy)}
         if ok:
             data["energy"] = energy
             return Response(orjson.dumps(data), status_code=200, media_type="application/json", headers=headers)

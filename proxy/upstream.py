@@ -19,6 +19,18 @@ ERRORS = (TimeoutError, aiohttp.ClientError)
 Response = aiohttp.ClientResponse
 
 
+# Upstream response headers that callers act on, passed through: rate limits and retry hints
+# (the OpenAI SDKs time their retries by retry-after / retry-after-ms), and the upstream's own id.
+_PASSED = ("retry-after", "retry-after-ms", "x-ratelimit-", "openai-processing-ms")
+
+
+def passed_headers(response: Response) -> dict[str, str]:
+    out = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith(_PASSED)}
+    if "x-request-id" in response.headers:
+        out["x-upstream-request-id"] = response.headers["x-request-id"]
+    return out
+
+
 def describe(exc: BaseException) -> str:
     return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
 

@@ -19,11 +19,21 @@ CHUNK = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "m
 
 
 COOKIES_SEEN: list[str | None] = []
+LIMITED: list[int] = []
 
 
 async def chat(request: Request) -> Response:
     body = await request.json()
     COOKIES_SEEN.append(request.headers.get("cookie"))
+    if body.get("messages") == [{"role": "user", "content": "busy"}]:  # a remote API's rate limit, then success
+        LIMITED.append(1)
+        if len(LIMITED) % 2:
+            err = {"error": {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit"}}
+            headers = {"retry-after-ms": "50", "x-ratelimit-remaining-requests": "0", "x-request-id": "req_up_1"}
+            return Response(orjson.dumps(err), status_code=429, media_type="application/json", headers=headers)
+        reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "odd", "choices": [],
+                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return Response(orjson.dumps(reply), media_type="application/json")
     if body.get("messages") == [{"role": "user", "content": "cookie"}]:  # a load balancer's sticky cookie
         reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "odd", "choices": []}
         return Response(orjson.dumps(reply), media_type="application/json", headers={"set-cookie": "lb=user-a; Path=/"})
@@ -83,3 +93,15 @@ def test_upstream_cookies_are_not_shared_between_callers():
             for _ in range(2):
                 assert httpx.post(f"{gw.url}/v1/chat/completions", json=msg).status_code == 200
     assert COOKIES_SEEN[-2:] == [None, None]
+
+
+def test_rate_limit_headers_reach_the_client_so_its_retries_follow_them(gateway):
+    msg = {"model": "odd", "messages": [{"role": "user", "content": "busy"}]}
+    r = httpx.post(f"{gateway}/v1/chat/completions", json=msg)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit"
+    assert r.headers["retry-after-ms"] == "50" and r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r.headers["x-upstream-request-id"] == "req_up_1" and r.headers["x-request-id"] != "req_up_1"
+    LIMITED.clear()  # the SDK's first try is limited, its retry (after the 50 ms asked for) served
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=1)
+    resp = client.chat.completions.create(model="odd", messages=msg["messages"])
+    assert len(LIMITED) == 2 and resp.model_extra["energy"]["completion_tokens"] == 1
