@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
 from meter import Measurement, Meter, MeterFault, RequestWindow
@@ -35,7 +36,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.figures import energy_headers, energy_object
+from proxy.figures import ENERGY_HEADERS, energy_headers, energy_object
 from proxy.foreign import ForeignLoadPoller
 from proxy.ledger import Ledger, default_path, to_row
 from proxy.metrics import Metrics
@@ -302,6 +303,14 @@ def create_app(
 
     app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gw
+    if settings.gateway.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.gateway.cors_allow_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[*ENERGY_HEADERS, "x-request-id"],  # else a browser app cannot read the figures
+        )
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:

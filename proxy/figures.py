@@ -33,6 +33,12 @@ def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
     }
 
 
+ENERGY_HEADERS = (
+    "x-energy-joules", "x-energy-wh", "x-carbon-gco2e", "x-water-ml",
+    "x-energy-method", "x-energy-gpus", "x-grid-intensity", "x-grid-zone",
+)
+
+
 def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
     """Response headers of a non-stream response."""
     return {

@@ -116,6 +116,8 @@ class Gateway(_Strict):
     max_connections: int = Field(default=1000, ge=1)
     # Records of recent requests kept in memory for GET /v1/energy/{id}.
     recent_records: int = Field(default=100_000, ge=100)
+    # Browser origins allowed to call the API (CORS), as vLLM's server allows by default; [] = off.
+    cors_allow_origins: list[str] = Field(default_factory=lambda: ["*"])
 
 
 class LedgerSettings(_Strict):

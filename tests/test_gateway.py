@@ -194,6 +194,21 @@ def test_client_disconnect_before_the_first_token_is_noticed_at_once(stack):
     assert time.monotonic() - t0 < 5
 
 
+def test_browser_clients_get_cors_and_can_read_the_figures(stack):
+    origin = {"origin": "https://playground.example"}
+    pre = httpx.options(f"{stack.url}/v1/chat/completions", headers={
+        **origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", origin["origin"])
+    r = httpx.post(f"{stack.url}/v1/chat/completions", headers=origin,
+                   json={"model": "llama", "messages": MSG, "max_tokens": 2})
+    exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+    assert r.status_code == 200 and _figure_headers(r) <= exposed
+
+
+def _figure_headers(r: httpx.Response) -> set[str]:
+    return {h for h in r.headers if h.startswith(("x-energy", "x-carbon", "x-water", "x-grid", "x-request-id"))}
+
+
 def test_metrics_exposed_with_zero_series(stack, client):
     client.chat.completions.create(model="llama", messages=MSG, max_tokens=2)
     text = httpx.get(f"{stack.url}/metrics").text
