@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -270,6 +270,15 @@ def _prompt_tokens_guess(path: str, body: dict[str, Any]) -> int:
     return max(1, len(orjson.dumps(part)) // _BYTES_PER_TOKEN)
 
 
+async def _probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:
+    """Observe how late a sleep wakes up: the time callbacks wait for the busy loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        observe(max(loop.time() - due, 0.0))
+
+
 def create_app(
     settings: Settings,
     meter: Meter | None = None,
@@ -291,9 +300,11 @@ def create_app(
                 settings.meter.foreign_poll_ms / 1000,
             )
             poller = asyncio.create_task(foreign.run())
+        lag_probe = asyncio.create_task(_probe_loop_lag(gw.metrics.loop_lag.observe))
         try:
             yield
         finally:
+            lag_probe.cancel()
             if poller is not None:
                 poller.cancel()
             await gw.upstream.close()

@@ -16,6 +16,7 @@ METHODS = ("nvml", "estimate", "simulated")
 ENERGY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 PER_TOKEN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
@@ -50,6 +51,13 @@ class Metrics:
             registry=r,
         )
         self.meter_errors = Counter("wattgate_meter_errors", "Meter faults by kind", ["kind"], registry=r)
+        # One process relays every stream (its meter must see them all): this says when its core is too busy.
+        self.loop_lag = Histogram(
+            "wattgate_event_loop_lag_seconds",
+            "How late the gateway's event loop ran a timer that was due (saturation)",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.ledger_dropped = Counter(
             "wattgate_ledger_dropped_records", "Settled records not stored (ledger queue full or write failed)", registry=r
         )

@@ -216,7 +216,8 @@ def test_metrics_exposed_with_zero_series(stack, client):
                  "wattgate_energy_per_token_joules_bucket", "wattgate_carbon_grams_total",
                  "wattgate_water_liters_total", "wattgate_gpu_power_watts", "wattgate_gpu_energy_joules_total",
                  "wattgate_gpu_idle_energy_joules_total", "wattgate_gpu_unattributed_energy_joules_total",
-                 "wattgate_upstream_latency_seconds_bucket", "wattgate_meter_errors_total"):
+                 "wattgate_upstream_latency_seconds_bucket", "wattgate_meter_errors_total",
+                 "wattgate_event_loop_lag_seconds_bucket"):
         assert name in text, name
     assert 'wattgate_requests_total{model="remote",status="client_closed"} 0.0' in text
 
