@@ -10,7 +10,11 @@ switch (aiohttp is its default transport) for the same reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 # What a call to the upstream may raise: TimeoutError for a connect or read
 # timeout (aiohttp's own timeout errors subclass it), ClientError for the rest.
@@ -46,12 +50,12 @@ class Upstream:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s, sock_read=read_s)
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[URL, dict[str, Any]] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
             timeout=self.timeout,
-            trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as httpx, requests and curl honour them
             # One session serves every caller: a cookie an upstream sets for one must not go to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -66,11 +70,29 @@ class Upstream:
             raise RuntimeError("upstream session used outside the app's lifespan")
         return self._session
 
+    def _proxy(self, url: str) -> dict[str, Any]:
+        """HTTP(S)_PROXY / NO_PROXY for ``url``'s origin, as httpx, requests and curl honour them.
+
+        Looked up once per origin: aiohttp's ``trust_env`` does it per request,
+        reading the environment and ~/.netrc each time (about 190 us measured).
+        """
+        parsed = URL(url)
+        origin = parsed.origin()
+        found = self._proxies.get(origin)
+        if found is None:
+            try:
+                proxy, auth = get_env_proxy_for_url(parsed)
+                found = {"proxy": proxy, "proxy_auth": auth}
+            except LookupError:
+                found = {}
+            self._proxies[origin] = found
+        return found
+
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Response:
         """The response with its body unread: the caller reads it, then ``release``s or ``close``s it."""
-        return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
+        return await self.session.post(url, data=body, headers=headers, allow_redirects=False, **self._proxy(url))
 
     async def get(self, url: str, headers: dict[str, str] | None = None, timeout_s: float | None = None) -> tuple[int, bytes]:
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else self.timeout
-        async with self.session.get(url, headers=headers, timeout=timeout) as r:
+        async with self.session.get(url, headers=headers, timeout=timeout, **self._proxy(url)) as r:
             return r.status, await r.read()
