@@ -82,9 +82,10 @@ def _asgi_relay(client: str, port: int, up_port: int) -> None:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                state["client"] = _client(client)
-                await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.startup
+            state["client"] = _client(client)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["path"] != "/v1/chat/completions":

@@ -330,16 +330,11 @@ class Meter:
             active_params_b,
             prompt_tokens,
         )
-        if not req.gpus or self.sampler is None:
-            pass  # a plain estimate: no meter for these GPUs (counted once, at start-up)
-        elif any(g in self.unmeasured for g in req.gpus):
-            req.fault = "unmeasurable"  # a known property of the GPU (shown in state()), not a meter error
-        elif any(g not in self._gpu for g in req.gpus):
-            req.fault = "unmetered_gpu"
-            self._count_error("unmetered_gpu")
-        elif self._started and not self.sampler.alive:
-            req.fault = "sampler_dead"
-            self._count_error("sampler_dead")
+        # No GPUs or no sampler: a plain estimate (no meter for these GPUs, counted once, at start-up).
+        if req.gpus and self.sampler is not None:
+            req.fault = self._cannot_meter(req.gpus)
+            if req.fault not in (None, "unmeasurable"):  # unmeasurable: a known property of the GPU, not an error
+                self._count_error(req.fault)
         with self._lock:
             self._requests[request_id] = req
             for g in req.gpus:
@@ -347,13 +342,23 @@ class Meter:
                     self._gpu[g].requests.add(request_id)
         return RequestWindow(self, req)
 
+    def _cannot_meter(self, gpus: Sequence[int]) -> str | None:
+        """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
+        assert self.sampler is not None
+        if any(g in self.unmeasured for g in gpus):
+            return "unmeasurable"
+        if any(g not in self._gpu for g in gpus):
+            return "unmetered_gpu"
+        if self._started and not self.sampler.alive:
+            return "sampler_dead"
+        return None
+
     def method_for(self, gpus: Sequence[int]) -> str:
         """The method a request on ``gpus`` starting now gets, unless the meter faults during it."""
-        if not gpus or self.sampler is None or any(g not in self._gpu or self._gpu[g].faulted for g in gpus):
+        if not gpus or self.sampler is None or self._cannot_meter(gpus) is not None:
             return ESTIMATE
-        if self._started and not self.sampler.alive:
-            return ESTIMATE
-        return self.method
+        # A GPU already faulted (stale) gives its requests estimates when they end.
+        return ESTIMATE if any(self._gpu[g].faulted for g in gpus) else self.method
 
     def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
         """Record ``sequences`` running on ``gpus`` over ``[t0, t1)`` that did not come through the gateway."""

@@ -38,6 +38,7 @@ class PowerSource(Protocol):
 
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
     method: str
+
     @property
     def unmeasurable(self) -> Mapping[int, str]:
         """GPUs the source sees but cannot meter per request, with the reason (a GPU in MIG
