@@ -1,6 +1,7 @@
 """Meter benchmark: sampler CPU share, attribution cost per request, buffer memory.
 
     python -m bench.meter            # NVML when a GPU is visible, else a source with NVML-like call cost
+    python -m bench.meter --only attribution --repeat 5
 
 Not a test: figures go to bench/RESULTS.md by hand, with the machine they came from.
 """
@@ -74,7 +75,7 @@ def sampler_cpu(n_gpus: int, seconds: float, real: bool, **counter: float) -> tu
 
 
 def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, float], int]:
-    """CPU time spent in the meter per request, with ``concurrent`` streams on one GPU.
+    """Time spent in the meter per request, with ``concurrent`` streams on one GPU.
 
     Returns seconds per request in each part, and the number of requests:
     ``tokens`` (``RequestWindow.tokens``, one call per token), ``windows``
@@ -90,7 +91,9 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, f
     # Streams of ~2 s at ~30 tokens/s, started so that ``concurrent`` are open at any time.
     dur = 2.0
     pending = sorted(rng.uniform(0, seconds) for _ in range(int(concurrent * seconds / dur)))
-    cpu = time.thread_time  # CPU, not wall, time: a busy neighbour on a shared machine does not count
+    # Each tick's calls are timed together (perf_counter costs ~0.1 us, thread_time a system call),
+    # so the figures hold the meter, not the timer's own cost. Repeat and take the median on a noisy machine.
+    clock_wall = time.perf_counter
     spent = {"tokens": 0.0, "windows": 0.0, "attribution": 0.0}
     open_: list[tuple[RequestWindow, float, float]] = []
     step = 0.01
@@ -104,23 +107,23 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, f
         ending = [w for w, end, _ in open_ if now >= end]
         due = [w for w, end, last in open_ if now < end and now - last >= 0.033]
         open_ = [(w, end, now if now - last >= 0.033 else last) for w, end, last in open_ if now < end]
-        # Each tick's calls are timed together, so the figures hold the meter, not the timer's own cost.
-        t = cpu()
-        for w in due:
-            w.tokens(1, now)
-        t1 = cpu()
-        for w in ending:
-            w.end(t=now)
-        started = [meter.begin(f"r{len(settled)}-{now}-{k}", [0], prompt_tokens=100) for k in range(starting)]
-        t2 = cpu()
-        spent["tokens"] += t1 - t
-        spent["windows"] += t2 - t1
-        open_ += [(w, now + dur, now) for w in started]
+        if due:
+            t = clock_wall()
+            for w in due:
+                w.tokens(1, now)
+            spent["tokens"] += clock_wall() - t
+        if ending or starting:
+            t = clock_wall()
+            for w in ending:
+                w.end(t=now)
+            started = [meter.begin(f"r{len(settled)}-{now}-{k}", [0], prompt_tokens=100) for k in range(starting)]
+            spent["windows"] += clock_wall() - t
+            open_ += [(w, now + dur, now) for w in started]
         if round(now / step) % 5 == 0:  # every 50 ms, like the sampler thread
-            t = cpu()
+            t = clock_wall()
             meter.sampler.poll()
             meter._after_poll()
-            spent["attribution"] += cpu() - t
+            spent["attribution"] += clock_wall() - t
     n = max(len(settled), 1)
     return {k: v / n for k, v in spent.items()}, len(settled)
 
@@ -139,27 +142,31 @@ def buffer_bytes(horizon_s: float = 900.0, interval_s: float = 0.05) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=10.0, help="per sampler figure")
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="per sampler figure (auto mode reads the counter every few seconds: keep it long)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per attribution figure")
+    parser.add_argument("--only", choices=("sampler", "attribution", "buffer"), help="one part of the benchmark")
     args = parser.parse_args()
-    real = visible_gpu_count() > 0
-    print(f"power source: {'NVML (GPU 0 read once per logical GPU)' if real else 'CPU-burning stand-in'}")
-    modes = {"counter every poll": {}, "counter every 1 s": {"counter_every_s": 1.0},
-             "counter auto (budget 0.4 % of a core, the default)": {"counter_cpu_budget": 0.004}}
-    for mode, counter in modes.items():
-        for n in (1, 8):
-            share, period = sampler_cpu(n, args.seconds, real, **counter)
-            print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core (counter every {period:g} s)")
-    for c in (10, 100, 1000):
-        runs = [attribution_cost(c) for _ in range(args.repeat)]
-        n = runs[0][1]
-        # Median run by total; the spread shows how noisy the machine was.
-        totals = sorted(sum(parts.values()) for parts, _ in runs)
-        parts = sorted(runs, key=lambda r: sum(r[0].values()))[len(runs) // 2][0]
-        detail = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in parts.items())
-        print(f"meter, {c:>4} concurrent ({n} requests): {totals[len(totals) // 2] * 1e6:.1f} us CPU per request "
-              f"(runs {totals[0] * 1e6:.1f}-{totals[-1] * 1e6:.1f}); median run: {detail}")
-    print(f"sample buffer, one GPU, 900 s at 50 ms: {buffer_bytes() / 1e6:.2f} MB")
+    if args.only in (None, "sampler"):
+        real = visible_gpu_count() > 0
+        print(f"power source: {'NVML (GPU 0 read once per logical GPU)' if real else 'CPU-burning stand-in'}")
+        modes = {"counter every poll": {}, "counter every 1 s": {"counter_every_s": 1.0},
+                 "counter auto (budget 0.4 % of a core, the default)": {"counter_cpu_budget": 0.004}}
+        for mode, counter in modes.items():
+            for n in (1, 8):
+                share, period = sampler_cpu(n, args.seconds, real, **counter)
+                print(f"sampler at 20 Hz, {n} GPU(s), {mode}: {100 * share:.3f} % of one core "
+                      f"(counter every {period:g} s)")
+    if args.only in (None, "attribution"):
+        for c in (10, 100, 1000):
+            runs = sorted((attribution_cost(c) for _ in range(args.repeat)), key=lambda r: sum(r[0].values()))
+            totals = [sum(parts.values()) for parts, _ in runs]
+            parts, n = runs[len(runs) // 2]  # the median run; the spread shows how noisy the machine was
+            detail = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in parts.items())
+            print(f"meter, {c:>4} concurrent ({n} requests): {totals[len(runs) // 2] * 1e6:.1f} us per request "
+                  f"(runs {totals[0] * 1e6:.1f}-{totals[-1] * 1e6:.1f}); median run: {detail}")
+    if args.only in (None, "buffer"):
+        print(f"sample buffer, one GPU, 900 s at 50 ms: {buffer_bytes() / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
