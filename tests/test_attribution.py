@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.attribution import Activity, energy_at, split_energy, spans
+from meter.attribution import Activity, energy_at, spans, split_energy
 
 T_END = 10.0
 

@@ -227,7 +227,7 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
 
 
 def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):
-    import proxy.report as report
+    from proxy import report
 
     ledger = Ledger(tmp_path / "l.db")
     for i in range(300):

@@ -100,7 +100,7 @@ def test_conservation_over_time_with_overlapping_requests():
     windows = {}
 
     def hook(t):
-        k = int(round(t * 20))
+        k = round(t * 20)
         if k % 7 == 0 and len(windows) < 12:
             windows[f"r{len(windows)}"] = (meter.begin(f"r{len(windows)}", [0], prompt_tokens=k % 50), t + 0.3 * (k % 9) + 0.2)
         for rid, (w, end) in list(windows.items()):
