@@ -279,9 +279,11 @@ class Meter:
         gpus = {}
         for g, st in self._gpu.items():
             last = self.sampler.last_ok(g) if self.sampler else None
+            agreement = self.sampler.power_vs_counter(g) if self.sampler else None
             gpus[str(g)] = {
                 "fault": st.faulted,
                 "last_reading_age_s": None if last is None else round(now - last, 3),
+                "power_vs_counter": None if agreement is None else round(agreement, 3),
             }
         sampler_ok = self.sampler is None or not self._started or self.sampler.alive
         # "init": the configured source could not start and every figure is an estimate.

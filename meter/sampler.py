@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_READS = 5  # counter reads timed before the interval is chosen (``counter_cpu_budget``)
 MAX_COUNTER_EVERY_S = 10.0
+AGREEMENT_INTERVALS = 20  # counter intervals over which power is compared with the counter
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class _GpuState:
     last_counter_read: float | None = None
     # Anchored mode: (time, joules of integrated power since the last counter sample).
     pending: list[tuple[float, float]] = field(default_factory=list)
+    # Anchored mode: (counter joules, integrated-power joules) of recent counter intervals.
+    agreement: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=AGREEMENT_INTERVALS))
 
 
 class Sampler:
@@ -178,7 +181,8 @@ class Sampler:
             return
         if raw == st.last_raw:
             return
-        if raw < st.last_raw:
+        reset = raw < st.last_raw
+        if reset:
             self._fault("counter_reset")
             # Unknown energy between the last value and the reset: assume power held.
             gap = (power_w or 0.0) * (now - (prev_poll or now))
@@ -196,6 +200,8 @@ class Sampler:
             cum_at = _interp(st.pending, stamp)
             if cum_at > 0:
                 scale = (e_new - e_a) / cum_at
+                if not reset:  # across a reset the counter's share is partly a guess
+                    st.agreement.append((e_new - e_a, cum_at))
                 st.samples.extend((t, e_a + c * scale) for t, c in st.pending if t_a < t < stamp)
             keep = [(t, c - cum_at) for t, c in st.pending if t > stamp]
             st.pending = [(stamp, 0.0), *keep]
@@ -226,6 +232,19 @@ class Sampler:
         """Time of the newest buffered energy sample of one GPU."""
         samples = self._gpu[gpu].samples
         return samples[-1][0] if samples else None
+
+    def power_vs_counter(self, gpu: int) -> float | None:
+        """Counter energy over integrated instantaneous power, across the last counter intervals.
+
+        Only while the counter is read sparsely, where power places the
+        counter's energy in time: near 1 when the two sensors agree. Away from
+        1 the power sensor is biased: harmless if by a constant factor (the
+        counter rescales it), otherwise energy moves between busy and idle
+        moments inside a counter interval. Totals stay the counter's.
+        """
+        pairs = list(self._gpu[gpu].agreement)  # a copy: the sampler thread appends
+        power_j = sum(p for _, p in pairs)
+        return sum(c for c, _ in pairs) / power_j if power_j > 0 else None
 
     def last_ok(self, gpu: int) -> float | None:
         """Time of the last successful reading of one GPU."""
