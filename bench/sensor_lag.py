@@ -157,6 +157,8 @@ def main() -> None:
             out.writerows(rows)
         print(f"raw readings: {args.csv}")
     arr = np.array([r for r in rows if r[1] is not None and r[3] is not None], dtype=float)
+    if len(arr) < 100:  # the sampling thread failed (its traceback is above), or no counter on this GPU
+        raise SystemExit(f"only {len(arr)} readings with both power and the energy counter: nothing to fit")
     inside = (arr[:, 0] > phases[0, 0] - args.period / 2) & (arr[:, 0] < phases[-1, 1] + args.period / 2)
     arr = arr[inside]
     power = fit_power(arr[:, 0], arr[:, 1], phases)
