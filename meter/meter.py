@@ -181,7 +181,8 @@ class Meter:
     ``counter_every_s``: read the energy counter only this often and place its
     energy with instantaneous power (see :class:`~meter.sampler.Sampler`); None
     reads it at every poll; ``counter_cpu_budget`` lets the sampler choose that
-    interval from what a counter read costs. Settling then waits for the next
+    interval from what a counter read costs; ``power_lag_s``: how late the power
+    sensor reports a change of load (see the sampler). Settling then waits for the next
     counter read, and a GPU is stale after ``stale_after_s`` plus that interval. ``idle`` is
     ``exclude`` or ``amortize``. Settled measurements are passed to
     ``on_settled`` from the sampler thread; faults to ``on_error`` by kind.
@@ -198,6 +199,7 @@ class Meter:
         settle_every_s: float = 0.25,
         counter_every_s: float | None = None,
         counter_cpu_budget: float | None = None,
+        power_lag_s: float = 0.0,
         stale_after_s: float = 2.0,
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
@@ -239,6 +241,7 @@ class Meter:
                 counter_every_s=counter_every_s,
                 counter_cpu_budget=counter_cpu_budget,
                 cpu_clock=cpu_clock,
+                power_lag_s=power_lag_s,
             )
             self.sampler.on_error = self._count_error
         self._started = False

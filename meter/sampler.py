@@ -47,6 +47,9 @@ class Sampler:
     instantaneous power, read every poll, places the energy between two counter
     readings: the counter fixes how much, the power trace fixes when. (On some
     hosts one counter read costs milliseconds of CPU; power reads cost microseconds.)
+    ``power_lag_s`` says how late the power sensor reports a change of load,
+    relative to the counter (``bench/sensor_lag.py`` measures it): its readings
+    are placed that much earlier.
 
     With ``counter_cpu_budget`` set instead (a fraction of one core), the
     sampler chooses that interval itself: it reads the counter at every poll for
@@ -71,6 +74,7 @@ class Sampler:
         counter_lag_s: float = 0.05,
         counter_cpu_budget: float | None = None,
         cpu_clock: Callable[[], float] = time.thread_time,
+        power_lag_s: float = 0.0,
     ) -> None:
         self.source = source
         self.gpus = tuple(gpus)
@@ -81,6 +85,7 @@ class Sampler:
         self.counter_lag_s = counter_lag_s  # half the counter's update period (H100/H200: 100 ms)
         self.counter_cpu_budget = counter_cpu_budget
         self.cpu_clock = cpu_clock
+        self.power_lag_s = power_lag_s
         self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(deque(maxlen=maxlen)) for g in self.gpus}
@@ -124,8 +129,10 @@ class Sampler:
             if reading.power_w is not None:
                 avg = (reading.power_w + (prev_power if prev_power is not None else reading.power_w)) / 2
             if anchored and st.pending and avg is not None:
+                at = now - self.power_lag_s  # when the power just read was drawn
                 t0, c0 = st.pending[-1]
-                st.pending.append((now, c0 + avg * (now - t0)))
+                if at > t0:
+                    st.pending.append((at, c0 + avg * (at - t0)))
             if reading.energy_j is not None:
                 st.last_counter_read = now
                 self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)
@@ -196,6 +203,10 @@ class Sampler:
             # Polled often: it stepped between the previous poll and this one.
             stamp = now if prev_poll is None else (prev_poll + now) / 2
         e_new = raw + st.offset
+        if anchored and st.pending and power_w is not None and st.pending[-1][0] < stamp:
+            # Power read late covers less than the counter: carry the latest power on to the stamp.
+            t_p, c_p = st.pending[-1]
+            st.pending.append((stamp, c_p + power_w * (stamp - t_p)))
         if anchored and len(st.pending) > 1:
             cum_at = _interp(st.pending, stamp)
             if cum_at > 0:

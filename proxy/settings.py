@@ -50,6 +50,10 @@ class MeterSettings(_Strict):
     counter_interval_ms: Literal["auto"] | int = "auto"
     # Share of one CPU core that counter reads may use, all GPUs together, for "auto".
     counter_cpu_budget: float = Field(default=0.004, gt=0, le=1)
+    # How late the GPU's instantaneous power reports a change of load, relative to the energy
+    # counter (measure it with `python -m bench.sensor_lag`): power readings are placed that much
+    # earlier when they place the counter's energy. 0 until measured on your GPUs.
+    power_lag_ms: int = Field(default=0, ge=-1000, le=1000)
     # How long attribution waits for a request's next token before splitting without it (the
     # request then takes an average head's share). Non-stream requests report their tokens only at
     # the end, so this bounds how long a plain request can run and still be split by its work.

@@ -319,3 +319,29 @@ def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier
     # Work 60 + 0.2 x 300 against the stream's 60 over the same 3 s: two thirds of 900 J.
     assert settled["p"].joules == pytest.approx(600.0, rel=0.03)
     assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.05)
+
+
+@pytest.mark.parametrize("counter_every_s", [None, 1.0, 8.0])
+def test_mirror_image_windows_get_mirror_shares_from_ideal_sensors(counter_every_s):
+    """Windows a (0-3 s) and c (2-5 s) around b mirror each other: c/a = 1 but for where the 100 ms
+    counter steps and the reads fall against the load's edges (bench/placement.py maps it)."""
+    from bench.placement import mirror_windows
+
+    for phase, offset in [(0.013, 0.37), (0.081, 0.83)]:
+        got = mirror_windows(counter_every_s, phase, offset)
+        assert got["c"].joules / got["a"].joules == pytest.approx(1.0, abs=0.045 if counter_every_s == 1.0 else 0.012)
+        assert got["b"].joules / got["a"].joules == pytest.approx(8 / 11, rel=0.03)
+        assert sum(m.joules for m in got.values()) == pytest.approx(690.0 * 5, rel=0.01)
+
+
+@pytest.mark.parametrize("counter_every_s", [1.0, 8.0])
+def test_power_lag_undoes_a_power_sensor_that_reports_late(counter_every_s):
+    """A power sensor 100 ms late moves energy across the load's edges; told the lag, the meter places it as if on time."""
+    from bench.placement import mirror_windows
+
+    on_time = mirror_windows(counter_every_s, 0.047, 0.61)
+    late = mirror_windows(counter_every_s, 0.047, 0.61, power_late=0.1)
+    told = mirror_windows(counter_every_s, 0.047, 0.61, power_late=0.1, power_lag=0.1)
+    assert abs(late["c"].joules / late["a"].joules - on_time["c"].joules / on_time["a"].joules) > 0.02
+    for r in "abc":
+        assert told[r].joules == pytest.approx(on_time[r].joules, rel=1e-6)
