@@ -440,8 +440,7 @@ class Meter:
         target = max(min(last_t, *known), last_t - self.settle_lag_s) if known else last_t
         if target <= st.frontier:
             return
-        frontier = st.frontier
-        active = [r for r in reqs if r.start < target and (r.end is None or r.end > frontier)]
+        active = [r for r in reqs if r.start < target and (r.end is None or r.end > st.frontier)]
         split = split_arrays(
             samples,
             *self._spans_since(active, st.frontier),
