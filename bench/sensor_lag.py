@@ -174,6 +174,7 @@ def main() -> None:
     print(f"instantaneous power reports {abs(lead):.0f} ms {'later' if lead >= 0 else 'earlier'} than the counter: "
           f"with sparse counter reads, about {abs(lead) / 1e3 * power.extra:.0f} J per load edge lands "
           f"{'after' if lead >= 0 else 'before'} it")
+    print(f"registry setting for this GPU model: meter.power_lag_ms: {round(lead)}")
 
 
 if __name__ == "__main__":
