@@ -129,6 +129,7 @@ class _Gpu:
     faulted: str | None = None
     requests: set[str] = field(default_factory=set)
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
+    open_work: tuple[float, int, float] | None = None  # (since, poll number, work of its requests since then)
 
 
 class RequestWindow:
@@ -571,12 +572,25 @@ class Meter:
                     done += work * st.joules_per_work
                 else:  # no slice attributed yet: split the tail's energy by work among the requests on the GPU
                     power = (self.sampler.power_w(g) if self.sampler else None) or 0.0
-                    total = sum(self._work_since(self._requests[rid], frontier) for rid in st.requests)
-                    mine = work / total if total > 0 else 1 / max(len(st.requests), 1)
+                    total = self._open_work(st, frontier)
+                    mine = min(work / total, 1.0) if total > 0 else 1 / max(len(st.requests), 1)
                     done += power * (req.end - max(frontier, req.start)) * mine
             host += (done - req.shares.get(g, 0.0)) * st.host_per_gpu_joule
             joules[g] = done
         return self._measurement(req, joules, settled=False, host_j=host)
+
+    def _open_work(self, st: _Gpu, since: float) -> float:
+        """Work of the GPU's requests since ``since``, recomputed at most once per poll.
+
+        Every closing request asks for it until the GPU's first slice is attributed, and it walks
+        every open request: a burst of closes would cost the square of the burst.
+        """
+        assert self.sampler is not None
+        poll = int(self.clock() / self.sampler.interval_s)
+        if st.open_work is None or st.open_work[:2] != (since, poll):
+            total = sum(self._work_since(self._requests[rid], since) for rid in st.requests)
+            st.open_work = (since, poll, total)
+        return st.open_work[2]
 
     def _settle(self, req: _Request) -> Measurement:
         result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
