@@ -345,3 +345,19 @@ def test_power_lag_undoes_a_power_sensor_that_reports_late(counter_every_s):
     assert abs(late["c"].joules / late["a"].joules - on_time["c"].joules / on_time["a"].joules) > 0.02
     for r in "abc":
         assert told[r].joules == pytest.approx(on_time[r].joules, rel=1e-6)
+
+
+@pytest.mark.parametrize("power_lag_s", [-0.2, 0.1, 0.3])
+def test_power_lag_moves_energy_in_time_but_never_changes_the_counter_total(power_lag_s):
+    def power(t):
+        return 600.0 if 3.0 <= t < 6.0 else 100.0
+
+    clock = Clock()
+    meter, _ = make_meter({0: counter_trace(power, until=14.0)}, clock, counter_every_s=1.0, power_lag_s=power_lag_s)
+    run_until(meter, clock, 12.0)
+    samples = meter.sampler.samples_since(0, None)
+    assert all(t1 > t0 and e1 >= e0 for (t0, e0), (t1, e1) in zip(samples, samples[1:], strict=False))
+    first, last = samples[0], samples[-1]
+    assert last[1] - first[1] == pytest.approx(true_energy(power, first[0], last[0]), abs=600 * 0.1)
+    totals = meter.gpu_totals()[0]
+    assert totals.measured == pytest.approx(totals.attributed + totals.idle + totals.unattributed, rel=1e-9)
