@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -356,7 +357,7 @@ def test_power_lag_moves_energy_in_time_but_never_changes_the_counter_total(powe
     meter, _ = make_meter({0: counter_trace(power, until=14.0)}, clock, counter_every_s=1.0, power_lag_s=power_lag_s)
     run_until(meter, clock, 12.0)
     samples = meter.sampler.samples_since(0, None)
-    assert all(t1 > t0 and e1 >= e0 for (t0, e0), (t1, e1) in zip(samples, samples[1:], strict=False))
+    assert all(t1 > t0 and e1 >= e0 for (t0, e0), (t1, e1) in itertools.pairwise(samples))
     first, last = samples[0], samples[-1]
     assert last[1] - first[1] == pytest.approx(true_energy(power, first[0], last[0]), abs=600 * 0.1)
     totals = meter.gpu_totals()[0]
