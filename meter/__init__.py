@@ -4,7 +4,7 @@ A library with no web dependencies; ``proxy`` builds on it, never the reverse.
 """
 
 from meter.attribution import Activity, Span, Split, spans, split_energy
-from meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow
+from meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow, token_count
 from meter.sources import MeterFault, PowerSource, Reading
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "Split",
     "spans",
     "split_energy",
+    "token_count",
 ]

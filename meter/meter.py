@@ -39,6 +39,16 @@ from meter.sources import PowerSource
 log = logging.getLogger(__name__)
 
 ESTIMATE = "estimate"
+MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
+
+
+def token_count(value: object) -> int | None:
+    """``value`` if it is a token count (an int from 0 to :data:`MAX_TOKENS`), else None.
+
+    Counts come from upstreams, which may be wrong; one stored wrong count would
+    break every later attribution pass on its GPU.
+    """
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,17 +156,22 @@ class RequestWindow:
         return self._req.request_id
 
     def tokens(self, n: float = 1, t: float | None = None) -> None:
-        """Record ``n`` tokens that arrived at ``t`` (now by default)."""
+        """Record ``n`` tokens that arrived at ``t`` (now by default).
+
+        Called per streamed chunk, so ``n`` is not checked: pass a count from
+        an upstream through :func:`token_count` first.
+        """
         req = self._req
         req.times.append(self._meter.clock() if t is None else t)
         req.counts.append(n)
 
-    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """Exact token counts from the upstream's usage report."""
-        if prompt_tokens is not None:
-            self._req.prompt_tokens = prompt_tokens
-        if completion_tokens is not None:
-            self._req.completion_tokens = completion_tokens
+    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
+        """Exact token counts from the upstream's usage report; what is not a count is ignored."""
+        prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
+        if prompt is not None:
+            self._req.prompt_tokens = prompt
+        if completion is not None:
+            self._req.completion_tokens = completion
 
     def end(self, status: str = "ok", t: float | None = None) -> Measurement:
         """Close the window and return the provisional measurement; never raises."""

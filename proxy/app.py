@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-from meter import Measurement, Meter, MeterFault, RequestWindow
+from meter import Measurement, Meter, MeterFault, RequestWindow, token_count
 from meter.footprint import SiteFactors, UnknownZone, grid_intensity
 from meter.host import FixedHostPower, HostPower, RaplHostPower
 from meter.sources import PowerSource
@@ -400,8 +400,9 @@ def create_app(
             data = None
         ok = upstream.status == 200 and isinstance(data, dict)
         if ok:
-            usage = data.get("usage") or {}
-            completion = usage.get("completion_tokens") or 0
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
+            completion = token_count(usage.get("completion_tokens"))
             if completion:
                 window.tokens(completion)
             window.usage(usage.get("prompt_tokens"), completion)

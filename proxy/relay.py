@@ -136,8 +136,9 @@ class StreamRelay(Response):
             return event
         if b'"usage"' in event and _USAGE.search(event):
             obj = _json(event)
-            usage = obj.get("usage") or {}
-            self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
             if not obj.get("choices"):
                 self.held = obj
                 return None

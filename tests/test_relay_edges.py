@@ -1,6 +1,9 @@
-"""Upstreams that speak SSE a little differently: CRLF line ends, comments, odd bodies."""
+"""Upstreams that speak a little differently: CRLF line ends, comments, odd bodies, nonsense usage counts."""
 
 from __future__ import annotations
+
+import math
+import time
 
 import httpx
 import openai
@@ -105,3 +108,65 @@ def test_rate_limit_headers_reach_the_client_so_its_retries_follow_them(gateway)
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=1)
     resp = client.chat.completions.create(model="odd", messages=msg["messages"])
     assert len(LIMITED) == 2 and resp.model_extra["energy"]["completion_tokens"] == 1
+
+
+BAD_USAGE = {  # what a buggy or hostile upstream may put in "usage"
+    "strings": {"prompt_tokens": "ten", "completion_tokens": "many"},
+    "list": ["x"],
+    "negative": {"prompt_tokens": -5, "completion_tokens": -7},
+    "huge": {"prompt_tokens": 2**62, "completion_tokens": 1e308},
+    "bool": {"prompt_tokens": True, "completion_tokens": False},
+    "null": None,
+}
+
+
+async def bad_usage(request: Request) -> Response:
+    body = await request.json()
+    kind = body["messages"][0]["content"]
+    usage = BAD_USAGE.get(kind, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    if not body.get("stream"):
+        reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "odd", "usage": usage,
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+        return Response(orjson.dumps(reply), media_type="application/json")
+
+    async def events():
+        c = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+        yield b"data: " + orjson.dumps(c) + b"\n\n"
+        yield b"data: " + orjson.dumps({**CHUNK, "choices": [], "usage": usage}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_nonsense_usage_from_the_upstream_is_served_and_does_not_poison_the_meter(stream):
+    """Usage is the upstream's word; a wrong one must neither fail the request nor the meter's later passes."""
+    app = Starlette(routes=[Route("/v1/chat/completions", bad_usage, methods=["POST"])])
+    with ServerThread(app) as up:
+        settings = Settings(meter=MeterSettings(source="simulated", settle_lag_ms=200),
+                            models={"odd": Model(upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+            ids = []
+            for kind in [*BAD_USAGE, "fine"]:
+                msgs = [{"role": "user", "content": kind}]
+                if stream:
+                    chunks = list(client.chat.completions.create(model="odd", messages=msgs, stream=True))
+                    ids.append(chunks[-1].model_extra["energy"]["request_id"])
+                else:
+                    reply = client.chat.completions.with_raw_response.create(model="odd", messages=msgs)
+                    assert reply.http_response.status_code == 200
+                    ids.append(reply.headers["x-request-id"])
+            records = {}
+            deadline = time.monotonic() + 10
+            while len(records) < len(ids) and time.monotonic() < deadline:
+                for rid in ids:
+                    r = httpx.get(f"{gw.url}/v1/energy/{rid}").json()
+                    if r.get("settled"):
+                        records[rid] = r
+                time.sleep(0.1)
+            meter = httpx.get(f"{gw.url}/readyz").json()["meter"]
+    assert len(records) == len(ids), f"unsettled: {set(ids) - set(records)}"
+    assert all(r["method"] == "simulated" and math.isfinite(r["joules"]) and r["joules"] >= 0 for r in records.values())
+    assert all(isinstance(r["completion_tokens"], int) and r["completion_tokens"] >= 0 for r in records.values())
+    assert "internal" not in meter["errors"] and meter["ok"]
