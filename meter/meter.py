@@ -178,16 +178,15 @@ class RequestWindow:
         meter, req = self._meter, self._req
         try:
             return meter._end(req, status, meter.clock() if t is None else t)
-        except Exception:  # a meter bug must not fail the request: fall back to an estimate
+        except Exception:  # a meter bug must not fail the request: settle it now, as an estimate
             log.exception("meter failed to close window %s", req.request_id)
             meter._count_error("internal")
-            req.fault, req.status = "internal", status
-            req.end = req.end if req.end is not None else meter.clock()
-            try:
-                return meter._measurement(req, {}, settled=True, host_j=0.0)
-            except Exception:  # the estimate failed too: the window, without a figure (logged above)
-                return Measurement(req.request_id, {}, ESTIMATE, True, req.start, req.end, req.prompt_tokens,
-                                   req.tokens_seen, status, "internal")
+            with meter._lock:
+                req.fault, req.status = "internal", status
+                req.end = req.end if req.end is not None else meter.clock()
+                settled = meter._settle(req)
+            meter._emit([settled])
+            return settled
 
 
 class Meter:
@@ -427,8 +426,27 @@ class Meter:
         with self._lock:
             now = self._last_advance = self.clock()
             for g, st in self._gpu.items():
-                self._advance_gpu(g, st, now)
+                try:
+                    self._advance_gpu(g, st, now)
+                except Exception:  # a bug or a bad window must not stop attribution for good
+                    log.exception("meter: attribution failed on GPU %d; its requests fall back to estimates", g)
+                    self._count_error("internal")
+                    self._drop_gpu_slice(g, st)
             return [self._settle(self._requests[rid]) for rid in list(self._ended) if self._can_settle(rid)]
+
+    def _drop_gpu_slice(self, g: int, st: _Gpu) -> None:
+        """Give up on a GPU's pending slice: its requests get estimates, and attribution goes on after it.
+
+        Whatever made the pass fail is in those requests' windows or in that slice; keeping them
+        would fail every later pass too. The slice is skipped, as a gap in the readings is.
+        """
+        assert self.sampler is not None
+        for rid in st.requests:
+            req = self._requests.get(rid)
+            if req is not None:
+                req.fault = req.fault or "internal"
+        st.requests.clear()
+        st.frontier = self.sampler.last_sample_time(g) or st.frontier
 
     def _advance_gpu(self, g: int, st: _Gpu, now: float) -> None:
         assert self.sampler is not None
@@ -608,7 +626,19 @@ class Meter:
         return st.open_work[2]
 
     def _settle(self, req: _Request) -> Measurement:
-        result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
+        """The final measurement of an ended request, which leaves the meter; never raises."""
+        try:
+            result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
+        except Exception:  # a window whose figures cannot be computed still gets a record
+            log.exception("meter failed to settle %s; settling it as an estimate", req.request_id)
+            self._count_error("internal")
+            req.fault = "internal"
+            try:
+                result = self._measurement(req, {}, settled=True, host_j=0.0)
+            except Exception:  # the estimate failed too: the window, without a figure (logged above)
+                end = req.end if req.end is not None else self.clock()
+                result = Measurement(req.request_id, {}, ESTIMATE, True, req.start, end, req.prompt_tokens,
+                                     req.completion_tokens or 0, req.status, "internal")
         self._requests.pop(req.request_id, None)
         self._ended.discard(req.request_id)
         for g in req.gpus:

@@ -362,3 +362,23 @@ def test_power_lag_moves_energy_in_time_but_never_changes_the_counter_total(powe
     assert last[1] - first[1] == pytest.approx(true_energy(power, first[0], last[0]), abs=600 * 0.1)
     totals = meter.gpu_totals()[0]
     assert totals.measured == pytest.approx(totals.attributed + totals.idle + totals.unattributed, rel=1e-9)
+
+
+def test_a_window_that_breaks_attribution_costs_its_gpu_one_slice_not_the_meter():
+    """tokens() is not checked (it runs per chunk): a bad count must not stop attribution for good."""
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock)
+    run_until(meter, clock, 1.0)
+    bad, other = meter.begin("bad", [0]), meter.begin("other", [0])
+    run_until(meter, clock, 2.0, lambda t: other.tokens(1, t))
+    bad.tokens("many", clock.t)  # type: ignore[arg-type]
+    run_until(meter, clock, 3.0, lambda t: other.tokens(1, t))
+    bad.end(t=3.0)
+    other.end(t=3.0)
+    run_until(meter, clock, 4.0)
+    assert meter.errors["internal"] == 2  # the pass that met the bad count, and the bad window's own figure
+    assert settled["bad"].method == "estimate" and settled["other"].method == "estimate"
+    assert settled["bad"].fault == settled["other"].fault == "internal"
+    one_request(meter, clock, 4.5, 6.0, rid="after")  # the GPU is metered again
+    assert settled["after"].method == "trace" and settled["after"].joules == pytest.approx(300 * 1.5, rel=0.05)
+    assert meter.state()["ok"] and meter.state()["errors"] == {"internal": 2}  # healthy again; the faults stay counted
