@@ -203,6 +203,15 @@ class Gateway:
                 headers["authorization"] = f"Bearer {key}"
         return headers
 
+    def open_record(self, request_id: str, client_chose: bool, name: str, team: str | None) -> str:
+        """Open the record of a request under ``request_id``, or under a new id when that one already
+        names a record (a client reusing its ids must not overwrite what was metered); the id used."""
+        if client_chose and self.ledger is not None and self.ledger.get(request_id) is not None:
+            request_id = _new_request_id()
+        while not self.records.open(request_id, name, team):
+            request_id = _new_request_id()
+        return request_id
+
     def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
         self.in_flight[name] += 1
         for g in model.gpus:
@@ -242,7 +251,11 @@ class Gateway:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else f"wg-{uuid.uuid4().hex}"
+    return given if _REQUEST_ID.fullmatch(given) else _new_request_id()
+
+
+def _new_request_id() -> str:
+    return f"wg-{uuid.uuid4().hex}"
 
 
 def _check_fields(path: str, body: dict[str, Any]) -> None:
@@ -361,7 +374,8 @@ def create_app(
         if stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
-        gw.records.open(request_id, name, team)
+        request_id = gw.open_record(request_id, request_id == request.headers.get("x-request-id"), name, team)
+        request.state.request_id = request_id
         window = gw.begin(request_id, name, model, _prompt_tokens_guess(path, body))
         forwarded_at = time.monotonic()
         try:

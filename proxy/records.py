@@ -23,12 +23,15 @@ class Records:
         self._items: OrderedDict[str, Record] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, request_id: str, model: str, team: str | None) -> None:
+    def open(self, request_id: str, model: str, team: str | None) -> bool:
+        """Add a record under ``request_id``; False, changing nothing, when one is already there."""
         with self._lock:
+            if request_id in self._items:
+                return False
             self._items[request_id] = Record(model, team)
-            self._items.move_to_end(request_id)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
+            return True
 
     def update(self, request_id: str, energy: dict[str, Any]) -> Record | None:
         """Store figures unless a settled figure is already there; return the record."""

@@ -131,6 +131,32 @@ def test_request_id_kept_or_replaced(stack):
     assert bad.status_code == 200 and bad.headers["x-request-id"].startswith("wg-")
 
 
+def test_a_reused_client_request_id_gets_a_fresh_id_so_no_record_is_overwritten(stack):
+    """A client that sends the same x-request-id again (in turn, or at once) gets one record per request."""
+    body = {"model": "llama", "messages": MSG, "max_tokens": 2}
+    one_by_one = [httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers={"x-request-id": "again-1"})
+                  for _ in range(3)]
+    ids = [r.headers["x-request-id"] for r in one_by_one]
+    assert ids[0] == "again-1" and len(set(ids)) == 3 and all(i.startswith("wg-") for i in ids[1:])
+    assert [r.json()["energy"]["request_id"] for r in one_by_one] == ids
+
+    async def at_once() -> list[str]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            async def one() -> str:
+                stream = {**body, "stream": True, "max_tokens": 8}
+                async with client.stream("POST", f"{stack.url}/v1/chat/completions", json=stream,
+                                         headers={"x-request-id": "again-2"}) as r:
+                    await r.aread()
+                    return r.headers["x-request-id"]
+            return await asyncio.gather(*(one() for _ in range(5)))
+
+    together = asyncio.run(at_once())
+    assert len(set(together)) == 5 and "again-2" in together
+    for rid in ids + together:
+        assert stack.record(rid)["method"] == "simulated"
+    assert "internal" not in stack.meter.errors
+
+
 def test_upstream_4xx_is_relayed_unchanged(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="llama", messages=MSG, max_tokens=100_000)
