@@ -340,7 +340,13 @@ class Meter:
         active_params_b: float = 8.0,
         t: float | None = None,
     ) -> RequestWindow:
-        """Open the window of one request on ``gpus`` (empty: estimate only)."""
+        """Open the window of one request on ``gpus`` (empty: estimate only).
+
+        Raises ValueError if a window of ``request_id`` is still in the meter (open, or ended and
+        not yet settled): the two would share one slot.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"a window of request {request_id!r} is already open")
         req = _Request(
             request_id,
             tuple(gpus),

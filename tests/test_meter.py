@@ -382,3 +382,11 @@ def test_a_window_that_breaks_attribution_costs_its_gpu_one_slice_not_the_meter(
     one_request(meter, clock, 4.5, 6.0, rid="after")  # the GPU is metered again
     assert settled["after"].method == "trace" and settled["after"].joules == pytest.approx(300 * 1.5, rel=0.05)
     assert meter.state()["ok"] and meter.state()["errors"] == {"internal": 2}  # healthy again; the faults stay counted
+
+
+def test_a_second_window_under_an_open_request_id_is_refused():
+    clock = Clock()
+    meter, _ = make_meter({0: counter_trace(lambda t: 300.0)}, clock)
+    meter.begin("same", [0])
+    with pytest.raises(ValueError, match="already open"):
+        meter.begin("same", [0])
