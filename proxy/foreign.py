@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,12 +28,16 @@ RUNNING = "vllm:num_requests_running"
 
 
 def running_sequences(text: str, served_name: str) -> float | None:
-    """Sequences vLLM reports running for ``served_name``; None when the metric is absent."""
+    """Sequences vLLM reports running for ``served_name``; None when the metric is absent.
+
+    A value that is not a count (NaN, infinite, negative) counts as none running.
+    """
     found = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == RUNNING and sample.labels.get("model_name", served_name) == served_name:
-                found = (found or 0.0) + sample.value
+                usable = math.isfinite(sample.value) and sample.value > 0
+                found = (found or 0.0) + (sample.value if usable else 0.0)
     return found
 
 
@@ -80,5 +85,8 @@ class ForeignLoadPoller:
 
     async def run(self) -> None:
         while True:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # one bad poll must not end foreign-load detection for good
+                log.exception("foreign-load poll failed")
             await asyncio.sleep(self.period_s)

@@ -288,3 +288,5 @@ def test_running_sequences_parses_vllm_metrics():
             'vllm:num_requests_running{engine="0",model_name="other"} 7.0\n')
     assert running_sequences(text, "m") == 5.0
     assert running_sequences("up 1\n", "m") is None
+    for nonsense in ("NaN", "+Inf", "-3"):  # not a count: none running, and no crash in int()
+        assert running_sequences(f'vllm:num_requests_running{{model_name="m"}} {nonsense}\n', "m") == 0.0
