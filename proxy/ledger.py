@@ -163,16 +163,32 @@ class Ledger:
                 return
 
     def _commit(self, sql: str, batch: list[_Item]) -> None:
+        rows = [row for row, _ in batch]
         try:
-            with self._read_lock:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(sql, [row for row, _ in batch])
-                self.db.execute("COMMIT")
+            self._write(sql, rows)
         except sqlite3.Error:
-            log.exception("ledger write of %d records failed", len(batch))
-            self._dropped(len(batch))
+            # One row the database refuses must not cost the others: write them one by one.
+            log.exception("ledger write of %d records failed; writing them one by one", len(rows))
+            for row in rows:
+                try:
+                    self._write(sql, [row])
+                except sqlite3.Error as exc:
+                    log.error("ledger: record %s not stored: %s", row[0], exc)
+                    self._dropped(1)
         for _, after in batch:
             _run(after)
+
+    def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` in one transaction; on failure nothing is written and no transaction stays open."""
+        with self._read_lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany(sql, rows)
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         with self._read_lock:

@@ -80,6 +80,23 @@ def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
     ledger.close()
 
 
+def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
+    """A bad row (here a model of None) must not drop its batch nor leave a transaction open for good."""
+    drops = []
+    ledger = Ledger(tmp_path / "l.db", on_drop=lambda: drops.append(1))
+    done = []
+    with ledger._read_lock:  # hold the writer so that the rows are committed as one batch
+        for i in range(5):
+            model = None if i == 2 else "m"
+            ledger.submit(to_row(energy(f"r{i}", 1.0), model, None, time.time()), after=lambda: done.append(1))
+    ledger.submit(to_row(energy("later", 1.0), "m", None, time.time()))
+    ledger.close()
+    reopened = Ledger(tmp_path / "l.db")
+    ids = {r[0] for r in reopened.db.execute("SELECT request_id FROM requests")}
+    reopened.close()
+    assert ids == {"r0", "r1", "r3", "r4", "later"} and len(drops) == 1 and len(done) == 5
+
+
 def test_report_arithmetic(tmp_path):
     path = tmp_path / "l.db"
     ledger = Ledger(path)
