@@ -144,6 +144,14 @@ class Gateway:
         if rec is None:
             return
         energy = energy_object(m, self.site)
+        if self.ledger is None:
+            self.records.update(m.request_id, energy)
+        else:
+            # The API calls a record settled only once it is durable: a crash loses no settled record.
+            gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
+            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
+            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
+        # Metrics after the record: if they fail, the record is kept all the same.
         mx = self.metrics
         mx.energy.labels(rec.model, m.method if m.method in ("nvml", "estimate") else "simulated").observe(m.joules)
         if m.completion_tokens:
@@ -154,13 +162,6 @@ class Gateway:
             mx.team_energy.labels(rec.team).inc(m.joules)
             mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
             mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
-        if self.ledger is None:
-            self.records.update(m.request_id, energy)
-        else:
-            # The API calls a record settled only once it is durable: a crash loses no settled record.
-            gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
-            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
-            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
 
     # -- request handling --------------------------------------------------------
 
