@@ -28,6 +28,9 @@ _CHOICE = b'"choices":[{'
 # Choice chunks that carry no generated text: the role chunk and the finish chunk.
 _EMPTY = re.compile(rb'"(?:content|text)":""|"delta":\{\}')
 _DONE = b"data: [DONE]"
+# Longest event held while waiting for its blank line: far above any chat chunk (logprobs
+# included), and what keeps an upstream that never sends one from filling the gateway's memory.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 class StreamRelay(Response):
@@ -110,6 +113,13 @@ class StreamRelay(Response):
                 if out:
                     out.append(b"")
                     await send({"type": "http.response.body", "body": b"\n\n".join(out), "more_body": True})
+                if len(buf) > MAX_EVENT_BYTES:
+                    buf = b""
+                    error_event = self._error_event(f"upstream sent an event over {MAX_EVENT_BYTES} bytes", 502)
+                    break
+            # The last event may end without its blank line when the upstream closes.
+            if buf.strip() and (last := self._event(buf.rstrip(b"\n"))):
+                await send({"type": "http.response.body", "body": last + b"\n\n", "more_body": True})
         except TimeoutError:
             error_event = self._error_event("upstream stopped sending (read timeout)", 504)
         except up.ERRORS:

@@ -42,6 +42,22 @@ async def chat(request: Request) -> Response:
         return Response(orjson.dumps(reply), media_type="application/json", headers={"set-cookie": "lb=user-a; Path=/"})
     if not body.get("stream"):
         return Response(b"this is not json", media_type="application/json")
+    if body.get("messages") == [{"role": "user", "content": "no-blank-line"}]:  # closes right after a "\n"
+
+        async def unterminated():
+            for text in ("Hello", " world"):
+                c = {**CHUNK, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+                yield b"data: " + orjson.dumps(c) + (b"\n\n" if text == "Hello" else b"\n")
+
+        return StreamingResponse(unterminated(), media_type="text/event-stream")
+    if body.get("messages") == [{"role": "user", "content": "endless"}]:  # never ends its first event
+
+        async def endless():
+            yield b"data: " + b"x" * (1 << 20)
+            for _ in range(64):
+                yield b"y" * (1 << 20)
+
+        return StreamingResponse(endless(), media_type="text/event-stream")
 
     async def events():
         yield b": keep-alive\r\n\r\n"
@@ -77,6 +93,22 @@ def test_crlf_stream_with_comments_and_split_usage_chunk(gateway):
     assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == "Hello world"
     energy = chunks[-1].model_extra["energy"]
     assert energy["completion_tokens"] == 2 and energy["prompt_tokens"] == 3 and energy["method"] == "estimate"
+
+
+def test_a_last_event_without_its_blank_line_is_still_forwarded(gateway):
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "no-blank-line"}]
+    chunks = list(client.chat.completions.create(model="odd", messages=msgs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
+    assert chunks[-1].model_extra["energy"]["status"] == "ok"
+
+
+def test_an_event_that_never_ends_is_cut_off_with_an_error_event(gateway):
+    body = {"model": "odd", "messages": [{"role": "user", "content": "endless"}], "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=30) as r:
+        text = r.read().decode()
+    assert len(text) < 4096 and '"error"' in text and "over 16777216 bytes" in text
+    assert text.endswith("data: [DONE]\n\n") and '"status":"error"' in text
 
 
 def test_upstream_200_that_is_not_json_is_502(gateway):
