@@ -118,8 +118,8 @@ class StreamRelay(Response):
                     error_event = self._error_event(f"upstream sent an event over {MAX_EVENT_BYTES} bytes", 502)
                     break
             # The last event may end without its blank line when the upstream closes.
-            if buf.strip() and (last := self._event(buf.rstrip(b"\n"))):
-                await send({"type": "http.response.body", "body": last + b"\n\n", "more_body": True})
+            if buf.strip() and (final := self._event(buf.rstrip(b"\n"))):
+                await send({"type": "http.response.body", "body": final + b"\n\n", "more_body": True})
         except TimeoutError:
             error_event = self._error_event("upstream stopped sending (read timeout)", 504)
         except up.ERRORS:
