@@ -143,6 +143,7 @@ def test_gateway_end_to_end_on_the_gpu():
     from proxy.app import create_app
     from proxy.serving import ServerThread
     from proxy.settings import MeterSettings, Model, Settings, Site
+    from tests.conftest import settled_records
     from tests.gpu_upstream import TorchUpstream
 
     served = "gpu-test-model"
@@ -177,14 +178,7 @@ def test_gateway_end_to_end_on_the_gpu():
             inline = asyncio.run(workload())
             e1 = counter_j()
             ids = [e["request_id"] for e in inline]
-            deadline = time.monotonic() + 10
-            records = {}
-            while len(records) < len(ids) and time.monotonic() < deadline:
-                for rid in ids:
-                    r = httpx.get(f"{gw.url}/v1/energy/{rid}").json()
-                    if r.get("settled"):
-                        records[rid] = r
-                time.sleep(0.2)
+            records = settled_records(gw.url, ids)
             totals = httpx.get(f"{gw.url}/metrics").text
     assert len(records) == len(ids)
     assert all(r["method"] == "nvml" and r["joules"] > 0 for r in records.values())

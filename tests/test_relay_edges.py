@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import httpx
 import openai
@@ -17,6 +16,7 @@ from starlette.routing import Route
 from proxy.app import create_app
 from proxy.serving import ServerThread
 from proxy.settings import MeterSettings, Model, Settings
+from tests.conftest import settled_records
 
 CHUNK = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
 
@@ -189,14 +189,7 @@ def test_nonsense_usage_from_the_upstream_is_served_and_does_not_poison_the_mete
                     reply = client.chat.completions.with_raw_response.create(model="odd", messages=msgs)
                     assert reply.http_response.status_code == 200
                     ids.append(reply.headers["x-request-id"])
-            records = {}
-            deadline = time.monotonic() + 10
-            while len(records) < len(ids) and time.monotonic() < deadline:
-                for rid in ids:
-                    r = httpx.get(f"{gw.url}/v1/energy/{rid}").json()
-                    if r.get("settled"):
-                        records[rid] = r
-                time.sleep(0.1)
+            records = settled_records(gw.url, ids)
             meter = httpx.get(f"{gw.url}/readyz").json()["meter"]
     assert len(records) == len(ids), f"unsettled: {set(ids) - set(records)}"
     assert all(r["method"] == "simulated" and math.isfinite(r["joules"]) and r["joules"] >= 0 for r in records.values())
