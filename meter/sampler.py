@@ -133,6 +133,8 @@ class Sampler:
                 t0, c0 = st.pending[-1]
                 if at > t0:
                     st.pending.append((at, c0 + avg * (at - t0)))
+                if len(st.pending) > (st.samples.maxlen or 0):  # a counter that stopped stepping
+                    del st.pending[1 : len(st.pending) // 2]  # keep the anchor and the newer half
             if reading.energy_j is not None:
                 st.last_counter_read = now
                 self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)

@@ -390,3 +390,12 @@ def test_a_second_window_under_an_open_request_id_is_refused():
     meter.begin("same", [0])
     with pytest.raises(ValueError, match="already open"):
         meter.begin("same", [0])
+
+
+def test_a_counter_that_stops_stepping_faults_its_gpu_without_growing_the_sampler():
+    clock = Clock()
+    stuck = [(t, 5_000.0 + 300.0 * min(t, 2.0), 300.0) for t in (k * 0.1 for k in range(40))]  # stops at 2 s
+    meter, _ = make_meter({0: stuck}, clock, counter_every_s=1.0, horizon_s=5.0)
+    run_until(meter, clock, 120.0)
+    assert meter.state()["gpus"]["0"]["fault"] == "stale"
+    assert len(meter.sampler._gpu[0].pending) <= meter.sampler._gpu[0].samples.maxlen  # bounded, not 2400 points
