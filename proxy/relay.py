@@ -117,8 +117,12 @@ class StreamRelay(Response):
                     buf = b""
                     error_event = self._error_event(f"upstream sent an event over {MAX_EVENT_BYTES} bytes", 502)
                     break
-            # The last event may end without its blank line when the upstream closes.
-            if buf.strip() and (final := self._event(buf.rstrip(b"\n"))):
+            # The last event may end without its blank line when the upstream closes; a data event cut
+            # short is not passed on (the client's JSON parser would fail on it) but said to be missing.
+            rest = buf.strip()
+            if rest.startswith(b"data: {") and not _json(rest):
+                error_event = self._error_event("upstream closed the stream in the middle of an event", 502)
+            elif rest and (final := self._event(rest)):
                 await send({"type": "http.response.body", "body": final + b"\n\n", "more_body": True})
         except TimeoutError:
             error_event = self._error_event("upstream stopped sending (read timeout)", 504)

@@ -50,6 +50,14 @@ async def chat(request: Request) -> Response:
                 yield b"data: " + orjson.dumps(c) + (b"\n\n" if text == "Hello" else b"\n")
 
         return StreamingResponse(unterminated(), media_type="text/event-stream")
+    if body.get("messages") == [{"role": "user", "content": "cut-short"}]:  # closes in the middle of an event
+
+        async def cut():
+            c = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}]}
+            yield b"data: " + orjson.dumps(c) + b"\n\n"
+            yield b"data: " + orjson.dumps(c)[:30]
+
+        return StreamingResponse(cut(), media_type="text/event-stream")
     if body.get("messages") == [{"role": "user", "content": "endless"}]:  # never ends its first event
 
         async def endless():
@@ -101,6 +109,14 @@ def test_a_last_event_without_its_blank_line_is_still_forwarded(gateway):
     chunks = list(client.chat.completions.create(model="odd", messages=msgs, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello world"
     assert chunks[-1].model_extra["energy"]["status"] == "ok"
+
+
+def test_an_event_cut_short_by_the_upstream_becomes_an_error_event(gateway):
+    body = {"model": "odd", "messages": [{"role": "user", "content": "cut-short"}], "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert '"Hello"' in events[0] and "in the middle of an event" in events[1]
+    assert '"status":"error"' in events[2] and events[3] == "data: [DONE]" and len(events) == 4
 
 
 def test_an_event_that_never_ends_is_cut_off_with_an_error_event(gateway):
