@@ -204,14 +204,18 @@ class Gateway:
                 headers["authorization"] = f"Bearer {key}"
         return headers
 
-    def open_record(self, request_id: str, client_chose: bool, name: str, team: str | None) -> str:
+    async def open_record(self, request_id: str, client_chose: bool, name: str, team: str | None) -> str:
         """Open the record of a request under ``request_id``, or under a new id when that one already
         names a record (a client reusing its ids must not overwrite what was metered); the id used."""
-        if client_chose and self.ledger is not None and self.ledger.get(request_id) is not None:
+        if client_chose and await self.stored(request_id) is not None:
             request_id = _new_request_id()
         while not self.records.open(request_id, name, team):
             request_id = _new_request_id()
         return request_id
+
+    async def stored(self, request_id: str) -> dict[str, Any] | None:
+        """The ledger's record of ``request_id``, read off the event loop (a commit may hold the database)."""
+        return None if self.ledger is None else await asyncio.to_thread(self.ledger.get, request_id)
 
     def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
         self.in_flight[name] += 1
@@ -375,7 +379,7 @@ def create_app(
         if stream:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
-        request_id = gw.open_record(request_id, request_id == request.headers.get("x-request-id"), name, team)
+        request_id = await gw.open_record(request_id, request_id == request.headers.get("x-request-id"), name, team)
         request.state.request_id = request_id
         window = gw.begin(request_id, name, model, _prompt_tokens_guess(path, body))
         forwarded_at = time.monotonic()
@@ -454,7 +458,7 @@ def create_app(
         rec = gw.records.get(request_id)
         if rec is not None and rec.energy:
             found, owner = rec.energy, rec.team
-        elif gw.ledger is not None and (row := gw.ledger.get(request_id)) is not None:
+        elif (row := await gw.stored(request_id)) is not None:
             found, owner = row, row["team"]
         else:
             found, owner = None, None
