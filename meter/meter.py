@@ -39,6 +39,7 @@ from meter.sources import PowerSource
 log = logging.getLogger(__name__)
 
 ESTIMATE = "estimate"
+COMPACT_AFTER = 256  # a request holds up to twice this many attributed arrivals (see Meter._compact)
 MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
 
 
@@ -113,6 +114,7 @@ class _Request:
     fault: str | None = None
     shares: dict[int, float] = field(default_factory=dict)
     host_j: float = 0.0
+    counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
 
     @property
     def known_until(self) -> float:
@@ -123,7 +125,7 @@ class _Request:
 
     @property
     def tokens_seen(self) -> int:
-        return int(sum(self.counts))
+        return int(self.counted + sum(self.counts))
 
 
 @dataclass(slots=True)
@@ -510,6 +512,24 @@ class Meter:
             st.joules_per_work = attributed / split.work
         st.frontier = target
         st.foreign = [f for f in st.foreign if f[1] > target]
+        for req in active:
+            if len(req.times) > 2 * COMPACT_AFTER:  # cheap test first: most requests are short
+                self._compact(req)
+
+    def _compact(self, req: _Request) -> None:
+        """Drop arrivals every GPU of ``req`` has attributed, but the last (a span starts there).
+
+        A long generation would otherwise hold every token's time until it ends: a 32k-token
+        answer about a megabyte.
+        """
+        frontiers = [f for g in req.gpus if g in self._gpu and (f := self._gpu[g].frontier) is not None]
+        if not frontiers or len(frontiers) < len(req.gpus):
+            return
+        done = bisect.bisect_right(req.times, min(frontiers)) - 1
+        if done > 0:
+            # tokens() appends to both lists without the lock: cut both by the same count from the front.
+            req.counted += sum(req.counts[:done])
+            del req.times[:done], req.counts[:done]
 
     @staticmethod
     def _from(req: _Request, t: float) -> tuple[int, float, float]:

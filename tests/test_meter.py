@@ -399,3 +399,21 @@ def test_a_counter_that_stops_stepping_faults_its_gpu_without_growing_the_sample
     run_until(meter, clock, 120.0)
     assert meter.state()["gpus"]["0"]["fault"] == "stale"
     assert len(meter.sampler._gpu[0].pending) <= meter.sampler._gpu[0].samples.maxlen  # bounded, not 2400 points
+
+
+def test_a_long_stream_holds_only_its_recent_token_times_and_keeps_its_figures():
+    """Attributed arrivals are dropped as the stream goes on; the energy and the token count are as without."""
+    from meter.meter import COMPACT_AFTER
+
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0, until=80.0)}, clock)
+    run_until(meter, clock, 1.0)
+    w = meter.begin("long", [0], prompt_tokens=100)
+    held = []
+    run_until(meter, clock, 61.0, lambda t: (w.tokens(1, t), held.append(len(w._req.times))))
+    w.end(t=61.0)
+    run_until(meter, clock, 63.0)
+    assert max(held[-600:]) < 2 * COMPACT_AFTER + 50  # not the 1200 tokens seen
+    m = settled["long"]
+    assert m.completion_tokens == 1200
+    assert m.joules == pytest.approx(true_energy(lambda t: 300.0, 1.0, 61.0), rel=0.01)
