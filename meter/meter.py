@@ -449,12 +449,16 @@ class Meter:
         would fail every later pass too. The slice is skipped, as a gap in the readings is.
         """
         assert self.sampler is not None
-        for rid in st.requests:
-            req = self._requests.get(rid)
-            if req is not None:
-                req.fault = req.fault or "internal"
+        self._fault_requests(st, "internal")
         st.requests.clear()
         st.frontier = self.sampler.last_sample_time(g) or st.frontier
+
+    def _fault_requests(self, st: _Gpu, kind: str) -> None:
+        """Give the GPU's requests ``kind`` as their fault, unless they have one: they get estimates."""
+        for rid in st.requests:
+            req = self._requests.get(rid)  # get: this also runs after a pass failed, invariants unsure
+            if req is not None:
+                req.fault = req.fault or kind
 
     def _advance_gpu(self, g: int, st: _Gpu, now: float) -> None:
         assert self.sampler is not None
@@ -464,8 +468,7 @@ class Meter:
                 st.faulted = "stale"
                 self._count_error("stale")
                 log.warning("meter: GPU %d has no fresh reading; its requests fall back to estimates", g)
-            for rid in st.requests:
-                self._requests[rid].fault = self._requests[rid].fault or "stale"
+            self._fault_requests(st, "stale")
             return
         if not samples:
             return
