@@ -86,6 +86,7 @@ class Sampler:
         self.counter_cpu_budget = counter_cpu_budget
         self.cpu_clock = cpu_clock
         self.power_lag_s = power_lag_s
+        self.continuous = getattr(source, "continuous_counter", False)
         self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(deque(maxlen=maxlen)) for g in self.gpus}
@@ -184,9 +185,13 @@ class Sampler:
     ) -> None:
         """Store a counter reading when it changed, made continuous across resets."""
         if st.last_raw is None:
-            st.samples.append((now, raw))
+            # Read sparsely, the counter last stepped about counter_lag_s ago, as every later read
+            # is stamped: stamped now, the first interval's power would not match its energy and
+            # would skew the sensors' agreement, which scales provisional figures.
+            stamp = now - self.counter_lag_s if anchored else now
+            st.samples.append((stamp, raw))
             st.last_raw = raw
-            st.pending = [(now, 0.0)] if anchored else []
+            st.pending = [(stamp, 0.0)] if anchored else []
             return
         if raw == st.last_raw:
             return
@@ -201,6 +206,8 @@ class Sampler:
         if anchored:
             # The counter stepped within its update period before this read.
             stamp = max(now - self.counter_lag_s, (t_a + now) / 2)
+        elif self.continuous:  # the value is the energy up to this read
+            stamp = now
         else:
             # Polled often: it stepped between the previous poll and this one.
             stamp = now if prev_poll is None else (prev_poll + now) / 2
@@ -236,6 +243,28 @@ class Sampler:
                 break
         out.reverse()
         return out
+
+    def energy_curve(self, gpu: int, since: float | None, until: float | None = None) -> list[tuple[float, float]]:
+        """The best estimate now of cumulative energy ``(time, J)`` from ``since`` on, for provisional figures.
+
+        Counter samples first; while the counter is read sparsely, the power integrated since
+        its last read follows (scaled by how the two sensors have agreed lately); with ``until``,
+        the curve is extended to it at the latest instantaneous power. Not for settled figures:
+        only the samples are final.
+        """
+        curve = self.samples_since(gpu, since)
+        st = self._gpu[gpu]
+        if not curve:
+            return curve
+        pending = st.pending  # the sampler thread appends to it, or replaces it when the counter steps
+        t_a, e_a = curve[-1]
+        if len(pending) > 1 and pending[0][0] == t_a:  # anchored at the last sample, not at a newer one
+            scale = self.power_vs_counter(gpu) or 1.0
+            curve.extend((t, e_a + c * scale) for t, c in pending[1:] if t > t_a)
+        t_z, e_z = curve[-1]
+        if until is not None and until > t_z and st.power_w is not None:
+            curve.append((until, e_z + st.power_w * (until - t_z)))
+        return curve
 
     def power_w(self, gpu: int) -> float | None:
         """Latest instantaneous power of one GPU in watts, if known."""

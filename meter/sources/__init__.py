@@ -38,6 +38,9 @@ class PowerSource(Protocol):
 
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
     method: str
+    #: True when a counter reading is the energy up to the moment it was read (a simulated GPU);
+    #: False when the counter steps now and then, as NVML's does (every ~100 ms on H100).
+    continuous_counter: bool
 
     @property
     def unmeasurable(self) -> Mapping[int, str]:

@@ -35,6 +35,7 @@ class NvmlSource:
     """Energy and power of the given NVML GPU indices."""
 
     method = "nvml"
+    continuous_counter = False
 
     def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
         try:

@@ -90,6 +90,7 @@ class SimulatedSource:
     """Power source over a set of :class:`SimulatedGpu` by index."""
 
     method = "simulated"
+    continuous_counter = True  # energy is integrated exactly up to each read
 
     def __init__(self, gpus: dict[int, SimulatedGpu]) -> None:
         self.gpus = gpus

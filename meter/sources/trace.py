@@ -20,6 +20,7 @@ class TraceSource:
     """
 
     method = "trace"
+    continuous_counter = False
 
     def __init__(
         self,
