@@ -30,17 +30,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meter.attribution import activity_spans, split_arrays
+from meter.attribution import MIN_SPAN_S, split_arrays
 from meter.estimate import estimate
 from meter.host import HostPower
+from meter.live import LiveSplit
 from meter.sampler import Sampler
 from meter.sources import PowerSource
+from meter.work import spans_since
 
 log = logging.getLogger(__name__)
 
 ESTIMATE = "estimate"
 COMPACT_AFTER = 256  # a request holds up to twice this many attributed arrivals (see Meter._compact)
 MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
+TTFT_WEIGHT = 0.2  # weight of the newest stream in a GPU's moving-average time to first token
 
 
 def token_count(value: object) -> int | None:
@@ -115,6 +118,7 @@ class _Request:
     shares: dict[int, float] = field(default_factory=dict)
     host_j: float = 0.0
     counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
+    unseen_tokens: int = 0  # a plain response's tokens, placed in time when the window ends
 
     @property
     def known_until(self) -> float:
@@ -136,12 +140,12 @@ class _Gpu:
     attributed: float = 0.0
     idle: float = 0.0
     unattributed: float = 0.0
-    joules_per_work: float | None = None  # from the last slice, for provisional figures
-    host_per_gpu_joule: float = 0.0  # host J per GPU J in the last slice, likewise
+    host_per_gpu_joule: float = 0.0  # host J per GPU J in the last slice, for provisional figures
     faulted: str | None = None
     requests: set[str] = field(default_factory=set)
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
-    open_work: tuple[float, int, float] | None = None  # (since, poll number, work of its requests since then)
+    live: LiveSplit = field(default_factory=LiveSplit)  # shares of the time after the frontier
+    ttft_s: float | None = None  # recent time to first token of streamed requests (moving average)
 
 
 class RequestWindow:
@@ -164,8 +168,21 @@ class RequestWindow:
         an upstream through :func:`token_count` first.
         """
         req = self._req
-        req.times.append(self._meter.clock() if t is None else t)
+        t = self._meter.clock() if t is None else t
+        if not req.times:
+            self._meter._first_token(req, t)
+        req.times.append(t)
         req.counts.append(n)
+
+    def completed(self, n: int) -> None:
+        """A plain (non-streamed) response with ``n`` tokens, whose arrival times the gateway cannot see.
+
+        When the window ends its first token is placed where the GPU's streams have lately seen
+        theirs (their time to first token) and the rest evenly up to the end: the shape a stream
+        of the same request would have had, so streamed and plain requests doing the same work
+        get the same share. Pass a count from an upstream through :func:`token_count` first.
+        """
+        self._req.unseen_tokens += n
 
     def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
         """Exact token counts from the upstream's usage report; what is not a count is ignored."""
@@ -288,6 +305,7 @@ class Meter:
         every = self.settle_every_s * min(max(1.0, len(self._requests) / 250), 4.0)
         if self.clock() - self._last_advance >= every:
             self._emit(self._advance_locked())
+        self._live_locked()
 
     def state(self) -> dict[str, object]:
         """Meter health for ``/readyz``."""
@@ -367,6 +385,7 @@ class Meter:
             for g in req.gpus:
                 if g in self._gpu:
                     self._gpu[g].requests.add(request_id)
+                    self._gpu[g].live.began()
         return RequestWindow(self, req)
 
     def _cannot_meter(self, gpus: Sequence[int]) -> str | None:
@@ -406,6 +425,9 @@ class Meter:
                 return self._provisional(req)
             req.end = max(t, req.start)
             req.status = status
+            self._reconcile_tokens(req)
+            if req.unseen_tokens:
+                self._place_unseen(req)
             if not self._estimated(req):
                 stale = [g for g in req.gpus if self._stale(g, self.clock())]
                 if stale:  # no fresh reading: do not hand out a figure the meter cannot back
@@ -451,7 +473,7 @@ class Meter:
         assert self.sampler is not None
         self._fault_requests(st, "internal")
         st.requests.clear()
-        st.frontier = self.sampler.last_sample_time(g) or st.frontier
+        self._move_frontier(st, self.sampler.last_sample_time(g) or st.frontier)
 
     def _fault_requests(self, st: _Gpu, kind: str) -> None:
         """Give the GPU's requests ``kind`` as their fault, unless they have one: they get estimates."""
@@ -476,7 +498,7 @@ class Meter:
         if st.faulted is not None:
             # Readings are back: skip the gap rather than attribute it.
             st.faulted = None
-            st.frontier = last_t
+            self._move_frontier(st, last_t)
             return
         if st.frontier is None:
             st.frontier = samples[0][0]
@@ -488,7 +510,7 @@ class Meter:
         active = [r for r in reqs if r.start < target and (r.end is None or r.end > st.frontier)]
         split = split_arrays(
             samples,
-            *self._spans_since(active, st.frontier),
+            *spans_since(active, st.frontier),
             len(active),
             st.frontier,
             target,
@@ -511,9 +533,7 @@ class Meter:
             st.host_per_gpu_joule = host_j / measured
             for req, j in zip(active, joules):
                 req.host_j += j * st.host_per_gpu_joule
-        if split.work > 0:
-            st.joules_per_work = attributed / split.work
-        st.frontier = target
+        self._move_frontier(st, target)
         st.foreign = [f for f in st.foreign if f[1] > target]
         for req in active:
             if len(req.times) > 2 * COMPACT_AFTER:  # cheap test first: most requests are short
@@ -534,42 +554,89 @@ class Meter:
             req.counted += sum(req.counts[:done])
             del req.times[:done], req.counts[:done]
 
+    def _first_token(self, req: _Request, t: float) -> None:
+        """Keep each GPU's recent time to first token (TTFT), to shape plain responses like streams."""
+        ttft = t - req.start
+        if ttft < 0:
+            return
+        for g in req.gpus:
+            st = self._gpu.get(g)
+            if st is not None:
+                st.ttft_s = ttft if st.ttft_s is None else st.ttft_s + TTFT_WEIGHT * (ttft - st.ttft_s)
+
     @staticmethod
-    def _from(req: _Request, t: float) -> tuple[int, float, float]:
-        """Index of ``req``'s first token after ``t``, the start of the span holding ``t``, and its prefill work."""
-        i = bisect.bisect_right(req.times, t)
-        if i == 0:
-            return 0, req.start, req.prompt_tokens * req.prefill_weight
-        return i, req.times[i - 1], 0.0
+    def _reconcile_tokens(req: _Request) -> None:
+        """Make the arrivals add up to the upstream's completion count, when it reported one.
 
-    @classmethod
-    def _work_since(cls, req: _Request, t: float) -> float:
-        """Known work of ``req`` after ``t``: later tokens, and the part of the span that straddles ``t``."""
-        i, prev, prefill = cls._from(req, t)
-        if i == len(req.times):  # no token after t: only an unfinished prompt is left
-            end = req.end if req.end is not None else t
-            return prefill * max(end - t, 0.0) / (end - prev) if end > prev else 0.0
-        first_t = req.times[i]
-        share = (first_t - t) / (first_t - prev) if first_t > prev else 1.0
-        return (req.counts[i] + prefill) * min(max(share, 0.0), 1.0) + sum(req.counts[i + 1 :])
+        A stream's chunks can hold several tokens each (a server that batches its output); the
+        arrivals keep their timing and are scaled to the count. A stream whose tokens were not
+        seen at all is shaped as a plain response.
+        """
+        total = req.completion_tokens
+        if total is None or req.unseen_tokens:
+            return
+        pending = total - req.counted
+        seen = sum(req.counts)
+        if seen <= 0:
+            req.unseen_tokens = max(int(pending), 0)
+        elif pending > 0 and abs(pending - seen) > 0.5:
+            scale = pending / seen
+            req.counts[:] = [c * scale for c in req.counts]
 
-    @classmethod
-    def _spans_since(cls, reqs: list[_Request], t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`activity_spans`)."""
-        starts, prefill, ends, per, times, counts = [], [], [], [], [], []
-        for req in reqs:
-            i, start, work = cls._from(req, t)
-            starts.append(start)
-            prefill.append(work)
-            n = min(len(req.times), len(req.counts))  # tokens() may be between its two appends
-            times.extend(req.times[i:n])
-            counts.extend(req.counts[i:n])
-            per.append(max(n - i, 0))
-            ends.append(math.nan if req.end is None else req.end)
-        f = np.asarray
-        # fromiter with a count: a third faster than asarray on the long lists (one entry per token).
-        return activity_spans(f(starts, float), f(prefill, float), f(ends, float), f(per, np.intp),
-                              np.fromiter(times, float, len(times)), np.fromiter(counts, float, len(counts)))
+    def _place_unseen(self, req: _Request) -> None:
+        """Arrivals for a plain response's tokens: the first at the GPUs' recent TTFT, the rest at the end."""
+        assert req.end is not None
+        n, req.unseen_tokens = req.unseen_tokens, 0
+        ttfts = [st.ttft_s for g in req.gpus if (st := self._gpu.get(g)) is not None and st.ttft_s is not None]
+        first = req.start + sum(ttfts) / len(ttfts) if ttfts else req.end
+        last = req.times[-1] if req.times else req.start
+        if n > 1 and last < first < req.end - MIN_SPAN_S:
+            req.times.append(first)
+            req.counts.append(1)
+            n -= 1
+        req.times.append(req.end)
+        req.counts.append(n)
+
+    @staticmethod
+    def _move_frontier(st: _Gpu, t: float | None) -> None:
+        """Settled up to ``t``: live shares of the time before it give way to the settled ones."""
+        st.frontier = t
+        if t is not None:
+            st.live.settled_until(t)
+
+    def _live_locked(self) -> None:
+        """Split each GPU's energy since its last live slice among the requests active in it (see :mod:`meter.live`)."""
+        if self.sampler is None:
+            return
+        with self._lock:
+            for g, st in self._gpu.items():
+                if st.faulted is not None:
+                    continue
+                try:
+                    self._live_gpu(g, st)
+                except Exception:  # provisional figures only: the settled pass is unaffected
+                    log.exception("meter: live split failed on GPU %d", g)
+                    self._count_error("internal")
+
+    def _live_gpu(self, g: int, st: _Gpu) -> None:
+        assert self.sampler is not None
+        live = st.live
+        since = max((t for t in (live.until, st.frontier) if t is not None), default=None)
+        curve = self.sampler.energy_curve(g, since)
+        if not curve:
+            return
+        a, b = curve[0][0] if since is None else since, curve[-1][0]
+        if b <= a:
+            return
+        reqs = [self._requests[rid] for rid in st.requests]
+        active = [r for r in reqs if r.start < b and (r.end is None or r.end > a)]
+        split = split_arrays(curve, *spans_since(active, a), len(active), a, b, foreign=st.foreign)
+        shares = split.shares  # keyed 0..len(active)-1, in order
+        live.add(
+            b,
+            ((r.request_id, shares[k], max(a, r.start), b if r.end is None else min(b, r.end)) for k, r in enumerate(active)),
+            sum(1 for r in reqs if r.end is None),
+        )
 
     def _stale(self, g: int, now: float) -> bool:
         """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
@@ -620,39 +687,24 @@ class Meter:
         )
 
     def _provisional(self, req: _Request) -> Measurement:
-        """Settled slices plus the rest extrapolated at the GPU's latest joules per unit of work."""
+        """Settled slices, plus live slices since the frontier, plus the rest of the window by heads."""
         assert req.end is not None
+        assert self.sampler is not None or not req.gpus
         joules: dict[int, float] = {}
         host = req.host_j
         for g in req.gpus:
             st = self._gpu[g]
-            done = req.shares.get(g, 0.0)
-            frontier = st.frontier if st.frontier is not None else req.start
-            if req.end > frontier:
-                work = self._work_since(req, frontier)
-                if st.joules_per_work is not None:
-                    done += work * st.joules_per_work
-                else:  # no slice attributed yet: split the tail's energy by work among the requests on the GPU
-                    power = (self.sampler.power_w(g) if self.sampler else None) or 0.0
-                    total = self._open_work(st, frontier)
-                    mine = min(work / total, 1.0) if total > 0 else 1 / max(len(st.requests), 1)
-                    done += power * (req.end - max(frontier, req.start)) * mine
+            done = req.shares.get(g, 0.0) + st.live.share(req.request_id)
+            since = max((t for t in (st.live.until, st.frontier) if t is not None), default=req.start)
+            since = max(since, req.start)
+            if req.end > since and self.sampler is not None:
+                curve = self.sampler.energy_curve(g, since, until=req.end)
+                if curve:
+                    tail = curve[-1][1] - float(np.interp(since, *zip(*curve)))
+                    done += max(tail, 0.0) / max(st.live.heads, 1)
             host += (done - req.shares.get(g, 0.0)) * st.host_per_gpu_joule
             joules[g] = done
         return self._measurement(req, joules, settled=False, host_j=host)
-
-    def _open_work(self, st: _Gpu, since: float) -> float:
-        """Work of the GPU's requests since ``since``, recomputed at most once per poll.
-
-        Every closing request asks for it until the GPU's first slice is attributed, and it walks
-        every open request: a burst of closes would cost the square of the burst.
-        """
-        assert self.sampler is not None
-        poll = int(self.clock() / self.sampler.interval_s)
-        if st.open_work is None or st.open_work[:2] != (since, poll):
-            total = sum(self._work_since(self._requests[rid], since) for rid in st.requests)
-            st.open_work = (since, poll, total)
-        return st.open_work[2]
 
     def _settle(self, req: _Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""
@@ -673,6 +725,7 @@ class Meter:
         for g in req.gpus:
             if g in self._gpu:
                 self._gpu[g].requests.discard(req.request_id)
+                self._gpu[g].live.forget(req.request_id)
         return result
 
     # -- callbacks ---------------------------------------------------------------
@@ -693,3 +746,4 @@ class Meter:
                 self.on_settled(m)
             except Exception:
                 log.exception("meter on_settled callback failed")
+

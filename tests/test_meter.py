@@ -313,12 +313,14 @@ def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier
     stream = meter.begin("s", [0])
     plain = meter.begin("p", [0], prompt_tokens=300)
     run_until(meter, clock, 4.0, lambda t: stream.tokens(1, t))
-    plain.tokens(60, 4.0)  # the same pace as the stream, all at once
+    plain.completed(60)  # a plain response: 60 tokens the gateway saw only at the end
     provisional = plain.end(t=4.0)
     stream.end(t=4.0)
     run_until(meter, clock, 5.0)
-    # Work 60 + 0.2 x 300 against the stream's 60 over the same 3 s: two thirds of 900 J.
-    assert settled["p"].joules == pytest.approx(600.0, rel=0.03)
+    # 900 J over the 3 s; the plain request's share is larger for its prompt (placed where the
+    # stream's first token came: see RequestWindow.completed).
+    assert settled["p"].joules + settled["s"].joules == pytest.approx(900.0, rel=0.03)
+    assert settled["p"].joules > settled["s"].joules
     assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.05)
 
 
