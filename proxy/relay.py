@@ -4,14 +4,17 @@ Every event is forwarded as soon as it arrives. The only event held back is the
 upstream's usage chunk (``choices: []``, requested by the gateway with
 ``stream_options.include_usage``): it becomes the last data event, carrying the
 ``energy`` object (and ``usage`` only if the client asked for it), followed by
-``[DONE]``. Tokens are counted from the bytes of each event, without parsing its
-JSON; the exact totals come from the usage chunk.
+``[DONE]``.
+
+Each data event is parsed (orjson: about a microsecond for a chat chunk, ~1 % of
+what relaying it costs) to time the tokens: a choice that carries generated text,
+reasoning or a tool call is a token arriving now, however the upstream spaces or
+orders its JSON. The exact totals come from the usage chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,11 +26,10 @@ from starlette.types import Message, Receive, Scope, Send
 from meter import Measurement, RequestWindow
 from proxy import upstream as up
 
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_CHOICE = b'"choices":[{'
-# Choice chunks that carry no generated text: the role chunk and the finish chunk.
-_EMPTY = re.compile(rb'"(?:content|text)":""|"delta":\{\}')
 _DONE = b"data: [DONE]"
+# Fields of a streamed choice (or of its delta) that carry generated output: text (chat and
+# completions), reasoning (vLLM, SGLang, DeepSeek, Ollama), tool and function calls.
+_OUTPUT = ("content", "text", "reasoning_content", "reasoning", "tool_calls", "function_call")
 # Longest event held while waiting for its blank line: far above any chat chunk (logprobs
 # included), and what keeps an upstream that never sends one from filling the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -120,7 +122,7 @@ class StreamRelay(Response):
             # The last event may end without its blank line when the upstream closes; a data event cut
             # short is not passed on (the client's JSON parser would fail on it) but said to be missing.
             rest = buf.strip()
-            if rest.startswith(b"data: {") and not _json(rest):
+            if (data := _data(rest)) is not None and data.startswith(b"{") and _loads(data) is None:
                 error_event = self._error_event("upstream closed the stream in the middle of an event", 502)
             elif rest and (final := self._event(rest)):
                 await send({"type": "http.response.body", "body": final + b"\n\n", "more_body": True})
@@ -139,28 +141,31 @@ class StreamRelay(Response):
 
     def _event(self, event: bytes) -> bytes | None:
         """Account one upstream event (without its blank line); return what to forward (None: hold or drop)."""
-        if event.startswith(_DONE):
-            return None
-        if not event.startswith(b"data: {"):
+        data = _data(event)
+        if data is None:
             return event  # comments and keep-alives pass through
+        if data == b"[DONE]":
+            return None
+        obj = _loads(data)
+        if obj is None:
+            return event  # not a JSON object: not ours to judge
         if self.first is None:
-            self.first = _json(event)
-        if event.startswith(b'data: {"error"'):
+            self.first = obj
+        if obj.get("error") is not None:
             self.status = "error"
             return event
-        if b'"usage"' in event and _USAGE.search(event):
-            obj = _json(event)
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            if not obj.get("choices"):
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            if not choices:
                 self.held = obj
                 return None
             if not self.client_wants_usage:  # continuous usage stats the client did not ask for
-                obj.pop("usage", None)
+                del obj["usage"]
                 event = b"data: " + orjson.dumps(obj)
-        if _CHOICE in event and not _EMPTY.search(event):
-            self.window.tokens(1)
+        if isinstance(choices, list) and (tokens := sum(1 for c in choices if _has_output(c))):
+            self.window.tokens(tokens)
         return event
 
     def _synthetic_last(self) -> dict[str, Any]:
@@ -179,9 +184,29 @@ class StreamRelay(Response):
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def _json(event: bytes) -> dict[str, Any]:
+def _data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its ``data:`` lines joined), None when it has none."""
+    if event.startswith(b"data: "):  # the usual shape: one data line
+        if b"\n" not in event:
+            return event[6:]
+    elif not event.startswith((b"data:", b"event:", b"id:", b"retry:", b":")):
+        return None
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
     try:
-        obj = orjson.loads(event[6:])
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _has_output(choice: object) -> bool:
+    """Whether a streamed choice carries generated output (not the role chunk or the finish chunk)."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    fields = delta if isinstance(delta, dict) else choice
+    return any(fields.get(key) for key in _OUTPUT)
