@@ -64,14 +64,23 @@ def site_factors(settings: Settings) -> SiteFactors:
     return SiteFactors(s.grid_zone, intensity, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh, source)
 
 
-def build_meter(settings: Settings) -> tuple[Meter, dict[int, SimulatedGpu]]:
-    """The meter the registry asks for; NVML missing degrades to estimates, loudly."""
+def build_meter(
+    settings: Settings, simulated_gpus: dict[int, SimulatedGpu] | None = None
+) -> tuple[Meter, dict[int, SimulatedGpu]]:
+    """The meter the registry asks for; NVML missing degrades to estimates, loudly.
+
+    Also returns the simulated GPUs the gateway must drive itself (begin/end of each request).
+    ``simulated_gpus``: for ``source: simulated``, GPUs whose load something else drives (the
+    demo's and tests' simulated upstream); none then for the gateway to drive.
+    """
     m = settings.meter
     gpus = settings.metered_gpus
     simulated: dict[int, SimulatedGpu] = {}
     source: PowerSource | None = None
     init_fault = None
-    if m.source == "simulated":
+    if m.source == "simulated" and simulated_gpus is not None:
+        source = SimulatedSource(simulated_gpus)
+    elif m.source == "simulated":
         simulated = {g: SimulatedGpu() for g in gpus}
         source = SimulatedSource(simulated)
     elif m.source == "nvml" and gpus:
@@ -423,7 +432,7 @@ def create_app(
             usage = usage if isinstance(usage, dict) else {}
             completion = token_count(usage.get("completion_tokens"))
             if completion:
-                window.tokens(completion)
+                window.completed(completion)
             window.usage(usage.get("prompt_tokens"), completion)
         status = "ok" if ok else "error"
         energy = gw.finish(name, model, window.end(status), status, forwarded_at)

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--served-name", default="meta-llama/Llama-3.1-8B-Instruct")
+    sim.add_argument("--itl-ms", type=float, help="time between two tokens of a lone sequence (default: an H100's)")
+    sim.add_argument("--spaced-json", action="store_true", help='write JSON with spaces (`"choices": [{`)')
     report = sub.add_parser("report", help="energy, carbon and water totals from the ledger")
     report.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR)")
     report.add_argument("--by", choices=["model", "team", "day"], default="model")
@@ -86,9 +88,14 @@ def _report(args: argparse.Namespace) -> int:
 def _simulate_upstream(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from dataclasses import replace
+
+    from meter.sources.simulated import H100_LLAMA_8B, SimulatedGpu
     from proxy.simulated_upstream import SimulatedUpstream
 
-    uvicorn.run(SimulatedUpstream(served_name=args.served_name), host=args.host, port=args.port, log_level="warning")
+    profile = H100_LLAMA_8B if args.itl_ms is None else replace(H100_LLAMA_8B, itl_1_s=args.itl_ms / 1000)
+    upstream = SimulatedUpstream(SimulatedGpu(profile), served_name=args.served_name, spaced_json=args.spaced_json)
+    uvicorn.run(upstream, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -13,6 +13,7 @@ a connection that breaks mid-stream, a server that hangs); the tests use it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -69,12 +70,15 @@ class SimulatedUpstream:
         max_model_len: int = 8192,
         default_max_tokens: int = 64,
         scenario: Callable[[dict[str, Any]], Scenario] | None = None,
+        spaced_json: bool = False,
     ) -> None:
         self.gpu = gpu or SimulatedGpu()
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.scenario = scenario or (lambda body: Scenario())
+        # Python's json.dumps style (`"choices": [{`), as some OpenAI-compatible servers write it.
+        self.dumps: Callable[[Any], bytes] = (lambda o: json.dumps(o).encode()) if spaced_json else orjson.dumps
         self.requests_seen: list[dict[str, Any]] = []
         self.app = Starlette(
             routes=[
@@ -164,7 +168,7 @@ class SimulatedUpstream:
                 "total_tokens": prompt_tokens + len(text),
             },
         }
-        return Response(orjson.dumps(out), media_type="application/json")
+        return Response(self.dumps(out), media_type="application/json")
 
     async def _tokens(self, prompt_tokens: int, max_tokens: int, scenario: Scenario) -> AsyncIterator[str]:
         await asyncio.sleep(prompt_tokens / PREFILL_TOKENS_PER_S + scenario.first_token_delay_s)
@@ -179,7 +183,7 @@ class SimulatedUpstream:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            return b"data: " + orjson.dumps({**ids, "object": obj, "choices": choices, **extra}) + b"\n\n"
+            return b"data: " + self.dumps({**ids, "object": obj, "choices": choices, **extra}) + b"\n\n"
 
         def choice(text: str, finish: str | None = None) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}

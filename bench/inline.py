@@ -1,0 +1,315 @@
+"""How close the inline figures (headers, the body's and the stream's ``energy``) are to the settled ones.
+
+    python -m bench.inline [--mode gateway|trace|both] [--runs 1] [--spaced-json]
+
+The workload of issue 12: waves of 1, 8, 1, 16, 2, 1, 4, 12, 1 concurrent chat
+requests, alternately streamed and plain, of 24 to 72 tokens (so concurrency
+also changes inside a wave), on a simulated H100 decoding at 5 ms per token.
+
+- ``gateway``: through the real gateway over HTTP on localhost, in front of the
+  built-in vLLM-like upstream, with the registry's default meter settings and
+  ``meter.source: simulated``. Each request's inline figure (``x-energy-joules``
+  for plain requests, the last chunk's ``energy`` for streams) is compared with
+  its settled record from ``GET /v1/energy/{id}``.
+- ``trace``: the same schedule replayed into the meter on a scripted clock, the
+  GPU's counter stepping every 100 ms like an H100's (the test seam: no HTTP, no
+  timing noise, the same figures every run).
+
+Prints p50, p95 and worst of |inline / settled - 1| for streams and plain
+requests separately. Targets (issue 12): p95 <= 5 %, worst <= 15 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from meter import Measurement, Meter
+from bench.overhead import _wait
+from meter.sources.simulated import GpuProfile
+from meter.sources.trace import TraceSource
+from proxy.serving import free_port
+
+WAVES = (1, 8, 1, 16, 2, 1, 4, 12, 1)
+PROFILE = GpuProfile(itl_1_s=0.005)  # 5 ms per token alone (issue 12's workload)
+MODEL = "llama"
+SERVED = "meta-llama/Llama-3.1-8B-Instruct"
+PROMPT_TOKENS = 12
+ARRIVAL_GAP_S = 0.0005  # a wave's requests reach the GPU one after another, as through one gateway
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One request of the workload."""
+
+    wave: int
+    stream: bool
+    max_tokens: int
+
+
+def workload(waves: tuple[int, ...] = WAVES) -> list[list[Planned]]:
+    """The requests of each wave: alternately streamed and plain, 24 to 72 tokens."""
+    out, k = [], 0
+    for w, size in enumerate(waves):
+        wave = []
+        for i in range(size):
+            wave.append(Planned(w, stream=k % 2 == 0, max_tokens=24 + 12 * (i % 5)))
+            k += 1
+        out.append(wave)
+    return out
+
+
+def summary(pairs: list[tuple[bool, float, float]]) -> dict[str, dict[str, float]]:
+    """p50/p95/worst of |inline / settled - 1| per kind, from ``(stream, inline J, settled J)``."""
+    out = {}
+    for kind, stream in (("stream", True), ("plain", False)):
+        errs = sorted(abs(i / s - 1) for st, i, s in pairs if st is stream and s > 0)
+        if errs:
+            out[kind] = {
+                "n": len(errs),
+                "p50": statistics.median(errs),
+                "p95": errs[min(len(errs) - 1, math.ceil(0.95 * len(errs)) - 1)],
+                "worst": errs[-1],
+            }
+    return out
+
+
+def show(title: str, pairs: list[tuple[bool, float, float]]) -> None:
+    print(title)
+    for kind, s in summary(pairs).items():
+        ok = "meets" if s["p95"] <= 0.05 and s["worst"] <= 0.15 else "MISSES"
+        print(f"  {kind:<7}n={s['n']:<4.0f}p50 {s['p50']:6.1%}  p95 {s['p95']:6.1%}  worst {s['worst']:6.1%}  "
+              f"({ok} p95 <= 5 %, worst <= 15 %)")
+
+
+# -- through the gateway ---------------------------------------------------------------------------
+
+
+async def _send(client: httpx.AsyncClient, p: Planned) -> tuple[str, float]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about energy, briefly."}],
+            "max_tokens": p.max_tokens, "stream": p.stream}
+    if not p.stream:
+        r = await client.post("/v1/chat/completions", json=body)
+        r.raise_for_status()
+        energy = r.json()["energy"]
+        assert math.isclose(float(r.headers["x-energy-joules"]), energy["joules"], rel_tol=1e-5, abs_tol=1e-6)
+        return energy["request_id"], energy["joules"]
+    energy = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"energy"' in line:
+                energy = orjson.loads(line[6:]).get("energy") or energy
+    assert energy is not None
+    return energy["request_id"], energy["joules"]
+
+
+async def _gateway_workload(url: str) -> list[tuple[bool, str, float]]:
+    out = []
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        for wave in workload():
+            got = await asyncio.gather(*(_send(client, p) for p in wave))
+            out += [(p.stream, rid, joules) for p, (rid, joules) in zip(wave, got)]
+            await asyncio.sleep(0.05)
+    return out
+
+
+def _settled(url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, float]:
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url) as http:
+        while len(found) < len(ids) and time.monotonic() < deadline:
+            for rid in ids:
+                if rid not in found and (rec := http.get(f"/v1/energy/{rid}").json()).get("settled"):
+                    found[rid] = rec["joules"]
+            time.sleep(0.1)
+    return found
+
+
+def run_gateway(spaced_json: bool = False) -> list[tuple[bool, float, float]]:
+    """The workload through ``wattgate serve`` in front of ``wattgate simulate-upstream``, each in its
+    own process as a user would run them; ``(stream, inline J, settled J)`` per request."""
+    up_port, gw_port = free_port(), free_port()
+    registry = Path(tempfile.mkdtemp(prefix="wattgate-inline-")) / "registry.yaml"
+    registry.write_text(
+        f"models:\n  {MODEL}:\n    served_name: {SERVED}\n    upstream: http://127.0.0.1:{up_port}/v1\n"
+        f"    gpus: [0]\nmeter: {{source: simulated}}\nledger: {{path: {registry.parent / 'ledger.db'}}}\n"
+    )
+    cli = [sys.executable, "-m", "proxy.cli"]
+    upstream_cmd = [*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", str(PROFILE.itl_1_s * 1000)]
+    gateway_cmd = [*cli, "serve", "--config", str(registry), "--port", str(gw_port), "--log-level", "warning"]
+    procs = [subprocess.Popen([*upstream_cmd, *(["--spaced-json"] if spaced_json else [])]),
+             subprocess.Popen(gateway_cmd)]
+    url = f"http://127.0.0.1:{gw_port}"
+    try:
+        _wait(f"http://127.0.0.1:{up_port}/v1/models")
+        _wait(f"{url}/healthz")
+        inline = asyncio.run(_gateway_workload(url))
+        settled = _settled(url, [rid for _, rid, _ in inline])
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+    missing = [rid for _, rid, _ in inline if rid not in settled]
+    if missing:
+        raise RuntimeError(f"{len(missing)} requests did not settle")
+    return [(stream, joules, settled[rid]) for stream, rid, joules in inline]
+
+
+# -- on a scripted clock ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Seq:
+    plan: Planned
+    rid: str
+    start: float
+    first_at: float  # when its prefill ends and decoding starts
+    progress: float = 0.0  # fraction of the next token done
+    tokens: list[float] = field(default_factory=list)
+    end: float | None = None
+
+
+def simulate(
+    waves: tuple[int, ...] = WAVES, profile: GpuProfile = PROFILE, dt: float = 0.0005, gap_s: float = 0.05
+) -> tuple[list[_Seq], list[tuple[float, float, float]]]:
+    """A GPU serving the workload in fixed steps: each request's token times, and the GPU's trace:
+    an H100's counter (it steps every 100 ms) and its instantaneous power (every 10 ms)."""
+    seqs: list[_Seq] = []
+    energy, t = 5_000.0, 1.0
+    trace: list[tuple[float, float, float]] = [(0.0, energy, profile.idle_w)]
+    energy += profile.idle_w * 1.0
+    next_step = next_power = 1.0
+    counter = energy
+    waves_left = list(workload(waves))
+    running: list[_Seq] = []
+    wave_done_at: float | None = t
+    n = 0
+    while waves_left or running:
+        if not running and wave_done_at is not None and t >= wave_done_at + gap_s and waves_left:
+            for i, p in enumerate(waves_left.pop(0)):
+                seq = _Seq(p, f"r{n}", t + ARRIVAL_GAP_S * i, t + ARRIVAL_GAP_S * i + PROMPT_TOKENS / 20_000 + 0.002)
+                n += 1
+                running.append(seq)
+                seqs.append(seq)
+            wave_done_at = None
+        batch = sum(1 for s in running if s.start <= t)
+        power = profile.power_w(batch)
+        for seq in running:
+            if t >= seq.first_at:
+                seq.progress += dt / profile.inter_token_s(batch) if seq.tokens else 1.0
+                if seq.progress >= 1.0:
+                    seq.progress -= 1.0 if seq.tokens else seq.progress
+                    seq.tokens.append(t + dt)
+                    if len(seq.tokens) == seq.plan.max_tokens:
+                        seq.end = t + dt + 0.0005  # the usage chunk and [DONE] follow the last token
+        if running and all(s.end is not None for s in running):
+            wave_done_at = max(s.end for s in running if s.end is not None)
+        running = [s for s in running if s.end is None]
+        energy += power * dt
+        t = round(t + dt, 9)
+        if t >= next_power - 1e-9:  # power updates every 10 ms, the counter every 100 ms
+            if t >= next_step - 1e-9:
+                counter = energy
+                next_step = round(next_step + 0.1, 9)
+            trace.append((t, counter, power))
+            next_power = round(next_power + 0.01, 9)
+    for _ in range(40):  # idle afterwards, while everything settles
+        energy += profile.idle_w * 0.1
+        t = round(t + 0.1, 9)
+        trace.append((t, energy, profile.idle_w))
+    return seqs, trace
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _events(seqs: list[_Seq]) -> Iterator[tuple[float, int, str, _Seq]]:
+    """``(time, order, what, seq)`` in time order: begin, token, end."""
+    heap: list[tuple[float, int, str, _Seq]] = []
+    for i, s in enumerate(seqs):
+        assert s.end is not None
+        heap.append((s.start, 3 * i, "begin", s))
+        if s.plan.stream:
+            heap += [(t, 3 * i + 1, "token", s) for t in s.tokens]
+        heap.append((s.end, 3 * i + 2, "end", s))
+    heapq.heapify(heap)
+    while heap:
+        yield heapq.heappop(heap)
+
+
+def run_trace(waves: tuple[int, ...] = WAVES, **meter_kw: Any) -> list[tuple[bool, float, float]]:
+    """The workload replayed into a meter on a scripted clock; ``(stream, inline J, settled J)``."""
+    seqs, trace = simulate(waves)
+    clock = _Clock()
+    settled: dict[str, Measurement] = {}
+    meter = Meter(TraceSource({0: trace}, clock), [0], clock=clock, on_settled=lambda m: settled.__setitem__(m.request_id, m),
+                  **meter_kw)
+    assert meter.sampler is not None
+    interval = meter.sampler.interval_s
+    next_poll = interval
+    inline: dict[str, float] = {}
+    windows: dict[str, Any] = {}
+
+    def poll_until(t: float) -> None:
+        nonlocal next_poll
+        while next_poll <= t:
+            clock.t = next_poll
+            meter.sampler.poll()  # type: ignore[union-attr]
+            meter.sampler.after_poll()  # type: ignore[union-attr,misc]
+            next_poll = round(next_poll + interval, 9)
+
+    for t, _, what, seq in _events(seqs):
+        poll_until(t)
+        clock.t = t
+        if what == "begin":
+            windows[seq.rid] = meter.begin(seq.rid, [0], prompt_tokens=PROMPT_TOKENS)
+        elif what == "token":
+            windows[seq.rid].tokens(1, t)
+        else:
+            w = windows.pop(seq.rid)
+            if not seq.plan.stream:
+                w.completed(len(seq.tokens))
+            w.usage(PROMPT_TOKENS, len(seq.tokens))
+            inline[seq.rid] = w.end(t=t).joules
+    poll_until(trace[-1][0])
+    meter.advance()
+    return [(s.plan.stream, inline[s.rid], settled[s.rid].joules) for s in seqs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["gateway", "trace", "both"], default="both")
+    parser.add_argument("--runs", type=int, default=1, help="gateway runs")
+    parser.add_argument("--spaced-json", action="store_true", help="the upstream writes JSON with spaces")
+    args = parser.parse_args()
+    if args.mode in ("trace", "both"):
+        show("trace (scripted clock, H100-like counter every 100 ms, 50 ms polls):", run_trace())
+    if args.mode in ("gateway", "both"):
+        for i in range(args.runs):
+            style = "spaced" if args.spaced_json else "compact"
+            show(f"gateway run {i + 1} (simulated meter, upstream JSON {style}):", run_gateway(args.spaced_json))
+
+
+if __name__ == "__main__":
+    main()
