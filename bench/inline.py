@@ -1,19 +1,20 @@
 """How close the inline figures (headers, the body's and the stream's ``energy``) are to the settled ones.
 
-    python -m bench.inline [--mode gateway|trace|both] [--runs 1] [--spaced-json]
+    python -m bench.inline [--mode gateway|trace|both] [--runs 3] [--spaced-json]
 
 The workload of issue 12: waves of 1, 8, 1, 16, 2, 1, 4, 12, 1 concurrent chat
 requests, alternately streamed and plain, of 24 to 72 tokens (so concurrency
 also changes inside a wave), on a simulated H100 decoding at 5 ms per token.
 
-- ``gateway``: through the real gateway over HTTP on localhost, in front of the
-  built-in vLLM-like upstream, with the registry's default meter settings and
-  ``meter.source: simulated``. Each request's inline figure (``x-energy-joules``
-  for plain requests, the last chunk's ``energy`` for streams) is compared with
-  its settled record from ``GET /v1/energy/{id}``.
-- ``trace``: the same schedule replayed into the meter on a scripted clock, the
-  GPU's counter stepping every 100 ms like an H100's (the test seam: no HTTP, no
-  timing noise, the same figures every run).
+- ``gateway``: ``wattgate serve`` (the registry's default meter settings,
+  ``meter.source: simulated``) in front of ``wattgate simulate-upstream``, each
+  in its own process, as a user would run them. Each request's inline figure
+  (``x-energy-joules`` for plain requests, the last chunk's ``energy`` for
+  streams) is compared with its settled record from ``GET /v1/energy/{id}``.
+- ``trace``: the same waves on a scripted GPU (an H100-like counter stepping
+  every 100 ms, power every 10 ms) replayed into the meter on a scripted clock:
+  no HTTP and no timing noise, the same figures every run. Once with the counter
+  read every second (what ``auto`` chose on the H200 host), once every poll.
 
 Prints p50, p95 and worst of |inline / settled - 1| for streams and plain
 requests separately. Targets (issue 12): p95 <= 5 %, worst <= 15 %.
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 
 from meter import Measurement, Meter
@@ -49,6 +51,7 @@ PROFILE = GpuProfile(itl_1_s=0.005)  # 5 ms per token alone (issue 12's workload
 MODEL = "llama"
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT_TOKENS = 12
+SPARSE_COUNTER_S = 1.0  # what `counter_interval_ms: auto` chose on the H200 host (a read cost 4 ms of CPU)
 ARRIVAL_GAP_S = 0.0005  # a wave's requests reach the GPU one after another, as through one gateway
 
 
@@ -61,13 +64,13 @@ class Planned:
     max_tokens: int
 
 
-def workload(waves: tuple[int, ...] = WAVES) -> list[list[Planned]]:
-    """The requests of each wave: alternately streamed and plain, 24 to 72 tokens."""
+def workload(waves: tuple[int, ...] = WAVES, scale: int = 1) -> list[list[Planned]]:
+    """The requests of each wave: alternately streamed and plain, 24 to 72 tokens (times ``scale``)."""
     out, k = [], 0
     for w, size in enumerate(waves):
         wave = []
         for i in range(size):
-            wave.append(Planned(w, stream=k % 2 == 0, max_tokens=24 + 12 * (i % 5)))
+            wave.append(Planned(w, stream=k % 2 == 0, max_tokens=(24 + 12 * (i % 5)) * scale))
             k += 1
         out.append(wave)
     return out
@@ -175,9 +178,12 @@ def run_gateway(spaced_json: bool = False) -> list[tuple[bool, float, float]]:
 
 
 @dataclass(slots=True)
-class _Seq:
-    plan: Planned
+class Scripted:
+    """One request on the scripted GPU: when it began, its tokens' times, when it ended."""
+
     rid: str
+    stream: bool
+    max_tokens: int
     start: float
     first_at: float  # when its prefill ends and decoding starts
     progress: float = 0.0  # fraction of the next token done
@@ -185,26 +191,43 @@ class _Seq:
     end: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """What the meter said of one scripted request."""
+
+    rid: str
+    stream: bool
+    start: float
+    end: float
+    inline: Measurement
+    settled: Measurement
+    window_j: float  # the GPU's energy over the window as the meter saw it when the request ended
+
+
 def simulate(
-    waves: tuple[int, ...] = WAVES, profile: GpuProfile = PROFILE, dt: float = 0.0005, gap_s: float = 0.05
-) -> tuple[list[_Seq], list[tuple[float, float, float]]]:
-    """A GPU serving the workload in fixed steps: each request's token times, and the GPU's trace:
-    an H100's counter (it steps every 100 ms) and its instantaneous power (every 10 ms)."""
-    seqs: list[_Seq] = []
+    waves: list[list[Planned]] | None = None,
+    profile: GpuProfile = PROFILE,
+    dt: float = 0.0005,
+    gap_s: float = 0.05,
+    arrival_gap_s: float = ARRIVAL_GAP_S,
+) -> tuple[list[Scripted], list[tuple[float, float, float]]]:
+    """A GPU serving ``waves`` (default: the workload) in fixed steps, each wave once the last one is
+    done, its requests ``arrival_gap_s`` apart: each request's token times, and the GPU's trace: an
+    H100's counter (it steps every 100 ms) and its instantaneous power (every 10 ms)."""
+    seqs: list[Scripted] = []
     energy, t = 5_000.0, 1.0
     trace: list[tuple[float, float, float]] = [(0.0, energy, profile.idle_w)]
     energy += profile.idle_w * 1.0
     next_step = next_power = 1.0
     counter = energy
-    waves_left = list(workload(waves))
-    running: list[_Seq] = []
+    waves_left = list(workload() if waves is None else waves)
+    running: list[Scripted] = []
     wave_done_at: float | None = t
-    n = 0
     while waves_left or running:
         if not running and wave_done_at is not None and t >= wave_done_at + gap_s and waves_left:
             for i, p in enumerate(waves_left.pop(0)):
-                seq = _Seq(p, f"r{n}", t + ARRIVAL_GAP_S * i, t + ARRIVAL_GAP_S * i + PROMPT_TOKENS / 20_000 + 0.002)
-                n += 1
+                start = t + arrival_gap_s * i
+                seq = Scripted(f"r{len(seqs)}", p.stream, p.max_tokens, start, start + PROMPT_TOKENS / 20_000 + 0.002)
                 running.append(seq)
                 seqs.append(seq)
             wave_done_at = None
@@ -216,7 +239,7 @@ def simulate(
                 if seq.progress >= 1.0:
                     seq.progress -= 1.0 if seq.tokens else seq.progress
                     seq.tokens.append(t + dt)
-                    if len(seq.tokens) == seq.plan.max_tokens:
+                    if len(seq.tokens) == seq.max_tokens:
                         seq.end = t + dt + 0.0005  # the usage chunk and [DONE] follow the last token
         if running and all(s.end is not None for s in running):
             wave_done_at = max(s.end for s in running if s.end is not None)
@@ -244,13 +267,13 @@ class _Clock:
         return self.t
 
 
-def _events(seqs: list[_Seq]) -> Iterator[tuple[float, int, str, _Seq]]:
+def _events(seqs: list[Scripted]) -> Iterator[tuple[float, int, str, Scripted]]:
     """``(time, order, what, seq)`` in time order: begin, token, end."""
-    heap: list[tuple[float, int, str, _Seq]] = []
+    heap: list[tuple[float, int, str, Scripted]] = []
     for i, s in enumerate(seqs):
         assert s.end is not None
         heap.append((s.start, 3 * i, "begin", s))
-        if s.plan.stream:
+        if s.stream:
             heap += [(t, 3 * i + 1, "token", s) for t in s.tokens]
         heap.append((s.end, 3 * i + 2, "end", s))
     heapq.heapify(heap)
@@ -258,9 +281,10 @@ def _events(seqs: list[_Seq]) -> Iterator[tuple[float, int, str, _Seq]]:
         yield heapq.heappop(heap)
 
 
-def run_trace(waves: tuple[int, ...] = WAVES, **meter_kw: Any) -> list[tuple[bool, float, float]]:
-    """The workload replayed into a meter on a scripted clock; ``(stream, inline J, settled J)``."""
-    seqs, trace = simulate(waves)
+def replay(seqs: list[Scripted], trace: list[tuple[float, float, float]], **meter_kw: Any) -> list[Replayed]:
+    """Replay scripted requests into a meter reading ``trace`` on a scripted clock, polling every
+    ``interval_s`` as the sampler thread would; streams report each token, plain ones their count
+    at the end, as the gateway does."""
     clock = _Clock()
     settled: dict[str, Measurement] = {}
     meter = Meter(TraceSource({0: trace}, clock), [0], clock=clock, on_settled=lambda m: settled.__setitem__(m.request_id, m),
@@ -268,7 +292,7 @@ def run_trace(waves: tuple[int, ...] = WAVES, **meter_kw: Any) -> list[tuple[boo
     assert meter.sampler is not None
     interval = meter.sampler.interval_s
     next_poll = interval
-    inline: dict[str, float] = {}
+    inline: dict[str, tuple[Measurement, float]] = {}
     windows: dict[str, Any] = {}
 
     def poll_until(t: float) -> None:
@@ -288,27 +312,44 @@ def run_trace(waves: tuple[int, ...] = WAVES, **meter_kw: Any) -> list[tuple[boo
             windows[seq.rid].tokens(1, t)
         else:
             w = windows.pop(seq.rid)
-            if not seq.plan.stream:
+            if not seq.stream:
                 w.completed(len(seq.tokens))
             w.usage(PROMPT_TOKENS, len(seq.tokens))
-            inline[seq.rid] = w.end(t=t).joules
+            curve = meter.sampler.energy_curve(0, None, until=t)
+            e0, e1 = np.interp([seq.start, t], [p[0] for p in curve], [p[1] for p in curve])
+            inline[seq.rid] = (w.end(t=t), float(e1 - e0))
     poll_until(trace[-1][0])
     meter.advance()
-    return [(s.plan.stream, inline[s.rid], settled[s.rid].joules) for s in seqs]
+    return [Replayed(s.rid, s.stream, s.start, s.end or s.start, inline[s.rid][0], settled[s.rid], inline[s.rid][1])
+            for s in seqs]
+
+
+def run_trace(waves: list[list[Planned]] | None = None, **meter_kw: Any) -> list[tuple[bool, float, float]]:
+    """The workload replayed into a meter on a scripted clock; ``(stream, inline J, settled J)``."""
+    return [(r.stream, r.inline.joules, r.settled.joules) for r in replay(*simulate(waves), **meter_kw)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["gateway", "trace", "both"], default="both")
-    parser.add_argument("--runs", type=int, default=1, help="gateway runs")
+    parser.add_argument("--runs", type=int, default=3, help="gateway runs (the summary pools them)")
     parser.add_argument("--spaced-json", action="store_true", help="the upstream writes JSON with spaces")
+    parser.add_argument("--scale-tokens", type=int, default=1, help="trace: requests this many times longer")
     args = parser.parse_args()
     if args.mode in ("trace", "both"):
-        show("trace (scripted clock, H100-like counter every 100 ms, 50 ms polls):", run_trace())
+        waves = workload(scale=args.scale_tokens)
+        show(f"trace, counter read every {SPARSE_COUNTER_S:g} s (as `auto` chose on the H200 host), power every poll:",
+             run_trace(waves, counter_every_s=SPARSE_COUNTER_S))
+        show("trace, counter read every poll (windows under ~1 s: see README):", run_trace(waves))
     if args.mode in ("gateway", "both"):
+        style = "spaced" if args.spaced_json else "compact"
+        pooled = []
         for i in range(args.runs):
-            style = "spaced" if args.spaced_json else "compact"
-            show(f"gateway run {i + 1} (simulated meter, upstream JSON {style}):", run_gateway(args.spaced_json))
+            pairs = run_gateway(args.spaced_json)
+            show(f"gateway run {i + 1} (wattgate serve, simulated meter, upstream JSON {style}):", pairs)
+            pooled += pairs
+        if args.runs > 1:
+            show(f"gateway, {args.runs} runs pooled:", pooled)
 
 
 if __name__ == "__main__":

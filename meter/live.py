@@ -2,21 +2,21 @@
 
 The settled pass attributes a slice of a GPU's time once the work of every
 request in it is known, so its frontier can lag: up to ``settle_lag_s`` while a
-plain request (whose tokens come only at its end) runs. A request that ends
-ahead of that frontier gets its inline figure from the *live* split instead:
+plain request (whose tokens come only at its end) runs. The inline figure of a
+request that ends cannot wait for it; it comes from the *live* split instead:
 
 - after every poll, the energy measured since the previous poll is split among
   the requests active in it by the work known at that moment (a request whose
   rate is not known yet, a plain one or a stream between two tokens, takes an
-  average head's share), and each request's share of that slice is kept until
-  the settled pass covers the slice;
+  average head's share), and each request keeps a running total of its shares;
 - the rest of the window, after the last live slice (at most a poll interval
   and the counter's lag), is energy measured by instantaneous power, split
   evenly among the requests open in it.
 
-So a provisional figure is never priced from another period, never exceeds the
-energy of its window, and those of concurrent requests add up to at most what
-the GPU used while they ran.
+Every moment is split once for inline figures, so they are never priced from
+another period, never exceed the energy of their windows, and those of
+concurrent requests add up to at most what the GPU used while they ran (the
+settled figures split the same moments again, once all the work is known).
 """
 
 from __future__ import annotations
@@ -27,18 +27,16 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class LiveSplit:
-    """One GPU's live slices since its settled frontier, and each request's share of them."""
+    """One GPU's live split: how far it has got, and each open request's share so far."""
 
     until: float | None = None  # end of the last live slice (s, meter clock)
     heads: int = 0  # requests open at ``until`` or begun since: they share the energy after it
-    # Per request, in time order: [joules, start, end of its time in the slice].
-    _shares: dict[Hashable, list[list[float]]] = field(default_factory=dict)
+    _joules: dict[Hashable, float] = field(default_factory=dict)
 
-    def add(self, until: float, shares: Iterable[tuple[Hashable, float, float, float]], open_requests: int) -> None:
-        """Record each request's joules over a new live slice ending at ``until``, with the part of
-        the slice it was active in (``(key, joules, start, end)``)."""
-        for key, joules, lo, hi in shares:
-            self._shares.setdefault(key, []).append([joules, lo, hi])
+    def add(self, until: float, shares: Iterable[tuple[Hashable, float]], open_requests: int) -> None:
+        """Add each request's joules over a new live slice ending at ``until``."""
+        for key, joules in shares:
+            self._joules[key] = self._joules.get(key, 0.0) + joules
         self.until = until
         self.heads = open_requests
 
@@ -46,24 +44,9 @@ class LiveSplit:
         """A request began after the last live slice."""
         self.heads += 1
 
-    def settled_until(self, t: float) -> None:
-        """The settled pass now covers everything before ``t``: drop live shares of that time."""
-        for key in list(self._shares):
-            entries = self._shares[key]  # in time order
-            done = 0
-            while done < len(entries) and entries[done][2] <= t:
-                done += 1
-            if done == len(entries):
-                del self._shares[key]
-                continue
-            del entries[:done]
-            joules, lo, hi = entries[0]
-            if lo < t:  # active on both sides of the frontier: keep the part after it, in proportion to time
-                entries[0] = [joules * (hi - t) / (hi - lo), t, hi]
-
     def share(self, key: Hashable) -> float:
-        """Joules of ``key`` over the live slices not yet settled."""
-        return sum(joules for joules, _, _ in self._shares.get(key, ()))
+        """Joules of ``key`` over the live slices so far."""
+        return self._joules.get(key, 0.0)
 
     def forget(self, key: Hashable) -> None:
-        self._shares.pop(key, None)
+        self._joules.pop(key, None)

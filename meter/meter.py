@@ -302,10 +302,11 @@ class Meter:
         # Each pass walks every open request, so with many open it passes less often (up to
         # 4x settle_every_s from 1000 open): the cost per request stays flat, figures settle
         # at most a second later, and provisional ones extrapolate a little further.
+        # The live split first: requests that ended since the last one are still in the meter.
+        self._live_locked()
         every = self.settle_every_s * min(max(1.0, len(self._requests) / 250), 4.0)
         if self.clock() - self._last_advance >= every:
             self._emit(self._advance_locked())
-        self._live_locked()
 
     def state(self) -> dict[str, object]:
         """Meter health for ``/readyz``."""
@@ -473,7 +474,7 @@ class Meter:
         assert self.sampler is not None
         self._fault_requests(st, "internal")
         st.requests.clear()
-        self._move_frontier(st, self.sampler.last_sample_time(g) or st.frontier)
+        st.frontier = self.sampler.last_sample_time(g) or st.frontier
 
     def _fault_requests(self, st: _Gpu, kind: str) -> None:
         """Give the GPU's requests ``kind`` as their fault, unless they have one: they get estimates."""
@@ -498,7 +499,7 @@ class Meter:
         if st.faulted is not None:
             # Readings are back: skip the gap rather than attribute it.
             st.faulted = None
-            self._move_frontier(st, last_t)
+            st.frontier = last_t
             return
         if st.frontier is None:
             st.frontier = samples[0][0]
@@ -533,7 +534,7 @@ class Meter:
             st.host_per_gpu_joule = host_j / measured
             for req, j in zip(active, joules):
                 req.host_j += j * st.host_per_gpu_joule
-        self._move_frontier(st, target)
+        st.frontier = target
         st.foreign = [f for f in st.foreign if f[1] > target]
         for req in active:
             if len(req.times) > 2 * COMPACT_AFTER:  # cheap test first: most requests are short
@@ -597,13 +598,6 @@ class Meter:
         req.times.append(req.end)
         req.counts.append(n)
 
-    @staticmethod
-    def _move_frontier(st: _Gpu, t: float | None) -> None:
-        """Settled up to ``t``: live shares of the time before it give way to the settled ones."""
-        st.frontier = t
-        if t is not None:
-            st.live.settled_until(t)
-
     def _live_locked(self) -> None:
         """Split each GPU's energy since its last live slice among the requests active in it (see :mod:`meter.live`)."""
         if self.sampler is None:
@@ -621,22 +615,26 @@ class Meter:
     def _live_gpu(self, g: int, st: _Gpu) -> None:
         assert self.sampler is not None
         live = st.live
-        since = max((t for t in (live.until, st.frontier) if t is not None), default=None)
-        curve = self.sampler.energy_curve(g, since)
+        curve = self.sampler.energy_curve(g, live.until)
         if not curve:
             return
-        a, b = curve[0][0] if since is None else since, curve[-1][0]
+        a, b = curve[0][0] if live.until is None else live.until, curve[-1][0]
         if b <= a:
             return
         reqs = [self._requests[rid] for rid in st.requests]
         active = [r for r in reqs if r.start < b and (r.end is None or r.end > a)]
-        split = split_arrays(curve, *spans_since(active, a), len(active), a, b, foreign=st.foreign)
+        key_idx, start, end, rate = spans_since(active, a)
+        # A request that ended since the last slice took its inline share of the time since then by
+        # heads, when it ended: it takes the same here (rate unknown), so that no moment is given
+        # out twice.
+        closed = [k for k, r in enumerate(active) if r.end is not None]
+        rate[np.isin(key_idx, closed)] = math.nan
+        split = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=st.foreign)
         shares = split.shares  # keyed 0..len(active)-1, in order
-        live.add(
-            b,
-            ((r.request_id, shares[k], max(a, r.start), b if r.end is None else min(b, r.end)) for k, r in enumerate(active)),
-            sum(1 for r in reqs if r.end is None),
-        )
+        # Who shares the time after the slice: requests open at its end (or closed since, their
+        # tails taken by heads) and foreign sequences.
+        after = sum(1 for r in reqs if r.end is None or r.end > b) + sum(n for _, e, n in st.foreign if e > b)
+        live.add(b, ((r.request_id, shares[k]) for k, r in enumerate(active)), after)
 
     def _stale(self, g: int, now: float) -> bool:
         """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
@@ -687,22 +685,21 @@ class Meter:
         )
 
     def _provisional(self, req: _Request) -> Measurement:
-        """Settled slices, plus live slices since the frontier, plus the rest of the window by heads."""
+        """The live slices of the window, plus the rest of it split by heads (see :mod:`meter.live`)."""
         assert req.end is not None
         assert self.sampler is not None or not req.gpus
         joules: dict[int, float] = {}
-        host = req.host_j
+        host = 0.0
         for g in req.gpus:
             st = self._gpu[g]
-            done = req.shares.get(g, 0.0) + st.live.share(req.request_id)
-            since = max((t for t in (st.live.until, st.frontier) if t is not None), default=req.start)
-            since = max(since, req.start)
+            done = st.live.share(req.request_id)
+            since = req.start if st.live.until is None else max(st.live.until, req.start)
             if req.end > since and self.sampler is not None:
                 curve = self.sampler.energy_curve(g, since, until=req.end)
                 if curve:
                     tail = curve[-1][1] - float(np.interp(since, *zip(*curve)))
                     done += max(tail, 0.0) / max(st.live.heads, 1)
-            host += (done - req.shares.get(g, 0.0)) * st.host_per_gpu_joule
+            host += done * st.host_per_gpu_joule
             joules[g] = done
         return self._measurement(req, joules, settled=False, host_j=host)
 

@@ -35,7 +35,7 @@ def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
 
 ENERGY_HEADERS = (
     "x-energy-joules", "x-energy-wh", "x-carbon-gco2e", "x-water-ml",
-    "x-energy-method", "x-energy-gpus", "x-grid-intensity", "x-grid-zone",
+    "x-energy-method", "x-energy-gpus", "x-grid-intensity", "x-grid-zone", "x-energy-settled",
 )
 
 
@@ -50,4 +50,7 @@ def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
         "x-energy-gpus": ",".join(str(g) for g in energy["gpus"]),
         "x-grid-intensity": f"{energy['grid_intensity_g_per_kwh']:.6g}",
         "x-grid-zone": energy["grid_zone"],
+        # false: provisional, the request's share of what was measured by the time it ended;
+        # GET /v1/energy/{request_id} has the settled figure once the counter has passed its end.
+        "x-energy-settled": "true" if energy["settled"] else "false",
     }

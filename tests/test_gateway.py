@@ -36,6 +36,8 @@ def test_non_stream_round_trip_with_headers_and_body(stack, client):
     assert float(h["x-carbon-gco2e"]) > 0 and float(h["x-water-ml"]) > 0
     assert h["x-grid-zone"] == "USA" and float(h["x-grid-intensity"]) > 0
     assert h["x-request-id"] == energy["request_id"]
+    # Provisional, and it says so: the counter cannot have passed the end of the request yet.
+    assert h["x-energy-settled"] == "false" and energy["settled"] is False
     # The upstream saw its own model name and no client key.
     assert stack.upstream.requests_seen[-1]["model"] == SERVED
 
