@@ -16,8 +16,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import HttpUrl
 
 from meter import Meter
-from meter.sources.simulated import SimulatedGpu, SimulatedSource
-from proxy.app import create_app
+from meter.sources.simulated import SimulatedGpu
+from proxy.app import build_meter, create_app
 from proxy.ledger import default_path
 from proxy.serving import ServerThread
 from proxy.settings import MeterSettings, Model, Settings, Site
@@ -54,7 +54,8 @@ async def _one(client: openai.AsyncOpenAI, i: int, stream: bool, max_tokens: int
         resp = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens)
         energy = (resp.model_extra or {}).get("energy")
     assert energy is not None
-    return {"id": energy["request_id"], "mode": "stream" if stream else "json", "batch": 0, **energy}
+    return {"id": energy["request_id"], "mode": "stream" if stream else "json", "batch": 0,
+            "inline_j": energy["joules"], **energy}
 
 
 async def _workload(base_url: str) -> list[dict[str, Any]]:
@@ -88,14 +89,17 @@ def _settled(base_url: str, results: list[dict[str, Any]], timeout_s: float = 10
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'request':<14}{'mode':<7}{'batch':>5}{'prompt':>7}{'compl':>6}{'J':>9}{'J/tok':>7}{'Wh':>10}{'gCO2e':>9}{'mL':>8}  method"
+    """Settled figures per request, with the inline (provisional) figure the response carried beside them."""
+    head = (f"{'request':<14}{'mode':<7}{'batch':>5}{'prompt':>7}{'compl':>6}{'inline J':>9}{'J':>9}{'diff':>7}"
+            f"{'J/tok':>7}{'Wh':>10}{'gCO2e':>9}{'mL':>8}  method")
     lines = [head, "-" * len(head)]
     for r in rows:
         jpt = r["joules"] / max(r["completion_tokens"], 1)
+        diff = f"{r['inline_j'] / r['joules'] - 1:+.1%}" if r["joules"] else "-"
         lines.append(
             f"{r['id'][-12:]:<14}{r['mode']:<7}{r['batch']:>5}{r['prompt_tokens']:>7}{r['completion_tokens']:>6}"
-            f"{r['joules']:>9.2f}{jpt:>7.3f}{r['wh']:>10.5f}{r['gco2e']:>9.4f}{r['water_ml']:>8.3f}  {r['method']}"
-            + ("" if r.get("settled") else " (provisional)")
+            f"{r['inline_j']:>9.2f}{r['joules']:>9.2f}{diff:>7}{jpt:>7.3f}{r['wh']:>10.5f}{r['gco2e']:>9.4f}"
+            f"{r['water_ml']:>8.3f}  {r['method']}" + ("" if r.get("settled") else " (not settled yet)")
         )
     return "\n".join(lines)
 
@@ -105,15 +109,9 @@ def run_demo(keep_serving: bool = False) -> int:
     upstream = SimulatedUpstream(gpu, served_name=SERVED)
     with ServerThread(upstream) as up:
         settings = demo_settings(up.url)
-        m = settings.meter
-        meter = Meter(
-            SimulatedSource({0: gpu}),
-            [0],
-            interval_s=m.interval_ms / 1000,
-            settle_lag_s=m.settle_lag_ms / 1000,
-            stale_after_s=m.stale_after_ms / 1000,
-        )
-        app = create_app(settings, meter=meter)
+        # The registry's wiring, with the upstream's simulated GPU as the one metered.
+        meter, drive = build_meter(settings, simulated_gpus={0: gpu})
+        app = create_app(settings, meter=meter, drive=drive)
         with ServerThread(app) as gw:
             print(f"wattgate demo: gateway {gw.url} -> simulated vLLM {up.url} on a simulated H100 (method=simulated)")
             print("sending 69 chat requests (streamed and not) in waves of 1, 4, 16 and 48 concurrent...\n")
@@ -133,6 +131,10 @@ def run_demo(keep_serving: bool = False) -> int:
 def _totals(rows: list[dict[str, Any]], meter: Meter) -> None:
     joules = sum(r["joules"] for r in rows)
     tokens = sum(r["completion_tokens"] for r in rows)
+    diffs = sorted(abs(r["inline_j"] / r["joules"] - 1) for r in rows if r["joules"])
+    if diffs:
+        print(f"\ninline figures (headers, body, last stream chunk) against settled ones: median {diffs[len(diffs) // 2]:.1%}, "
+              f"95th percentile {diffs[min(len(diffs) - 1, int(0.95 * len(diffs)))]:.1%}, worst {diffs[-1]:.1%} off")
     print(
         f"\ntotal: {len(rows)} requests, {tokens} completion tokens, {joules:.1f} J = {joules / 3600:.4f} Wh, "
         f"{sum(r['gco2e'] for r in rows):.4f} gCO2e, {sum(r['water_ml'] for r in rows):.3f} mL water "
