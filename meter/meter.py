@@ -144,7 +144,7 @@ class _Gpu:
     faulted: str | None = None
     requests: set[str] = field(default_factory=set)
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
-    live: LiveSplit = field(default_factory=LiveSplit)  # shares of the time after the frontier
+    live: LiveSplit = field(default_factory=LiveSplit)  # the split behind provisional figures
     ttft_s: float | None = None  # recent time to first token of streamed requests (moving average)
 
 
@@ -254,6 +254,7 @@ class Meter:
         self.settle_lag_s = settle_lag_s
         self.settle_every_s = settle_every_s
         self._last_advance = -float("inf")
+        self._last_live = -float("inf")
         self.stale_after_s = stale_after_s
         self.on_settled = on_settled
         self.on_error = on_error
@@ -299,13 +300,17 @@ class Meter:
 
     def _after_poll(self) -> None:
         # Attribution costs per participant and call: batch it rather than run it every poll.
-        # Each pass walks every open request, so with many open it passes less often (up to
-        # 4x settle_every_s from 1000 open): the cost per request stays flat, figures settle
-        # at most a second later, and provisional ones extrapolate a little further.
+        # Each pass walks every open request, so with many open both passes run less often (up
+        # to 4x their period from 1000 open): the cost per request stays flat, figures settle at
+        # most a second later, and provisional ones split up to 0.2 s more of a window by heads.
+        now = self.clock()
+        spread = min(max(1.0, len(self._requests) / 250), 4.0)
+        assert self.sampler is not None
         # The live split first: requests that ended since the last one are still in the meter.
-        self._live_locked()
-        every = self.settle_every_s * min(max(1.0, len(self._requests) / 250), 4.0)
-        if self.clock() - self._last_advance >= every:
+        if now - self._last_live >= self.sampler.interval_s * (spread - 0.5):
+            self._last_live = now
+            self._live_locked()
+        if now - self._last_advance >= self.settle_every_s * spread:
             self._emit(self._advance_locked())
 
     def state(self) -> dict[str, object]:
@@ -621,8 +626,12 @@ class Meter:
         a, b = curve[0][0] if live.until is None else live.until, curve[-1][0]
         if b <= a:
             return
-        reqs = [self._requests[rid] for rid in st.requests]
-        active = [r for r in reqs if r.start < b and (r.end is None or r.end > a)]
+        active, after = [], 0
+        for rid in st.requests:
+            r = self._requests[rid]
+            if r.start < b and (r.end is None or r.end > a):
+                active.append(r)
+            after += r.end is None or r.end > b
         key_idx, start, end, rate = spans_since(active, a)
         # A request that ended since the last slice took its inline share of the time since then by
         # heads, when it ended: it takes the same here (rate unknown), so that no moment is given
@@ -633,7 +642,7 @@ class Meter:
         shares = split.shares  # keyed 0..len(active)-1, in order
         # Who shares the time after the slice: requests open at its end (or closed since, their
         # tails taken by heads) and foreign sequences.
-        after = sum(1 for r in reqs if r.end is None or r.end > b) + sum(n for _, e, n in st.foreign if e > b)
+        after += sum(n for _, e, n in st.foreign if e > b)
         live.add(b, ((r.request_id, shares[k]) for k, r in enumerate(active)), after)
 
     def _stale(self, g: int, now: float) -> bool:
@@ -687,7 +696,8 @@ class Meter:
     def _provisional(self, req: _Request) -> Measurement:
         """The live slices of the window, plus the rest of it split by heads (see :mod:`meter.live`)."""
         assert req.end is not None
-        assert self.sampler is not None or not req.gpus
+        if self._estimated(req):
+            return self._measurement(req, {}, settled=False, host_j=0.0)
         joules: dict[int, float] = {}
         host = 0.0
         for g in req.gpus:
@@ -695,10 +705,7 @@ class Meter:
             done = st.live.share(req.request_id)
             since = req.start if st.live.until is None else max(st.live.until, req.start)
             if req.end > since and self.sampler is not None:
-                curve = self.sampler.energy_curve(g, since, until=req.end)
-                if curve:
-                    tail = curve[-1][1] - float(np.interp(since, *zip(*curve)))
-                    done += max(tail, 0.0) / max(st.live.heads, 1)
+                done += self.sampler.energy_between(g, since, req.end) / max(st.live.heads, 1)
             host += done * st.host_per_gpu_joule
             joules[g] = done
         return self._measurement(req, joules, settled=False, host_j=host)

@@ -266,6 +266,11 @@ class Sampler:
             curve.append((until, e_z + st.power_w * (until - t_z)))
         return curve
 
+    def energy_between(self, gpu: int, a: float, b: float) -> float:
+        """Energy (J) of one GPU over ``[a, b]`` on :meth:`energy_curve`, extrapolated to ``b``."""
+        curve = self.energy_curve(gpu, a, until=b)
+        return max(_interp(curve, b) - _interp(curve, a), 0.0) if curve else 0.0
+
     def power_w(self, gpu: int) -> float | None:
         """Latest instantaneous power of one GPU in watts, if known."""
         return self._gpu[gpu].power_w
