@@ -6,15 +6,18 @@ upstream's usage chunk (``choices: []``, requested by the gateway with
 ``energy`` object (and ``usage`` only if the client asked for it), followed by
 ``[DONE]``.
 
-Each data event is parsed (orjson: about a microsecond for a chat chunk, ~1 % of
-what relaying it costs) to time the tokens: a choice that carries generated text,
-reasoning or a tool call is a token arriving now, however the upstream spaces or
-orders its JSON. The exact totals come from the usage chunk.
+Tokens are timed by a scan of each event's bytes that tolerates any JSON
+spacing, key order and SSE framing: an event that carries generated text,
+reasoning or a tool call is a token arriving now. Parsing every event with orjson
+instead cost 10-20 us more CPU per chunk in the gateway (``bench/RESULTS.md``),
+so only the first event and the usage chunk are parsed. The exact totals come
+from the usage chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,9 +30,15 @@ from meter import Measurement, RequestWindow
 from proxy import upstream as up
 
 _DONE = b"data: [DONE]"
-# Fields of a streamed choice (or of its delta) that carry generated output: text (chat and
-# completions), reasoning (vLLM, SGLang, DeepSeek, Ollama), tool and function calls.
-_OUTPUT = ("content", "text", "reasoning_content", "reasoning", "tool_calls", "function_call")
+# Generated output in a streamed choice: a non-empty string of text (chat and completions) or
+# reasoning (vLLM, SGLang, DeepSeek, Ollama), a non-empty list of tool calls, a function call.
+# The role chunk ("content": "") and the finish chunk ("content": null, "delta": {}) carry none.
+# (No lookbehind for escaped quotes in these patterns: it makes a search 20x slower; see _key.)
+_OUTPUT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{|"function_call"\s*:\s*\{'
+)
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_ERROR = re.compile(rb'"error"\s*:\s*[{"]')
 # Longest event held while waiting for its blank line: far above any chat chunk (logprobs
 # included), and what keeps an upstream that never sends one from filling the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -62,6 +71,7 @@ class StreamRelay(Response):
         self.first: dict[str, Any] | None = None
         self.status = "ok"
         self.streaming = True
+        self.tokens = 0  # tokens seen in the events of the current read
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -112,6 +122,7 @@ class StreamRelay(Response):
                     buf = buf.replace(b"\r\n", b"\n")
                 *events, buf = buf.split(b"\n\n")
                 out = [forwarded for event in events if (forwarded := self._event(event))]
+                self._record_tokens()
                 if out:
                     out.append(b"")
                     await send({"type": "http.response.body", "body": b"\n\n".join(out), "more_body": True})
@@ -126,6 +137,7 @@ class StreamRelay(Response):
                 error_event = self._error_event("upstream closed the stream in the middle of an event", 502)
             elif rest and (final := self._event(rest)):
                 await send({"type": "http.response.body", "body": final + b"\n\n", "more_body": True})
+            self._record_tokens()
         except TimeoutError:
             error_event = self._error_event("upstream stopped sending (read timeout)", 504)
         except up.ERRORS:
@@ -142,31 +154,34 @@ class StreamRelay(Response):
     def _event(self, event: bytes) -> bytes | None:
         """Account one upstream event (without its blank line); return what to forward (None: hold or drop)."""
         data = _data(event)
-        if data is None:
-            return event  # comments and keep-alives pass through
-        if data == b"[DONE]":
-            return None
-        obj = _loads(data)
-        if obj is None:
-            return event  # not a JSON object: not ours to judge
+        if data is None or not data.lstrip().startswith(b"{"):
+            return None if data is not None and data.strip() == b"[DONE]" else event  # comments, keep-alives
         if self.first is None:
-            self.first = obj
-        if obj.get("error") is not None:
+            self.first = _loads(data) or {}
+        if b'"error"' in data and _key(_ERROR, data):
             self.status = "error"
             return event
-        choices = obj.get("choices")
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            if not choices:
-                self.held = obj
-                return None
-            if not self.client_wants_usage:  # continuous usage stats the client did not ask for
-                del obj["usage"]
-                event = b"data: " + orjson.dumps(obj)
-        if isinstance(choices, list) and (tokens := sum(1 for c in choices if _has_output(c))):
-            self.window.tokens(tokens)
+        if b'"usage"' in data and _key(_USAGE, data):
+            obj = _loads(data) or {}
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+                if not obj.get("choices"):
+                    self.held = obj
+                    return None
+                if not self.client_wants_usage:  # continuous usage stats the client did not ask for
+                    del obj["usage"]
+                    event = b"data: " + orjson.dumps(obj)
+        if _key(_OUTPUT, data):
+            self.tokens += 1
         return event
+
+    def _record_tokens(self) -> None:
+        """Tokens that arrived in one read arrived together: one record for them (fewer records, and
+        no bursts of near-identical times for the meter to merge)."""
+        if self.tokens:
+            self.window.tokens(self.tokens)
+            self.tokens = 0
 
     def _synthetic_last(self) -> dict[str, Any]:
         first = self.first or {}
@@ -195,6 +210,15 @@ def _data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+def _key(pattern: re.Pattern[bytes], data: bytes) -> bool:
+    """Whether ``pattern`` matches at a key of the JSON in ``data``, not inside a string value,
+    where the same characters have their quotes escaped (``\\"content\\": \\"``)."""
+    match = pattern.search(data)
+    while match is not None and match.start() > 0 and data[match.start() - 1] == 0x5C:  # a backslash
+        match = pattern.search(data, match.start() + 1)
+    return match is not None
+
+
 def _loads(data: bytes) -> dict[str, Any] | None:
     try:
         obj = orjson.loads(data)
@@ -202,11 +226,3 @@ def _loads(data: bytes) -> dict[str, Any] | None:
         return None
     return obj if isinstance(obj, dict) else None
 
-
-def _has_output(choice: object) -> bool:
-    """Whether a streamed choice carries generated output (not the role chunk or the finish chunk)."""
-    if not isinstance(choice, dict):
-        return False
-    delta = choice.get("delta")
-    fields = delta if isinstance(delta, dict) else choice
-    return any(fields.get(key) for key in _OUTPUT)

@@ -149,9 +149,10 @@ def test_the_openai_sdk_reads_the_spaced_stream_and_its_energy(gateway):
 
 @pytest.mark.parametrize("spaced_json", [False, True])
 def test_streamed_and_plain_requests_doing_the_same_work_settle_alike_through_the_gateway(spaced_json):
-    """Four streams and four plain requests of 48 tokens, sent together. Within a few per cent, not
-    the meter's 1 % (tests/test_inline.py): the first to reach the upstream runs alone for a moment,
-    and real timing moves each by a few per cent. Spaced JSON once lost streams their token timing."""
+    """Four streams and four plain requests of 48 tokens, sent together. Spaced JSON once cost the
+    streams their token timing and half their energy. Quiet, the two kinds come within 1 % of each
+    other here (the meter's own test, tests/test_inline.py, holds them to 1 %); with the test suite
+    loading the machine they have been 22 % apart once (issue 12's notes), so the bound is loose."""
     gpu = SimulatedGpu()
     upstream = SimulatedUpstream(gpu, served_name=SERVED, spaced_json=spaced_json)
     with ServerThread(upstream) as up:
@@ -178,5 +179,5 @@ def test_streamed_and_plain_requests_doing_the_same_work_settle_alike_through_th
     assert len(records) == 8
     streams = statistics.mean(records[i]["joules"] for i in ids[0::2])
     plain = statistics.mean(records[i]["joules"] for i in ids[1::2])
-    assert abs(streams / plain - 1) < 0.05
+    assert abs(streams / plain - 1) < 0.3
     assert all(records[i]["completion_tokens"] == 48 for i in ids)
