@@ -115,6 +115,9 @@ def _asgi_relay(client: str, port: int, up_port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+RELAYS = ["tcp-pipe", "asgi-aiohttp", "asgi-httpx", "wattgate"]
+
+
 def _client(kind: str) -> Any:
     if kind == "aiohttp":
         import aiohttp
@@ -129,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=4)
+    parser.add_argument("--relays", nargs="+", default=RELAYS, choices=RELAYS, help="which relays to run")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM_PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -152,7 +156,7 @@ def main() -> None:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         n = args.concurrency * args.requests_per_stream
         print(f"c={args.concurrency}, {n} streams of 128 tokens per relay")
-        for kind in ("tcp-pipe", "asgi-aiohttp", "asgi-httpx", "wattgate"):
+        for kind in args.relays:
             port = free_port()
             if kind == "wattgate":
                 cmd = [*exe, "proxy.cli", "serve", "--config", str(registry), "--port", str(port), "--log-level", "warning"]
@@ -165,10 +169,12 @@ def main() -> None:
                 _wait(f"http://127.0.0.1:{port}{health}")
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 asyncio.run(_level(url, model, args.concurrency, args.concurrency))  # warm-up
-                cpu0 = _cpu_s(relay.pid)
+                cpu0, main0 = _cpu_s(relay.pid), _cpu_s(relay.pid, relay.pid)
                 r = asyncio.run(_level(url, model, args.concurrency, n))
-                print(f"{kind:<14}{(_cpu_s(relay.pid) - cpu0) / r['chunks'] * 1e6:>7.1f} us CPU/chunk"
-                      f"{r['tokens_per_s']:>8.0f} chunks/s")
+                per_chunk = (_cpu_s(relay.pid) - cpu0) / r["chunks"] * 1e6
+                main = (_cpu_s(relay.pid, relay.pid) - main0) / r["chunks"] * 1e6
+                print(f"{kind:<14}{per_chunk:>7.1f} us CPU/chunk{r['tokens_per_s']:>8.0f} chunks/s"
+                      f"  (event-loop thread {main:.1f}, other threads {per_chunk - main:.1f})")
             finally:
                 relay.terminate()
                 relay.wait(timeout=10)
