@@ -551,7 +551,12 @@ class Meter:
         A long generation would otherwise hold every token's time until it ends: a 32k-token
         answer about a megabyte.
         """
-        frontiers = [f for g in req.gpus if g in self._gpu and (f := self._gpu[g].frontier) is not None]
+        # Both passes must be past an arrival: the settled one (frontier) and the live one (until).
+        frontiers = [
+            st.frontier if st.live.until is None else min(st.frontier, st.live.until)
+            for g in req.gpus
+            if (st := self._gpu.get(g)) is not None and st.frontier is not None
+        ]
         if not frontiers or len(frontiers) < len(req.gpus):
             return
         done = bisect.bisect_right(req.times, min(frontiers)) - 1

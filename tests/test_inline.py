@@ -116,3 +116,13 @@ def test_the_issue_workload_meets_its_targets_on_the_scripted_gpu():
     results = replay(*simulate(), counter_every_s=SPARSE_COUNTER_S)
     for kind, s in summary([(r.stream, r.inline.joules, r.settled.joules) for r in results]).items():
         assert s["p95"] <= 0.05 and s["worst"] <= 0.15, (kind, s)
+
+
+def test_a_long_stream_whose_old_token_times_are_dropped_keeps_its_inline_figure():
+    """Past 2 x COMPACT_AFTER arrivals the meter drops those both passes are done with."""
+    tokens = [1.05 + 0.05 * k for k in range(1200)]  # 60 s at 20 tokens/s
+    seq = Scripted("long", True, len(tokens), 1.0, 1.05, tokens=tokens, end=61.1)
+    trace = [(round(0.01 * k, 6), 1000.0 + 3.0 * (k // 10 * 10), 300.0) for k in range(6500)]
+    (r,) = replay([seq], trace, interval_s=POLL_S)
+    assert math.isclose(r.inline.joules, r.window_j, rel_tol=1e-6)
+    assert math.isclose(r.settled.joules, r.window_j, rel_tol=0.01)
