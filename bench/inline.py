@@ -40,8 +40,8 @@ import httpx
 import numpy as np
 import orjson
 
-from meter import Measurement, Meter
 from bench.overhead import _wait
+from meter import Measurement, Meter
 from meter.sources.simulated import GpuProfile
 from meter.sources.trace import TraceSource
 from proxy.serving import free_port

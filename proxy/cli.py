@@ -86,9 +86,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _simulate_upstream(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from dataclasses import replace
+
+    import uvicorn
 
     from meter.sources.simulated import H100_LLAMA_8B, SimulatedGpu
     from proxy.simulated_upstream import SimulatedUpstream
