@@ -14,7 +14,9 @@ Energy is attributed per GPU slice by slice with
 :func:`meter.attribution.split_arrays`. Each slice is attributed once, when the
 counter has passed it and the work of every request on the GPU in it is known
 (or ``settle_lag_s`` has passed), so figures of overlapping requests always add
-up to what was measured.
+up to what was measured. The provisional figure :meth:`RequestWindow.end` returns
+comes from a second, live split of the same energy, made after every poll with
+what is known then (:mod:`meter.live`).
 """
 
 from __future__ import annotations
