@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_READS = 5  # counter reads timed before the interval is chosen (``counter_cpu_budget``)
 MAX_COUNTER_EVERY_S = 10.0
 AGREEMENT_INTERVALS = 20  # counter intervals over which power is compared with the counter
+TRUSTED_INTERVALS = 5  # of those, how many before the agreement scales provisional figures
 
 
 @dataclass(slots=True)
@@ -259,7 +260,10 @@ class Sampler:
         pending = st.pending  # the sampler thread appends to it, or replaces it when the counter steps
         t_a, e_a = curve[-1]
         if len(pending) > 1 and pending[0][0] == t_a:  # anchored at the last sample, not at a newer one
-            scale = self.power_vs_counter(gpu) or 1.0
+            # The sensors' agreement, once a few counter intervals back it: one interval with a step
+            # in power between two reads misstates it by as much as the trapezoid misses the step.
+            ratio = self.power_vs_counter(gpu) if len(st.agreement) >= TRUSTED_INTERVALS else None
+            scale = ratio or 1.0
             curve.extend((t, e_a + c * scale) for t, c in pending[1:] if t > t_a)
         t_z, e_z = curve[-1]
         if until is not None and until > t_z and st.power_w is not None:

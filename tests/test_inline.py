@@ -126,3 +126,18 @@ def test_a_long_stream_whose_old_token_times_are_dropped_keeps_its_inline_figure
     (r,) = replay([seq], trace, interval_s=POLL_S)
     assert math.isclose(r.inline.joules, r.window_j, rel_tol=1e-6)
     assert math.isclose(r.settled.joules, r.window_j, rel_tol=0.01)
+
+
+def test_one_counter_interval_with_a_step_in_power_does_not_scale_inline_figures():
+    """Found by the property above: power steps 60 -> 165 W at 0.955 s, between two polls; the
+    counter, read once a second, then disagrees with the trapezoids of power by 10 % over that one
+    interval. Scaling the next window by it put a lone request 10 % over what the GPU can draw."""
+    trace, energy = [], 1000.0
+    for k in range(801):
+        t = round(0.01 * k, 6)
+        power = 165.0 if t >= 0.955 else 60.0
+        trace.append((t, energy if k % 5 == 0 else trace[-1][1], power))
+        energy += power * 0.01
+    seq = Scripted("r0", False, 4, 1.0, 1.0625, tokens=[1.0625 + 0.125 * i for i in range(4)], end=1.5)
+    (r,) = replay([seq], trace, interval_s=POLL_S, counter_every_s=SPARSE_COUNTER_S)
+    assert r.inline.joules <= 165.0 * 0.5 * 1.01
