@@ -59,7 +59,6 @@ ARRIVAL_GAP_S = 0.0005  # a wave's requests reach the GPU one after another, as 
 class Planned:
     """One request of the workload."""
 
-    wave: int
     stream: bool
     max_tokens: int
 
@@ -67,10 +66,10 @@ class Planned:
 def workload(waves: tuple[int, ...] = WAVES, scale: int = 1) -> list[list[Planned]]:
     """The requests of each wave: alternately streamed and plain, 24 to 72 tokens (times ``scale``)."""
     out, k = [], 0
-    for w, size in enumerate(waves):
+    for size in waves:
         wave = []
         for i in range(size):
-            wave.append(Planned(w, stream=k % 2 == 0, max_tokens=(24 + 12 * (i % 5)) * scale))
+            wave.append(Planned(stream=k % 2 == 0, max_tokens=(24 + 12 * (i % 5)) * scale))
             k += 1
         out.append(wave)
     return out

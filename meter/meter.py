@@ -705,13 +705,14 @@ class Meter:
         assert req.end is not None
         if self._estimated(req):
             return self._measurement(req, {}, settled=False, host_j=0.0)
+        assert self.sampler is not None  # else the request is estimated
         joules: dict[int, float] = {}
         host = 0.0
         for g in req.gpus:
             st = self._gpu[g]
             done = st.live.share(req.request_id)
             since = req.start if st.live.until is None else max(st.live.until, req.start)
-            if req.end > since and self.sampler is not None:
+            if req.end > since:
                 done += self.sampler.energy_between(g, since, req.end) / max(st.live.heads, 1)
             host += done * st.host_per_gpu_joule
             joules[g] = done
@@ -757,4 +758,3 @@ class Meter:
                 self.on_settled(m)
             except Exception:
                 log.exception("meter on_settled callback failed")
-

@@ -78,11 +78,10 @@ def build_meter(
     simulated: dict[int, SimulatedGpu] = {}
     source: PowerSource | None = None
     init_fault = None
-    if m.source == "simulated" and simulated_gpus is not None:
-        source = SimulatedSource(simulated_gpus)
-    elif m.source == "simulated":
-        simulated = {g: SimulatedGpu() for g in gpus}
-        source = SimulatedSource(simulated)
+    if m.source == "simulated":
+        if simulated_gpus is None:
+            simulated = {g: SimulatedGpu() for g in gpus}
+        source = SimulatedSource(simulated if simulated_gpus is None else simulated_gpus)
     elif m.source == "nvml" and gpus:
         from meter.sources.nvml import NvmlSource
 

@@ -102,7 +102,7 @@ def test_a_lone_request_gets_the_whole_energy_of_its_window_inline_too():
 
 
 def test_streamed_and_plain_requests_doing_the_same_work_get_the_same_figures():
-    wave = [Planned(0, stream=i % 2 == 0, max_tokens=48) for i in range(8)]
+    wave = [Planned(stream=i % 2 == 0, max_tokens=48) for i in range(8)]
     results = replay(*simulate([wave], arrival_gap_s=0.0), counter_every_s=SPARSE_COUNTER_S)
     for figure, tolerance in ((lambda r: r.settled.joules, 0.01), (lambda r: r.inline.joules, 0.05)):
         streams = [figure(r) for r in results if r.stream]

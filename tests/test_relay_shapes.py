@@ -3,6 +3,7 @@ TGI, llama.cpp, Ollama) space, order and frame their SSE chunks differently (iss
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 from collections.abc import Callable
@@ -17,9 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from meter import Meter
-from meter.sources.simulated import SimulatedGpu, SimulatedSource
-from proxy.app import create_app
+from meter.sources.simulated import SimulatedGpu
+from proxy.app import build_meter, create_app
 from proxy.serving import ServerThread
 from proxy.settings import MeterSettings, Model, Settings
 from proxy.simulated_upstream import SimulatedUpstream
@@ -158,10 +158,8 @@ def test_streamed_and_plain_requests_doing_the_same_work_settle_alike_through_th
     with ServerThread(upstream) as up:
         settings = Settings(meter=MeterSettings(source="simulated", settle_lag_ms=500, foreign_poll_ms=0),
                             models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
-        meter = Meter(SimulatedSource({0: gpu}), [0], settle_lag_s=0.5)
-        with ServerThread(create_app(settings, meter=meter)) as gw:
-            import asyncio
-
+        meter, drive = build_meter(settings, simulated_gpus={0: gpu})
+        with ServerThread(create_app(settings, meter=meter, drive=drive)) as gw:
             async def send(stream: bool) -> str:
                 async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
                     body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 48}
