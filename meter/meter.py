@@ -148,6 +148,7 @@ class _Gpu:
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
     live: LiveSplit = field(default_factory=LiveSplit)  # the split behind provisional figures
     ttft_s: float | None = None  # recent time to first token of streamed requests (moving average)
+    running: int = 0  # requests begun and not ended: 0 means the GPU is idle as far as the meter knows
 
 
 class RequestWindow:
@@ -392,9 +393,17 @@ class Meter:
             self._requests[request_id] = req
             for g in req.gpus:
                 if g in self._gpu:
+                    self._busy(g, +1, req.start)
                     self._gpu[g].requests.add(request_id)
                     self._gpu[g].live.began()
         return RequestWindow(self, req)
+
+    def _busy(self, g: int, change: int, t: float) -> None:
+        """Count a request in or out of GPU ``g``; tell the sampler when the GPU turns busy or idle."""
+        st = self._gpu[g]
+        st.running += change
+        if self.sampler is not None and st.running == (1 if change > 0 else 0):
+            self.sampler.mark(g, t)
 
     def _cannot_meter(self, gpus: Sequence[int]) -> str | None:
         """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
@@ -433,6 +442,9 @@ class Meter:
                 return self._provisional(req)
             req.end = max(t, req.start)
             req.status = status
+            for g in req.gpus:
+                if g in self._gpu:
+                    self._busy(g, -1, req.end)
             self._reconcile_tokens(req)
             if req.unseen_tokens:
                 self._place_unseen(req)

@@ -18,6 +18,7 @@ CALIBRATION_READS = 5  # counter reads timed before the interval is chosen (``co
 MAX_COUNTER_EVERY_S = 10.0
 AGREEMENT_INTERVALS = 20  # counter intervals over which power is compared with the counter
 TRUSTED_INTERVALS = 5  # of those, how many before the agreement scales provisional figures
+MAX_MARKS = 64  # activity changes kept per GPU, waiting for the poll that covers them
 
 
 @dataclass(slots=True)
@@ -29,10 +30,13 @@ class _GpuState:
     power_w: float | None = None
     last_ok: float | None = None  # time of the last successful read
     last_counter_read: float | None = None
+    first_step: bool = True  # the next counter step ends the first interval, whose start is a guess
     # Anchored mode: (time, joules of integrated power since the last counter sample).
     pending: list[tuple[float, float]] = field(default_factory=list)
     # Anchored mode: (counter joules, integrated-power joules) of recent counter intervals.
     agreement: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=AGREEMENT_INTERVALS))
+    # Times the GPU went from idle to busy or back, as its user saw it (see ``Sampler.mark``).
+    marks: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_MARKS))
 
 
 class Sampler:
@@ -44,10 +48,13 @@ class Sampler:
     counter that goes backwards is treated as a reset and made continuous.
     GPUs without a counter get their power integrated (trapezoids).
 
-    With ``counter_every_s`` set, the counter is read only that often and
-    instantaneous power, read every poll, places the energy between two counter
-    readings: the counter fixes how much, the power trace fixes when. (On some
-    hosts one counter read costs milliseconds of CPU; power reads cost microseconds.)
+    Instantaneous power, read every poll, places the energy between two counter
+    steps: the counter fixes how much, the power trace fixes when (spread evenly
+    over a step, the energy drawn after a request's end would blend into its
+    last moments). With ``counter_every_s`` set, the counter is read only that
+    often. (On some hosts one counter read costs milliseconds of CPU; power
+    reads cost microseconds.) The sampler's user can ``mark`` the moments a
+    GPU turns busy or idle, where power most likely stepped.
     ``power_lag_s`` says how late the power sensor reports a change of load,
     relative to the counter (``bench/sensor_lag.py`` measures it): its readings
     are placed that much earlier.
@@ -125,7 +132,9 @@ class Sampler:
             cost = self.cpu_clock() - cpu0 if calibrating else 0.0
             prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
             prev_power, st.power_w = st.power_w, reading.power_w
-            anchored = self.counter_every_s is not None and reading.power_w is not None
+            # With power beside the counter, power places each counter step's energy in time,
+            # read sparsely or not: an H100's counter steps only every ~100 ms.
+            anchored = reading.power_w is not None and not self.continuous
             # Mean power since the previous poll (trapezoid), for integrating power into energy.
             avg = None
             if reading.power_w is not None:
@@ -134,12 +143,13 @@ class Sampler:
                 at = now - self.power_lag_s  # when the power just read was drawn
                 t0, c0 = st.pending[-1]
                 if at > t0:
-                    st.pending.append((at, c0 + avg * (at - t0)))
+                    st.pending.extend(_placed(t0, c0, at, c0 + avg * (at - t0), prev_power, reading.power_w,
+                                              self._mark_in(st, t0, at)))
                 if len(st.pending) > (st.samples.maxlen or 0):  # a counter that stopped stepping
                     del st.pending[1 : len(st.pending) // 2]  # keep the anchor and the newer half
             if reading.energy_j is not None:
                 st.last_counter_read = now
-                self._counter(st, reading.energy_j, reading.power_w, now, prev_poll, anchored)
+                self._counter(st, reading.energy_j, (prev_power, reading.power_w), now, prev_poll, anchored)
                 if calibrating:
                     self._calibrate(cost)
             elif not due and st.last_raw is not None:
@@ -149,7 +159,8 @@ class Sampler:
                     st.samples.append((now, 0.0))
                 else:
                     t0, e0 = st.samples[-1]
-                    st.samples.append((now, e0 + avg * (now - t0)))
+                    st.samples.extend(_placed(t0, e0, now, e0 + avg * (now - t0), prev_power, reading.power_w,
+                                              self._mark_in(st, t0, now)))
             else:
                 self._fault("read")
 
@@ -182,13 +193,20 @@ class Sampler:
         return self.counter_every_s if self.counter_every_s is not None else self.interval_s
 
     def _counter(
-        self, st: _GpuState, raw: float, power_w: float | None, now: float, prev_poll: float | None, anchored: bool
+        self,
+        st: _GpuState,
+        raw: float,
+        powers: tuple[float | None, float | None],
+        now: float,
+        prev_poll: float | None,
+        anchored: bool,
     ) -> None:
-        """Store a counter reading when it changed, made continuous across resets."""
+        """Store a counter reading when it changed, made continuous across resets; ``powers``: the
+        instantaneous power read at the previous poll and at this one."""
+        prev_power, power_w = powers
         if st.last_raw is None:
-            # Read sparsely, the counter last stepped about counter_lag_s ago, as every later read
-            # is stamped: stamped now, the first interval's power would not match its energy and
-            # would skew the sensors' agreement, which scales provisional figures.
+            # The counter last stepped about counter_lag_s ago, as every later sparse read is
+            # stamped. Still a guess: the first interval stays out of the sensors' agreement.
             stamp = now - self.counter_lag_s if anchored else now
             st.samples.append((stamp, raw))
             st.last_raw = raw
@@ -204,11 +222,11 @@ class Sampler:
             st.offset += st.last_raw - raw + gap
         st.last_raw = raw
         t_a, e_a = st.samples[-1]
-        if anchored:
-            # The counter stepped within its update period before this read.
-            stamp = max(now - self.counter_lag_s, (t_a + now) / 2)
-        elif self.continuous:  # the value is the energy up to this read
+        if self.continuous:  # the value is the energy up to this read
             stamp = now
+        elif self.counter_every_s is not None:
+            # Read sparsely: it stepped within its update period before this read.
+            stamp = max(now - self.counter_lag_s, (t_a + now) / 2)
         else:
             # Polled often: it stepped between the previous poll and this one.
             stamp = now if prev_poll is None else (prev_poll + now) / 2
@@ -217,11 +235,13 @@ class Sampler:
             # Power read late covers less than the counter: carry the latest power on to the stamp.
             t_p, c_p = st.pending[-1]
             st.pending.append((stamp, c_p + power_w * (stamp - t_p)))
+        # Across a reset, or from the guessed start of the first interval, the counter's share is partly a guess.
+        agrees, st.first_step = not reset and not st.first_step, False
         if anchored and len(st.pending) > 1:
             cum_at = _interp(st.pending, stamp)
             if cum_at > 0:
                 scale = (e_new - e_a) / cum_at
-                if not reset:  # across a reset the counter's share is partly a guess
+                if agrees:
                     st.agreement.append((e_new - e_a, cum_at))
                 st.samples.extend((t, e_a + c * scale) for t, c in st.pending if t_a < t < stamp)
             keep = [(t, c - cum_at) for t, c in st.pending if t > stamp]
@@ -230,7 +250,30 @@ class Sampler:
             st.pending = [(stamp, 0.0)]
         else:
             st.pending = []
+            if self.continuous and power_w is not None:  # exact totals: power places a marked step
+                st.samples.extend(_placed(t_a, e_a, stamp, e_new, prev_power, power_w, self._mark_in(st, t_a, stamp)))
+                return
         st.samples.append((stamp, e_new))
+
+    def mark(self, gpu: int, t: float) -> None:
+        """Note that GPU ``gpu`` went from idle to busy, or back, at ``t`` (its user knows: a first
+        request began, or the last one ended).
+
+        Between two readings power is otherwise taken to change evenly, which moves energy from a
+        busy stretch into the idle one beside it (with 50 ms polls, 3-5 % of short requests'
+        energy). Where one mark falls between two readings, the power before it is taken to hold
+        up to it and the power after it from it on; with several, evenly as before.
+        """
+        if gpu in self._gpu:
+            self._gpu[gpu].marks.append(t)
+
+    def _mark_in(self, st: _GpuState, t0: float, t1: float) -> float | None:
+        """The one mark inside ``(t0, t1)``, if exactly one."""
+        marks = list(st.marks)  # a copy: the caller's thread appends
+        while st.marks and st.marks[0] <= t0:
+            st.marks.popleft()
+        inside = [m for m in marks if t0 < m < t1]
+        return inside[0] if len(inside) == 1 else None
 
     def samples_since(self, gpu: int, t: float | None) -> list[tuple[float, float]]:
         """Buffered samples from the last one at or before ``t`` on (all when ``t`` is None)."""
@@ -248,8 +291,7 @@ class Sampler:
     def energy_curve(self, gpu: int, since: float | None, until: float | None = None) -> list[tuple[float, float]]:
         """The best estimate now of cumulative energy ``(time, J)`` from ``since`` on, for provisional figures.
 
-        Counter samples first; while the counter is read sparsely, the power integrated since
-        its last read follows (scaled by how the two sensors have agreed lately); with ``until``,
+        Counter samples first; then the power integrated since its last step follows (scaled by how the two sensors have agreed lately); with ``until``,
         the curve is extended to it at the latest instantaneous power. Not for settled figures:
         only the samples are final.
         """
@@ -262,8 +304,10 @@ class Sampler:
         if len(pending) > 1 and pending[0][0] == t_a:  # anchored at the last sample, not at a newer one
             # The sensors' agreement, once a few counter intervals back it: one interval with a step
             # in power between two reads misstates it by as much as the trapezoid misses the step.
-            ratio = self.power_vs_counter(gpu) if len(st.agreement) >= TRUSTED_INTERVALS else None
-            scale = ratio or 1.0
+            # Read every poll, the pending power is one counter step's worth, and 20 steps of 100 ms,
+            # each stamped to within a poll, are too few to scale it by (inline figures 5 % worse).
+            trusted = len(st.agreement) >= TRUSTED_INTERVALS and self.counter_every_s is not None
+            scale = (self.power_vs_counter(gpu) if trusted else None) or 1.0
             curve.extend((t, e_a + c * scale) for t, c in pending[1:] if t > t_a)
         t_z, e_z = curve[-1]
         if until is not None and until > t_z and st.power_w is not None:
@@ -287,8 +331,8 @@ class Sampler:
     def power_vs_counter(self, gpu: int) -> float | None:
         """Counter energy over integrated instantaneous power, across the last counter intervals.
 
-        Only while the counter is read sparsely, where power places the
-        counter's energy in time: near 1 when the two sensors agree. Away from
+        Where power places the counter's energy in time (the GPU reports
+        power): near 1 when the two sensors agree. Away from
         1 the power sensor is biased: harmless if by a constant factor (the
         counter rescales it), otherwise energy moves between busy and idle
         moments inside a counter interval. Totals stay the counter's.
@@ -332,6 +376,19 @@ class Sampler:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def _placed(
+    t0: float, e0: float, t1: float, e1: float, p0: float | None, p1: float | None, step: float | None
+) -> list[tuple[float, float]]:
+    """Points of cumulative energy from ``(t0, e0)`` to ``(t1, e1)``: with a ``step`` between them,
+    power ``p0`` holds up to it and ``p1`` from it on, their energies scaled to ``e1 - e0``."""
+    if step is None or p0 is None or p1 is None:
+        return [(t1, e1)]
+    before, after = p0 * (step - t0), p1 * (t1 - step)
+    if before + after <= 0:
+        return [(t1, e1)]
+    return [(step, e0 + (e1 - e0) * before / (before + after)), (t1, e1)]
 
 
 def _interp(points: list[tuple[float, float]], t: float) -> float:
