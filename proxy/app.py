@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-from meter import Measurement, Meter, MeterFault, RequestWindow, token_count
+from meter import Measurement, Meter, MeterFault, RequestWindow
 from meter.footprint import SiteFactors, UnknownZone, grid_intensity
 from meter.host import FixedHostPower, HostPower, RaplHostPower
 from meter.sources import PowerSource
@@ -28,28 +28,24 @@ from meter.sources.simulated import SimulatedGpu, SimulatedSource
 from proxy.errors import (
     GatewayError,
     InvalidRequest,
-    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from proxy.figures import ENERGY_HEADERS, energy_headers, energy_object
+from proxy.exchange import Exchange, parse
+from proxy.figures import ENERGY_HEADERS, energy_object
 from proxy.foreign import ForeignLoadPoller
 from proxy.ledger import Ledger, default_path, to_row
 from proxy.metrics import Metrics
 from proxy.records import Records
-from proxy.relay import StreamRelay
 from proxy.settings import ConfigError, Model, Settings, load_keys
 from proxy.upstream import ERRORS as UPSTREAM_ERRORS
-from proxy.upstream import Upstream, describe, passed_headers
+from proxy.upstream import Upstream
 
 log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_BYTES_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
 
 
 def site_factors(settings: Settings) -> SiteFactors:
@@ -242,6 +238,10 @@ class Gateway:
             self.metrics.meter_errors.labels("internal").inc()
             return self.estimates.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
 
+    def method_for(self, model: Model) -> str:
+        """The method a call to ``model`` starting now is metered by."""
+        return self.meter.method_for(model.gpus)
+
     def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]:
         self.in_flight[name] -= 1
         for g in model.gpus:
@@ -269,32 +269,6 @@ def _request_id(request: Request) -> str:
 
 def _new_request_id() -> str:
     return f"wg-{uuid.uuid4().hex}"
-
-
-def _check_fields(path: str, body: dict[str, Any]) -> None:
-    """Cheap type checks of what the gateway itself relies on; the upstream validates the rest."""
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
-        v = body.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "n" else 0)):
-            raise InvalidRequest(f"'{key}' must be a non-negative integer", param=key)
-    so = body.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-    if path == "chat/completions":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise InvalidRequest("'messages' must be a non-empty array of objects", param="messages")
-    elif path == "completions" and not isinstance(body.get("prompt"), (str, list)):
-        raise InvalidRequest("'prompt' must be a string or an array", param="prompt")
-    elif path == "embeddings" and not isinstance(body.get("input"), (str, list)):
-        raise InvalidRequest("'input' must be a string or an array", param="input")
-
-
-def _prompt_tokens_guess(path: str, body: dict[str, Any]) -> int:
-    part = body.get({"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}[path])
-    return max(1, len(orjson.dumps(part)) // _BYTES_PER_TOKEN)
 
 
 async def _probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:
@@ -366,88 +340,19 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s", request.url.path)
+        # One line here: Starlette hands the exception on to the server, which logs its traceback.
+        log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
         return GatewayError("internal gateway error").response()
 
     async def forward(request: Request, path: str) -> Response:
-        request_id = _request_id(request)
-        request.state.request_id = request_id
+        request.state.request_id = _request_id(request)
         team = gw.authenticate(request)
-        body = await gw.read_json(request)
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise InvalidRequest("'model' must be a string", param="model")
-        model = settings.models.get(name)
-        if model is None:
-            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
-        _check_fields(path, body)
-        stream = body.get("stream") is True
-        client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        body["model"] = settings.served_name(name)
-        if stream:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-
-        request_id = await gw.open_record(request_id, request_id == request.headers.get("x-request-id"), name, team)
+        call = parse(settings, path, await gw.read_json(request))
+        given = request.headers.get("x-request-id")
+        request_id = await gw.open_record(request.state.request_id, request.state.request_id == given, call.name, team)
         request.state.request_id = request_id
-        window = gw.begin(request_id, name, model, _prompt_tokens_guess(path, body))
-        forwarded_at = time.monotonic()
-        try:
-            upstream = await gw.upstream.post(
-                f"{model.base_url}/{path}", orjson.dumps(body), gw.upstream_headers(model, request_id)
-            )
-        except TimeoutError:
-            gw.finish(name, model, window.end("error"), "error", forwarded_at)
-            raise UpstreamTimeout(f"upstream for '{name}' did not answer in time") from None
-        except UPSTREAM_ERRORS as exc:
-            gw.finish(name, model, window.end("error"), "error", forwarded_at)
-            raise UpstreamUnavailable(f"upstream for '{name}' is unreachable ({describe(exc)})") from None
-
-        if stream and upstream.status == 200:
-
-            async def finish(m: Measurement, status: str) -> dict[str, Any]:
-                return gw.finish(name, model, m, status, forwarded_at)
-
-            headers = {**passed_headers(upstream), "x-request-id": request_id,
-                       "x-energy-method": gw.meter.method_for(model.gpus)}
-            return StreamRelay(upstream, window, headers, client_wants_usage, finish)  # type: ignore[return-value]
-
-        try:
-            raw = await upstream.read()
-        except TimeoutError:
-            gw.finish(name, model, window.end("error"), "error", forwarded_at)
-            raise UpstreamTimeout(f"upstream for '{name}' stopped answering") from None
-        except UPSTREAM_ERRORS:
-            gw.finish(name, model, window.end("error"), "error", forwarded_at)
-            raise UpstreamUnavailable(f"upstream for '{name}' broke the connection") from None
-        finally:
-            upstream.release()
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        ok = upstream.status == 200 and isinstance(data, dict)
-        if ok:
-            usage = data.get("usage")
-            usage = usage if isinstance(usage, dict) else {}
-            completion = token_count(usage.get("completion_tokens"))
-            if completion:
-                window.completed(completion)
-            window.usage(usage.get("prompt_tokens"), completion)
-        status = "ok" if ok else "error"
-        energy = gw.finish(name, model, window.end(status), status, forwarded_at)
-        headers = {**passed_headers(upstream), "x-request-id": request_id, **energy_headers(energy)}
-        if ok:
-            data["energy"] = energy
-            return Response(orjson.dumps(data), status_code=200, media_type="application/json", headers=headers)
-        if upstream.status == 200:
-            raise UpstreamUnavailable(f"upstream for '{name}' sent a response that is not a JSON object")
-        if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
-            return Response(raw, status_code=upstream.status, media_type="application/json", headers=headers)
-        message = raw.decode("utf-8", "replace")[:500] or upstream.reason or ""
-        err = GatewayError(f"upstream error: {message}")
-        err.status = upstream.status if upstream.status >= 400 else 502
-        err.type = "upstream_error"
-        return err.response(headers)
+        exchange = Exchange(gw, call, request_id, gw.begin(request_id, call.name, call.model, call.prompt_tokens))
+        return await exchange.run(request.receive)
 
     # Plain Starlette routes: the proxied calls need no FastAPI dependency solving per request.
     for path in ("chat/completions", "completions", "embeddings"):

@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from meter.sources.simulated import SimulatedGpu
+from proxy.exchange import ClientGone, until_disconnect
 
 _WORDS = (
     "Energy per token falls as the batch grows , because the weights are read once per step "
@@ -147,9 +148,10 @@ class SimulatedUpstream:
             )
         self.gpu.begin_sequence()
         try:
-            text = []
-            async for token in self._tokens(prompt_tokens, max_tokens, scenario):
-                text.append(token)
+            # As vLLM does: a client that leaves aborts its generation, streamed or not.
+            text = await until_disconnect(request.receive, self._collect(prompt_tokens, max_tokens, scenario))
+        except ClientGone:
+            return Response(status_code=499)
         finally:
             self.gpu.end_sequence()
         content = "".join(text)
@@ -169,6 +171,9 @@ class SimulatedUpstream:
             },
         }
         return Response(self.dumps(out), media_type="application/json")
+
+    async def _collect(self, prompt_tokens: int, max_tokens: int, scenario: Scenario) -> list[str]:
+        return [token async for token in self._tokens(prompt_tokens, max_tokens, scenario)]
 
     async def _tokens(self, prompt_tokens: int, max_tokens: int, scenario: Scenario) -> AsyncIterator[str]:
         await asyncio.sleep(prompt_tokens / PREFILL_TOKENS_PER_S + scenario.first_token_delay_s)

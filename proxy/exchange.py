@@ -1,0 +1,237 @@
+"""One proxied call, in named steps: check it, open its window, send it, reply with JSON or a stream.
+
+Everything that can fail on the way in (auth, the body, its fields, serializing
+it for the upstream) happens in :func:`parse`, before the call has a record or a
+meter window. From the moment the window opens, :class:`Exchange` owns it, and
+every way out, an answer, an upstream failure, a client that left or a bug,
+goes through one place that closes it exactly once (``Exchange.close``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive
+
+from meter import Measurement, RequestWindow, token_count
+from proxy import upstream as up
+from proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
+from proxy.figures import energy_headers
+from proxy.relay import StreamRelay
+from proxy.settings import Model, Settings
+
+_BYTES_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
+_PROMPT_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A checked call, ready to send: nothing about it can fail any more before the upstream answers."""
+
+    path: str  # under /v1, e.g. "chat/completions"
+    name: str  # the registry's model name, as the client sent it
+    model: Model
+    stream: bool
+    client_wants_usage: bool  # a stream's usage chunk goes to the client only if it asked
+    payload: bytes  # the body for the upstream
+    prompt_tokens: int  # a guess from the body's size, until the upstream's usage
+
+
+def parse(settings: Settings, path: str, body: dict[str, Any]) -> Call:
+    """Check a call's body and make the upstream's; raises :class:`GatewayError` subclasses."""
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    model = settings.models.get(name)
+    if model is None:
+        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+    check_fields(path, body)
+    stream = body.get("stream") is True
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    body["model"] = settings.served_name(name)
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    try:
+        # orjson reads JSON nested up to 1024 levels but writes only 255: a deeper body (valid JSON)
+        # fails here, before the call holds anything, not after its window opened.
+        payload = orjson.dumps(body)
+        prompt_bytes = len(orjson.dumps(body.get(_PROMPT_FIELD[path])))
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("request body is nested too deeply (at most 255 levels)") from None
+    return Call(path, name, model, stream, client_wants_usage, payload, max(1, prompt_bytes // _BYTES_PER_TOKEN))
+
+
+def check_fields(path: str, body: dict[str, Any]) -> None:
+    """Cheap type checks of what the gateway itself relies on; the upstream validates the rest."""
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "n" else 0)):
+            raise InvalidRequest(f"'{key}' must be a non-negative integer", param=key)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    if path == "chat/completions":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise InvalidRequest("'messages' must be a non-empty array of objects", param="messages")
+    elif path == "completions" and not isinstance(body.get("prompt"), (str, list)):
+        raise InvalidRequest("'prompt' must be a string or an array", param="prompt")
+    elif path == "embeddings" and not isinstance(body.get("input"), (str, list)):
+        raise InvalidRequest("'input' must be a string or an array", param="input")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class Hub(Protocol):
+    """What an exchange needs of the gateway."""
+
+    upstream: up.Upstream
+
+    def upstream_headers(self, model: Model, request_id: str) -> dict[str, str]: ...
+
+    def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]: ...
+
+    def method_for(self, model: Model) -> str: ...
+
+
+class Exchange:
+    """One call with an open window: ``run`` sends it and answers; every way out closes the window once."""
+
+    def __init__(self, hub: Hub, call: Call, request_id: str, window: RequestWindow) -> None:
+        self.hub = hub
+        self.call = call
+        self.request_id = request_id
+        self.window = window
+        self.forwarded_at = time.monotonic()
+        self.energy: dict[str, Any] | None = None  # set once the window is closed
+
+    def close(self, status: str, measurement: Measurement | None = None) -> dict[str, Any]:
+        """End the window (the first time only) and count the call; its energy object."""
+        if self.energy is None:
+            m = measurement if measurement is not None else self.window.end(status)
+            self.energy = self.hub.finish(self.call.name, self.call.model, m, status, self.forwarded_at)
+        return self.energy
+
+    async def run(self, receive: Receive) -> Response:
+        """Send the call and answer; the window is closed on every way out but a stream's (its relay closes it)."""
+        response = None
+        try:
+            response = await until_disconnect(receive, self._send())
+            if self.call.stream and response.status == 200:
+                return self._relay(response)
+            return await until_disconnect(receive, self._reply(response))
+        except BaseException as exc:
+            if response is not None:
+                response.close()  # unread: dropping the connection makes vLLM abort the generation
+            gone = isinstance(exc, ClientGone)
+            self.close("client_closed" if gone else "error")
+            if gone:
+                return Response(status_code=499)  # nobody reads it: the client has gone
+            raise
+
+    async def _send(self) -> up.Response:
+        call = self.call
+        try:
+            return await self.hub.upstream.post(
+                f"{call.model.base_url}/{call.path}", call.payload, self.hub.upstream_headers(call.model, self.request_id)
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream for '{call.name}' did not answer in time") from None
+        except up.ERRORS as exc:
+            raise UpstreamUnavailable(f"upstream for '{call.name}' is unreachable ({up.describe(exc)})") from None
+
+    def _relay(self, response: up.Response) -> StreamRelay:
+        async def finish(m: Measurement, status: str) -> dict[str, Any]:
+            return self.close(status, m)
+
+        headers = {**up.passed_headers(response), "x-request-id": self.request_id,
+                   "x-energy-method": self.hub.method_for(self.call.model)}
+        return StreamRelay(response, self.window, headers, self.call.client_wants_usage, finish)
+
+    async def _reply(self, response: up.Response) -> Response:
+        """The upstream's JSON answer with the energy object added (or its error, relayed)."""
+        call = self.call
+        try:
+            raw = await response.read()
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream for '{call.name}' stopped answering") from None
+        except up.ERRORS:
+            raise UpstreamUnavailable(f"upstream for '{call.name}' broke the connection") from None
+        finally:
+            # Read to the end: back to the pool. Cut short (a client that left): aiohttp closes the
+            # connection, and vLLM aborts the generation.
+            response.release()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        ok = response.status == 200 and isinstance(data, dict)
+        if ok:
+            usage = data.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
+            completion = token_count(usage.get("completion_tokens"))
+            if completion:
+                self.window.completed(completion)
+            self.window.usage(usage.get("prompt_tokens"), completion)
+        energy = self.close("ok" if ok else "error")
+        headers = {**up.passed_headers(response), "x-request-id": self.request_id, **energy_headers(energy)}
+        if ok:
+            return Response(_with_energy(data, raw, energy), status_code=200, media_type="application/json",
+                            headers=headers)
+        if response.status == 200:
+            raise UpstreamUnavailable(f"upstream for '{call.name}' sent a response that is not a JSON object")
+        if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
+            return Response(raw, status_code=response.status, media_type="application/json", headers=headers)
+        message = raw.decode("utf-8", "replace")[:500] or response.reason or ""
+        err = GatewayError(f"upstream error: {message}")
+        err.status = response.status if response.status >= 400 else 502
+        err.type = "upstream_error"
+        return err.response(headers)
+
+
+def _with_energy(data: dict[str, Any], raw: bytes, energy: dict[str, Any]) -> bytes:
+    """The upstream's JSON object with ``energy`` added."""
+    data["energy"] = energy
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes: add the key to the upstream's own bytes
+        body = raw.rstrip()
+        return body[:-1] + b',"energy":' + orjson.dumps(energy) + b"}"
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """``work``'s result, or :class:`ClientGone` (``work`` cancelled) if the client disconnects first.
+
+    Once the request body has been read, the server's next ``receive`` message is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+        gone.cancel()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # a receive that failed: the connection is gone all the same
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

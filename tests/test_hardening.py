@@ -1,0 +1,186 @@
+"""Failure paths leave nothing behind (issue 13): every request that opened a meter window closes it
+and gets one ledger row; every failure is a clean answer in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meter import Meter
+from meter.sources.simulated import SimulatedGpu, SimulatedSource
+from proxy.app import create_app
+from proxy.serving import ServerThread
+from proxy.settings import Gateway, LedgerSettings, MeterSettings, Model, Settings, Timeouts
+from proxy.simulated_upstream import SimulatedUpstream
+from tests.conftest import SERVED, scenario
+
+MSG = [{"role": "user", "content": "hi"}]
+ROUTES = {
+    "chat/completions": {"messages": MSG, "max_tokens": 1},
+    "completions": {"prompt": "hi", "max_tokens": 1},
+    "embeddings": {"input": "hi"},
+}
+
+
+class DyingUpstream:
+    """Accepts a connection, reads the request, and closes it without a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+
+
+@dataclass
+class Hardened:
+    url: str
+    gpu: SimulatedGpu
+    meter: Meter
+    ledger: Path
+
+    def open_requests(self) -> int:
+        return self.meter.state()["open_requests"]
+
+    def rows(self) -> int:
+        with sqlite3.connect(self.ledger) as db:
+            return db.execute("select count(*) from requests").fetchone()[0]
+
+    def settle(self, rows: int, timeout: float = 10.0) -> None:
+        """Wait until the ledger has ``rows`` rows and no window is open."""
+        deadline = time.monotonic() + timeout
+        while (self.rows() != rows or self.open_requests()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (self.rows(), self.open_requests()) == (rows, 0)
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
+    gpu = SimulatedGpu()
+    dying = DyingUpstream()
+    ledger = tmp_path_factory.mktemp("ledger") / "ledger.db"
+    with ServerThread(SimulatedUpstream(gpu, served_name=SERVED, scenario=scenario)) as up:
+        settings = Settings(
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            gateway=Gateway(timeouts=Timeouts(read_s=2.0, connect_s=1.0)),
+            ledger=LedgerSettings(path=ledger),
+            models={
+                "llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
+                "dying": Model(served_name=SERVED, upstream=dying.url, gpus=[0]),
+            },
+        )
+        meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
+        with ServerThread(create_app(settings, meter=meter)) as gw:
+            yield Hardened(gw.url, gpu, meter, ledger)
+    dying.sock.close()
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [254, 300, 1000, 1100])
+@pytest.mark.parametrize("path", list(ROUTES))
+def test_deep_nesting_anywhere_in_the_body_is_a_400_that_opens_nothing(hardened, caplog, path, depth):
+    caplog.set_level(logging.INFO)
+    rows = hardened.rows()
+    body = ROUTES[path]
+    prompt_field = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}[path]
+    places = {
+        "metadata": f'"metadata": {nested(depth)}',
+        "prompt": f'"{prompt_field}": {nested(depth)}',
+        "unknown field": f'"x_vendor": {{"a": {nested(depth)}}}',
+    }
+    for where, field in places.items():
+        rest = ", ".join(f'"{k}": {v!r}'.replace("'", '"') for k, v in body.items() if k != prompt_field or where != "prompt")
+        raw = f'{{"model": "llama", {rest}, {field}}}'.encode()
+        r = httpx.post(f"{hardened.url}/v1/{path}", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (where, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", where
+    hardened.settle(rows)  # no record, no window: the request never got that far
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_that_dies_before_its_headers_is_a_502_with_one_record(hardened, stream):
+    rows = hardened.rows()
+    body = {"model": "dying", "messages": MSG, "stream": stream}
+    r = httpx.post(f"{hardened.url}/v1/chat/completions", json=body, timeout=10)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+    hardened.settle(rows + 1)
+    record = httpx.get(f"{hardened.url}/v1/energy/{r.headers['x-request-id']}").json()
+    assert record["status"] == "error"
+
+
+def wait_for_no_running_sequence(gpu: SimulatedGpu, within_s: float) -> float:
+    t0 = time.monotonic()
+    while gpu.batch and time.monotonic() - t0 < within_s:
+        time.sleep(0.01)
+    assert gpu.batch == 0, "the upstream still runs the generation"
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("content", ["hi", "fault:very-slow"], ids=["decoding", "in prefill"])
+def test_a_plain_request_whose_client_leaves_is_aborted_upstream_and_recorded_client_closed(hardened, content):
+    """The README's promise for streams, kept for plain requests: 5 requests of 1,500 tokens whose
+    client gives up after 0.5 s stop running upstream at once and are recorded client_closed."""
+    rows = hardened.rows()
+    ids = [f"left-{content[:5]}-{i}" for i in range(5)]
+
+    def one(rid: str) -> None:
+        body = {"model": "llama", "messages": [{"role": "user", "content": content}], "max_tokens": 1500}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{hardened.url}/v1/chat/completions", json=body, headers={"x-request-id": rid}, timeout=0.5)
+
+    threads = [threading.Thread(target=one, args=(rid,)) for rid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wait_for_no_running_sequence(hardened.gpu, within_s=2.0) < 2.0
+    hardened.settle(rows + 5)
+    for rid in ids:
+        record = httpx.get(f"{hardened.url}/v1/energy/{rid}").json()
+        assert record["status"] == "client_closed" and record["settled"], record
+
+
+def test_a_client_that_leaves_at_each_stage_leaves_no_window_open(hardened):
+    """Before the upstream's headers (a stream in a long prefill), mid-stream, and during a plain
+    request's prefill and decoding: each gets one settled record and no window stays open."""
+    rows = hardened.rows()
+    cases = [
+        ({"messages": [{"role": "user", "content": "fault:very-slow"}], "stream": True}, 0),
+        ({"messages": MSG, "stream": True, "max_tokens": 2000}, 3),
+        ({"messages": [{"role": "user", "content": "fault:very-slow"}]}, None),
+        ({"messages": MSG, "max_tokens": 2000}, None),
+    ]
+    for body, chunks in cases:
+        body = {"model": "llama", **body}
+        if chunks is None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{hardened.url}/v1/chat/completions", json=body, timeout=0.3)
+            continue
+        with httpx.stream("POST", f"{hardened.url}/v1/chat/completions", json=body) as r:
+            it = r.iter_bytes()
+            for _ in range(chunks):
+                next(it)
+    wait_for_no_running_sequence(hardened.gpu, within_s=2.0)
+    hardened.settle(rows + len(cases))
