@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meter import Measurement, Meter, MeterFault, RequestWindow
 from meter.footprint import SiteFactors, UnknownZone, grid_intensity
@@ -37,7 +38,7 @@ from proxy.exchange import Exchange, parse
 from proxy.figures import ENERGY_HEADERS, energy_object
 from proxy.foreign import ForeignLoadPoller
 from proxy.ledger import Ledger, default_path, to_row
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, TeamView
 from proxy.records import Records
 from proxy.settings import ConfigError, Model, Settings, load_keys
 from proxy.upstream import ERRORS as UPSTREAM_ERRORS
@@ -124,7 +125,11 @@ class Gateway:
         self.meter = meter
         self.drive = drive  # simulated GPUs whose load follows the gateway's requests
         self.keys = load_keys(settings.gateway.auth)
-        self.metrics = Metrics(settings.models, meter, teams=sorted(set(self.keys.values())))
+        self.metrics_aliases = frozenset(settings.gateway.auth.metrics_aliases)
+        if unknown := self.metrics_aliases - set(self.keys.values()):
+            raise ConfigError(f"gateway.auth.metrics_aliases: no key has the alias {', '.join(sorted(unknown))}")
+        teams = sorted(set(self.keys.values()) - self.metrics_aliases)
+        self.metrics = Metrics(settings.models, meter, teams=teams)
         self.records = Records(settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         for kind, n in meter.errors.items():
@@ -178,6 +183,13 @@ class Gateway:
         if alias is None:
             raise Unauthorized("missing or unknown gateway API key")
         return alias
+
+    def metrics_for(self, request: Request) -> CollectorRegistry | TeamView:
+        """What the caller may scrape: everything, or with keys on, its own team's series only."""
+        team = self.authenticate(request)
+        if team is None or team in self.metrics_aliases:
+            return self.metrics.registry
+        return TeamView(self.metrics.registry, team)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -262,6 +274,18 @@ class Gateway:
         return rec.energy if rec is not None and rec.energy else energy
 
 
+class _ApiCors:
+    """CORS for the ``/v1`` API only: ``/metrics`` and the health routes are for operators, not browsers."""
+
+    def __init__(self, app: ASGIApp, /, **options: Any) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(app, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = scope["type"] == "http" and scope["path"].startswith("/v1/")
+        await (self.cors if api else self.app)(scope, receive, send)
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.fullmatch(given) else _new_request_id()
@@ -317,7 +341,7 @@ def create_app(
     app.state.gateway = gw
     if settings.gateway.cors_allow_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _ApiCors,
             allow_origins=settings.gateway.cors_allow_origins,
             allow_methods=["*"],
             allow_headers=["*"],
@@ -359,7 +383,8 @@ def create_app(
         app.add_route(f"/v1/{path}", functools.partial(forward, path=path), methods=["POST"])
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        gw.authenticate(request)
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "wattgate"} for n in settings.models],
@@ -380,8 +405,8 @@ def create_app(
         return JSONResponse(found)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gw.metrics_for(request)), media_type=CONTENT_TYPE_LATEST)  # type: ignore[arg-type]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from meter import Meter
 
@@ -17,6 +18,7 @@ ENERGY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 25
 PER_TOKEN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+TEAM_PREFIX = "wattgate_team_"  # the per-team series, labelled by team alias
 
 
 class Metrics:
@@ -82,6 +84,20 @@ class Metrics:
         for kind in METER_ERROR_KINDS:
             self.meter_errors.labels(kind)
         r.register(_GpuCollector(meter))
+
+
+class TeamView:
+    """A registry as one team sees it: the per-team series of other teams left out."""
+
+    def __init__(self, registry: CollectorRegistry, team: str) -> None:
+        self.registry = registry
+        self.team = team
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():  # fresh objects on every collect: safe to filter
+            if family.name.startswith(TEAM_PREFIX):
+                family.samples = [s for s in family.samples if s.labels.get("team") == self.team]
+            yield family
 
 
 class _GpuCollector:

@@ -111,6 +111,9 @@ class Auth(_Strict):
 
     keys_env: str | None = None
     keys_file: Path | None = None
+    # Aliases whose keys read every team's series on /metrics (a Prometheus scrape key); any other
+    # key sees its own team's only. Without keys, /metrics is open, as vLLM's is.
+    metrics_aliases: list[str] = Field(default_factory=list)
 
 
 class Gateway(_Strict):

@@ -13,8 +13,10 @@ import httpx
 import pytest
 import yaml
 
-from proxy.serving import free_port
-from proxy.settings import load_settings
+from proxy.app import create_app
+from proxy.serving import ServerThread, free_port
+from proxy.settings import Auth, Gateway, MeterSettings, Model, Settings, load_settings
+from tests.conftest import SERVED
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "wattgate.json"
@@ -40,21 +42,39 @@ def test_exposition_passes_promtool_check_metrics(stack):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.fixture
+def keyed_gateway(stack, monkeypatch):
+    """A gateway with keys on, in front of the stack's upstream: two teams and a scrape key."""
+    monkeypatch.setenv("WG_DEPLOY_KEYS", "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape")
+    settings = Settings(
+        meter=MeterSettings(source="simulated", settle_lag_ms=200),
+        gateway=Gateway(auth=Auth(keys_env="WG_DEPLOY_KEYS", metrics_aliases=["prometheus"])),
+        models={"llama": Model(served_name=SERVED, upstream=f"{stack.upstream_url}/v1", gpus=[0])},
+    )
+    with ServerThread(create_app(settings)) as gw:
+        yield gw.url
+
+
 @needs_prometheus
-def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack, tmp_path):
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(keyed_gateway, tmp_path):
+    """Gateway keys on: Prometheus scrapes with its own key, as deploy/prometheus/prometheus.yml shows."""
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    target = stack.url.removeprefix("http://")
+    target = keyed_gateway.removeprefix("http://")
+    (tmp_path / "scrape-key").write_text("sk-scrape\n")
     config.write_text(
         "global: {scrape_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: wattgate\n    static_configs:\n      - targets: ['{target}']\n"
+        "scrape_configs:\n  - job_name: wattgate\n"
+        f"    authorization: {{credentials_file: {tmp_path / 'scrape-key'}}}\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
     )
     stop = threading.Event()
 
     def traffic() -> None:
         body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
         while not stop.is_set():
-            httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=10)
+            httpx.post(f"{keyed_gateway}/v1/chat/completions", json=body, timeout=10,
+                       headers={"authorization": "Bearer sk-a"})
 
     workers = [threading.Thread(target=traffic) for _ in range(3)]
     prom = subprocess.Popen(
@@ -91,7 +111,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack, tmp_pa
             "wattgate_energy_per_token_joules_bucket", "wattgate_carbon_grams_total", "wattgate_water_liters_total",
             "wattgate_gpu_power_watts", "wattgate_gpu_energy_joules_total", "wattgate_gpu_idle_energy_joules_total",
             "wattgate_gpu_unattributed_energy_joules_total", "wattgate_upstream_latency_seconds_bucket",
-            "wattgate_meter_errors_total",
+            "wattgate_meter_errors_total", "wattgate_team_energy_joules_total",
         }
         assert expected <= scraped, expected - scraped
     finally:

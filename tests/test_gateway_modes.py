@@ -113,9 +113,39 @@ def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
         own = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-a"})
         other = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-b"})
         assert own.status_code == 200 and other.status_code == 404
-        metrics = httpx.get(f"{gw.url}/metrics").text
-        assert 'wattgate_team_carbon_grams_total{team="team-b"} 0.0' in metrics
-        assert 'wattgate_team_energy_joules_total{team="team-a"}' in metrics and "sk-a" not in metrics
+
+
+def test_with_keys_on_metrics_and_models_need_a_key_and_teams_see_only_their_own_series(upstream, monkeypatch):
+    monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape")
+    auth = Auth(keys_env="WG_TEST_KEYS", metrics_aliases=["prometheus"])
+    settings = settings_for(upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=auth))
+    with ServerThread(create_app(settings)) as gw:
+        def get(path: str, key: str | None = None) -> httpx.Response:
+            headers = {"origin": "https://app.example"} | ({"authorization": f"Bearer {key}"} if key else {})
+            return httpx.get(f"{gw.url}{path}", headers=headers)
+
+        for path in ("/metrics", "/v1/models"):
+            denied = get(path)
+            assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error", path
+        assert get("/v1/models", "sk-a").json()["data"][0]["id"] == "llama"
+        everything = get("/metrics", "sk-scrape")
+        assert 'wattgate_team_energy_joules_total{team="team-a"}' in everything.text
+        assert 'wattgate_team_energy_joules_total{team="team-b"}' in everything.text
+        assert 'team="prometheus"' not in everything.text  # the scrape key is not a team
+        assert "access-control-allow-origin" not in everything.headers  # not for browsers
+        own = get("/metrics", "sk-a").text
+        assert 'wattgate_team_energy_joules_total{team="team-a"}' in own and 'team="team-b"' not in own
+        assert "wattgate_requests_total" in own and "sk-a" not in own
+        assert get("/v1/models", "sk-a").headers["access-control-allow-origin"]  # the API keeps its CORS
+
+
+def test_a_metrics_alias_without_a_key_is_a_config_error(upstream, monkeypatch):
+    from proxy.settings import ConfigError
+
+    monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a")
+    auth = Auth(keys_env="WG_TEST_KEYS", metrics_aliases=["prometheus"])
+    with pytest.raises(ConfigError, match="prometheus"):
+        create_app(settings_for(upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=auth)))
 
 
 def test_fixed_host_power_is_a_separate_component(upstream):
