@@ -249,9 +249,10 @@ class Meter:
             raise ValueError(f"idle must be 'exclude' or 'amortize', not {idle!r}")
         self.clock = clock
         self.source = source
+        gpus = set(gpus)  # read once: it may be an iterator
         # GPUs the source sees but cannot meter per request (MIG): their requests are estimated.
         self.unmeasured = {g: why for g, why in source.unmeasurable.items() if g in gpus} if source is not None else {}
-        self.gpus = tuple(sorted(set(gpus) - set(self.unmeasured))) if source is not None else ()
+        self.gpus = tuple(sorted(gpus - set(self.unmeasured))) if source is not None else ()
         self.method = source.method if source is not None and self.gpus else ESTIMATE
         self.amortize = idle == "amortize"
         self.settle_lag_s = settle_lag_s

@@ -6,7 +6,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -98,13 +98,11 @@ class Sampler:
         self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(deque(maxlen=maxlen)) for g in self.gpus}
-        self.errors: Counter[str] = Counter()
-        self.on_error: Callable[[str], None] | None = None
+        self.on_error: Callable[[str], None] | None = None  # told each fault's kind (the meter counts them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _fault(self, kind: str) -> None:
-        self.errors[kind] += 1
         if self.on_error is not None:
             self.on_error(kind)
 
@@ -291,9 +289,10 @@ class Sampler:
     def energy_curve(self, gpu: int, since: float | None, until: float | None = None) -> list[tuple[float, float]]:
         """The best estimate now of cumulative energy ``(time, J)`` from ``since`` on, for provisional figures.
 
-        Counter samples first; then the power integrated since its last step follows (scaled by how the two sensors have agreed lately); with ``until``,
-        the curve is extended to it at the latest instantaneous power. Not for settled figures:
-        only the samples are final.
+        Counter samples first; then the power integrated since the counter's last step (scaled,
+        read sparsely, by how the two sensors have agreed lately); with ``until``, the curve is
+        extended to it at the latest instantaneous power. Not for settled figures: only the
+        samples are final.
         """
         curve = self.samples_since(gpu, since)
         st = self._gpu[gpu]

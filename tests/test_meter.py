@@ -415,3 +415,12 @@ def test_a_long_stream_holds_only_its_recent_token_times_and_keeps_its_figures()
     m = settled["long"]
     assert m.completion_tokens == 1200
     assert m.joules == pytest.approx(true_energy(lambda t: 300.0, 1.0, 61.0), rel=0.01)
+
+
+def test_gpus_given_as_an_iterator_are_read_once():
+    """A model's GPUs as a generator, one of them in MIG mode: the other is still metered."""
+    clock = Clock()
+    trace = counter_trace(lambda t: 100.0)
+    source = TraceSource({0: trace, 1: trace}, clock, unmeasurable={1: "MIG mode"})
+    meter = Meter(source, (g for g in (0, 1)), clock=clock)
+    assert meter.gpus == (0,) and meter.unmeasured == {1: "MIG mode"} and meter.method == "trace"
