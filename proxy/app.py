@@ -18,6 +18,7 @@ import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -39,7 +40,7 @@ from proxy.figures import ENERGY_HEADERS, energy_object
 from proxy.foreign import ForeignLoadPoller
 from proxy.ledger import Ledger, default_path, to_row
 from proxy.metrics import Metrics, TeamView
-from proxy.records import Records
+from proxy.records import Records, record_key
 from proxy.settings import ConfigError, Model, Settings, load_keys
 from proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from proxy.upstream import Upstream
@@ -47,6 +48,8 @@ from proxy.upstream import Upstream
 log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Settled records kept in memory with the ledger on (it answers for older ones): about 1 KB each.
+RECENT_WITH_LEDGER = 1_000
 
 
 def site_factors(settings: Settings) -> SiteFactors:
@@ -130,7 +133,9 @@ class Gateway:
             raise ConfigError(f"gateway.auth.metrics_aliases: no key has the alias {', '.join(sorted(unknown))}")
         teams = sorted(set(self.keys.values()) - self.metrics_aliases)
         self.metrics = Metrics(settings.models, meter, teams=teams)
-        self.records = Records(settings.gateway.recent_records)
+        with_ledger = settings.ledger.enabled
+        self.records = Records(min(settings.gateway.recent_records, RECENT_WITH_LEDGER) if with_ledger
+                               else settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         for kind, n in meter.errors.items():
             self.metrics.meter_errors.labels(kind).inc(n)
@@ -149,10 +154,10 @@ class Gateway:
     # -- settled figures (called from the meter's thread) ------------------------
 
     def settled(self, m: Measurement) -> None:
-        rec = self.records.get(m.request_id)
+        rec = self.records.get(m.request_id)  # the window is named by the record's key
         if rec is None:
             return
-        energy = energy_object(m, self.site)
+        energy = energy_object(m, self.site, rec.request_id)
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:
@@ -220,18 +225,25 @@ class Gateway:
                 headers["authorization"] = f"Bearer {key}"
         return headers
 
-    async def open_record(self, request_id: str, client_chose: bool, name: str, team: str | None) -> str:
-        """Open the record of a request under ``request_id``, or under a new id when that one already
-        names a record (a client reusing its ids must not overwrite what was metered); the id used."""
-        if client_chose and await self.stored(request_id) is not None:
+    async def open_record(
+        self, request_id: str, client_chose: bool, name: str, team: str | None
+    ) -> tuple[str, str]:
+        """Open the record of ``team``'s request under ``request_id``, or under a new id when that one
+        already names one of the team's records (a client reusing its ids must not overwrite what was
+        metered); the id used and the record's key. Other teams' ids are not looked at: two teams may
+        send the same id, and neither learns of the other's."""
+        if client_chose and await self.stored(request_id, team) is not None:
             request_id = _new_request_id()
-        while not self.records.open(request_id, name, team):
+        while (key := self.records.open(request_id, name, team)) is None:
             request_id = _new_request_id()
-        return request_id
+        return request_id, key
 
-    async def stored(self, request_id: str) -> dict[str, Any] | None:
-        """The ledger's record of ``request_id``, read off the event loop (a commit may hold the database)."""
-        return None if self.ledger is None else await asyncio.to_thread(self.ledger.get, request_id)
+    async def stored(self, request_id: str, team: str | None) -> dict[str, Any] | None:
+        """The ledger's record of ``team``'s ``request_id`` (any team's when keys are off), read off
+        the event loop (a commit may hold the database)."""
+        if self.ledger is None:
+            return None
+        return await asyncio.to_thread(self.ledger.get, request_id, team, any_team=not self.keys)
 
     def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
         self.in_flight[name] += 1
@@ -264,13 +276,13 @@ class Gateway:
         mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
         mx.tokens.labels(name, "completion").inc(m.completion_tokens)
         mx.latency.labels(name).observe(time.monotonic() - forwarded_at)
-        energy = energy_object(m, self.site)
+        rec = self.records.get(m.request_id)  # the window is named by the record's key
+        energy = energy_object(m, self.site, None if rec is None else rec.request_id)
         if m.settled and self.ledger is not None:
             # Final already (an estimate), but the API says settled only once the ledger has it.
             self.records.update(m.request_id, {**energy, "settled": False})
             return energy
-        self.records.update(m.request_id, energy)
-        rec = self.records.get(m.request_id)
+        rec = self.records.update(m.request_id, energy)
         return rec.energy if rec is not None and rec.energy else energy
 
 
@@ -371,12 +383,18 @@ def create_app(
     async def forward(request: Request, path: str) -> Response:
         request.state.request_id = _request_id(request)
         team = gw.authenticate(request)
-        call = parse(settings, path, await gw.read_json(request))
+        try:
+            body = await gw.read_json(request)
+        except ClientDisconnect:  # left while sending its body: nothing was opened, nobody to answer
+            return Response(status_code=499)
+        call = parse(settings, path, body)
         given = request.headers.get("x-request-id")
-        request_id = await gw.open_record(request.state.request_id, request.state.request_id == given, call.name, team)
+        request_id, key = await gw.open_record(
+            request.state.request_id, request.state.request_id == given, call.name, team
+        )
         request.state.request_id = request_id
-        exchange = Exchange(gw, call, request_id, gw.begin(request_id, call.name, call.model, call.prompt_tokens))
-        return await exchange.run(request.receive)
+        window = gw.begin(key, call.name, call.model, call.prompt_tokens)  # named by the key: unique across teams
+        return await Exchange(gw, call, request_id, key, window).run(request.receive)
 
     # Plain Starlette routes: the proxied calls need no FastAPI dependency solving per request.
     for path in ("chat/completions", "completions", "embeddings"):
@@ -393,20 +411,16 @@ def create_app(
     @app.get("/v1/energy/{request_id}")
     async def energy(request_id: str, request: Request) -> Response:
         team = gw.authenticate(request)
-        rec = gw.records.get(request_id)
-        if rec is not None and rec.energy:
-            found, owner = rec.energy, rec.team
-        elif (row := await gw.stored(request_id)) is not None:
-            found, owner = row, row["team"]
-        else:
-            found, owner = None, None
-        if found is None or (gw.keys and owner != team):
+        rec = gw.records.get(record_key(team, request_id))
+        found = rec.energy if rec is not None and rec.energy else await gw.stored(request_id, team)
+        if not found:
             raise NotFound(f"no energy record for request '{request_id}'")
         return JSONResponse(found)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(gw.metrics_for(request)), media_type=CONTENT_TYPE_LATEST)  # type: ignore[arg-type]
+        exposition = generate_latest(gw.metrics_for(request))  # type: ignore[arg-type]  # a view collects too
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

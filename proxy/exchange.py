@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import orjson
 from starlette.responses import Response
@@ -109,10 +110,13 @@ class Hub(Protocol):
 class Exchange:
     """One call with an open window: ``run`` sends it and answers; every way out closes the window once."""
 
-    def __init__(self, hub: Hub, call: Call, request_id: str, window: RequestWindow) -> None:
+    def __init__(self, hub: Hub, call: Call, request_id: str, key: str, window: RequestWindow) -> None:
         self.hub = hub
         self.call = call
-        self.request_id = request_id
+        self.request_id = request_id  # as the client knows it
+        # The upstream's x-request-id: the record's key, unique across teams (vLLM refuses a second
+        # request under an id that is running), in ASCII whatever the team's alias.
+        self.upstream_id = quote(key, safe="/._:-")
         self.window = window
         self.forwarded_at = time.monotonic()
         self.energy: dict[str, Any] | None = None  # set once the window is closed
@@ -144,9 +148,8 @@ class Exchange:
     async def _send(self) -> up.Response:
         call = self.call
         try:
-            return await self.hub.upstream.post(
-                f"{call.model.base_url}/{call.path}", call.payload, self.hub.upstream_headers(call.model, self.request_id)
-            )
+            headers = self.hub.upstream_headers(call.model, self.upstream_id)
+            return await self.hub.upstream.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
         except TimeoutError:
             raise UpstreamTimeout(f"upstream for '{call.name}' did not answer in time") from None
         except up.ERRORS as exc:

@@ -8,12 +8,13 @@ from meter import Measurement
 from meter.footprint import SiteFactors, footprint
 
 
-def energy_object(m: Measurement, site: SiteFactors) -> dict[str, Any]:
-    """The body's ``energy`` object (DESIGN.md, "Per-request figures")."""
+def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None) -> dict[str, Any]:
+    """The body's ``energy`` object (DESIGN.md, "Per-request figures"); ``request_id`` as the client
+    knows it, when the meter's window had another name."""
     fp = footprint(m.joules, site)
     gpus = sorted(g for g in m.joules_by_gpu if g >= 0)
     return {
-        "request_id": m.request_id,
+        "request_id": m.request_id if request_id is None else request_id,
         "joules": round(fp.joules, 6),
         "wh": round(fp.wh, 9),
         "gco2e": round(fp.gco2e, 9),

@@ -37,6 +37,21 @@ MIGRATIONS = (
     "CREATE INDEX requests_ts_end ON requests (ts_end)",
     "ALTER TABLE requests ADD COLUMN ts_start REAL",
     "ALTER TABLE requests ADD COLUMN gpu_joules TEXT NOT NULL DEFAULT '{}'",  # {"gpu index": joules}
+    # A request id is unique within a team, not across teams (two teams may send the same id): the
+    # table is rebuilt without its primary key, one statement per version so a crash resumes it.
+    """CREATE TABLE requests_by_team (
+        request_id TEXT NOT NULL, ts_end REAL NOT NULL, model TEXT NOT NULL, team TEXT,
+        status TEXT NOT NULL, method TEXT NOT NULL, settled INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, window_ms INTEGER NOT NULL,
+        joules REAL NOT NULL, wh REAL NOT NULL, gco2e REAL NOT NULL, water_ml REAL NOT NULL,
+        gpus TEXT NOT NULL, components TEXT NOT NULL,
+        pue REAL NOT NULL, grid_zone TEXT NOT NULL, grid_intensity_g_per_kwh REAL NOT NULL,
+        ts_start REAL, gpu_joules TEXT NOT NULL DEFAULT '{}')""",
+    f"INSERT INTO requests_by_team ({','.join(COLUMNS)}) SELECT {','.join(COLUMNS)} FROM requests",
+    "DROP TABLE requests",
+    "ALTER TABLE requests_by_team RENAME TO requests",
+    "CREATE INDEX requests_ts_end ON requests (ts_end)",
+    "CREATE UNIQUE INDEX requests_team_request_id ON requests (ifnull(team, ''), request_id)",
 )
 
 
@@ -190,10 +205,13 @@ class Ledger:
                     self.db.execute("ROLLBACK")
                 raise
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
+    def get(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> dict[str, Any] | None:
+        """The record of ``request_id`` sent by ``team`` (None: without a key), or by any team (the latest)."""
+        where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
         with self._read_lock:
             row = self.db.execute(
-                f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ?", (request_id,)
+                f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
+                (request_id, *args),
             ).fetchone()
         return from_row(row) if row else None
 

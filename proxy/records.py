@@ -1,4 +1,4 @@
-"""Recent per-request records, for ``GET /v1/energy/{id}`` and for settling metrics."""
+"""Per-request records in memory, for ``GET /v1/energy/{id}`` and for settling metrics."""
 
 from __future__ import annotations
 
@@ -10,37 +10,55 @@ from typing import Any
 
 @dataclass(slots=True)
 class Record:
+    request_id: str  # as the client knows it (unique within its team)
     model: str
     team: str | None
     energy: dict[str, Any] = field(default_factory=dict)
 
 
-class Records:
-    """A bounded, thread-safe map of request id to :class:`Record` (oldest dropped first)."""
+def record_key(team: str | None, request_id: str) -> str:
+    """A record's key: its request id within its team (ids have no "/", so the last one splits)."""
+    return request_id if team is None else f"{team}/{request_id}"
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, Record] = OrderedDict()
+
+class Records:
+    """A thread-safe map of :func:`record_key` to :class:`Record`.
+
+    A record is held until its request settles, however many there are: dropping
+    it earlier would lose the request's settled figure (its ledger row, its
+    metrics). Once settled, only the ``keep_settled`` most recent are kept (oldest
+    dropped first); with a ledger, older ones are read from it.
+    """
+
+    def __init__(self, keep_settled: int) -> None:
+        self.keep_settled = keep_settled
+        self._open: dict[str, Record] = {}
+        self._settled: OrderedDict[str, Record] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, request_id: str, model: str, team: str | None) -> bool:
-        """Add a record under ``request_id``; False, changing nothing, when one is already there."""
+    def open(self, request_id: str, model: str, team: str | None) -> str | None:
+        """Add the record of ``team``'s ``request_id``; its key, or None (changing nothing) when taken."""
+        key = record_key(team, request_id)
         with self._lock:
-            if request_id in self._items:
-                return False
-            self._items[request_id] = Record(model, team)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-            return True
+            if key in self._open or key in self._settled:
+                return None
+            self._open[key] = Record(request_id, model, team)
+            return key
 
-    def update(self, request_id: str, energy: dict[str, Any]) -> Record | None:
+    def update(self, key: str, energy: dict[str, Any]) -> Record | None:
         """Store figures unless a settled figure is already there; return the record."""
         with self._lock:
-            rec = self._items.get(request_id)
-            if rec is not None and not rec.energy.get("settled"):
-                rec.energy = energy
+            rec = self._open.get(key)
+            if rec is None:
+                return self._settled.get(key)
+            rec.energy = energy
+            if energy.get("settled"):
+                del self._open[key]
+                self._settled[key] = rec
+                while len(self._settled) > self.keep_settled:
+                    self._settled.popitem(last=False)
             return rec
 
-    def get(self, request_id: str) -> Record | None:
+    def get(self, key: str) -> Record | None:
         with self._lock:
-            return self._items.get(request_id)
+            return self._open.get(key) or self._settled.get(key)

@@ -121,7 +121,8 @@ class Gateway(_Strict):
     timeouts: Timeouts = Timeouts()
     auth: Auth = Auth()
     max_connections: int = Field(default=1000, ge=1)
-    # Records of recent requests kept in memory for GET /v1/energy/{id}.
+    # Settled records kept in memory for GET /v1/energy/{id} (unsettled ones are always kept); with
+    # the ledger on, at most 1,000 of them (proxy.app.RECENT_WITH_LEDGER): the ledger answers for older ones.
     recent_records: int = Field(default=100_000, ge=100)
     # Browser origins allowed to call the API (CORS), as vLLM's server allows by default; [] = off.
     cors_allow_origins: list[str] = Field(default_factory=lambda: ["*"])

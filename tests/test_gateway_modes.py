@@ -12,7 +12,7 @@ from meter import Meter
 from meter.sources.trace import TraceSource
 from proxy.app import create_app
 from proxy.serving import ServerThread
-from proxy.settings import Auth, Gateway, MeterSettings, Model, Settings
+from proxy.settings import Auth, Gateway, LedgerSettings, MeterSettings, Model, Settings
 from proxy.simulated_upstream import SimulatedUpstream
 from tests.conftest import SERVED
 
@@ -113,6 +113,38 @@ def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
         own = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-a"})
         other = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": "Bearer sk-b"})
         assert own.status_code == 200 and other.status_code == 404
+
+
+def test_two_teams_may_send_the_same_request_id_and_neither_learns_of_the_other(upstream, monkeypatch, tmp_path):
+    """Each gets its id echoed and its own record; a team reusing its own id gets a fresh one."""
+    monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b")
+    settings = settings_for(upstream, meter=MeterSettings(source="simulated", settle_lag_ms=200),
+                            gateway=Gateway(auth=Auth(keys_env="WG_TEST_KEYS")),
+                            ledger=LedgerSettings(path=tmp_path / "ledger.db"))
+    with ServerThread(create_app(settings)) as gw:
+        def call(key: str, rid: str, tokens: int) -> httpx.Response:
+            body = {"model": "llama", "messages": MSG, "max_tokens": tokens}
+            return httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {key}", "x-request-id": rid})
+
+        def record(key: str, rid: str) -> dict:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                r = httpx.get(f"{gw.url}/v1/energy/{rid}", headers={"authorization": f"Bearer {key}"})
+                if r.status_code != 200 or r.json()["settled"]:
+                    return r.json()
+                time.sleep(0.05)
+            raise AssertionError(f"{rid} did not settle")
+
+        a, b = call("sk-a", "shared-1", 2), call("sk-b", "shared-1", 5)
+        assert a.headers["x-request-id"] == b.headers["x-request-id"] == "shared-1"
+        assert a.json()["energy"]["request_id"] == b.json()["energy"]["request_id"] == "shared-1"
+        assert record("sk-a", "shared-1")["completion_tokens"] == 2
+        assert record("sk-b", "shared-1")["completion_tokens"] == 5
+        again = call("sk-a", "shared-1", 1)
+        assert again.headers["x-request-id"].startswith("wg-")
+        assert record("sk-a", "shared-1")["completion_tokens"] == 2
+        assert record("sk-b", "never-sent")["error"]["code"] == "not_found"
 
 
 def test_with_keys_on_metrics_and_models_need_a_key_and_teams_see_only_their_own_series(upstream, monkeypatch):

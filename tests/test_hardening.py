@@ -3,6 +3,7 @@ and gets one ledger row; every failure is a clean answer in OpenAI's error shape
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sqlite3
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from meter import Meter
@@ -109,8 +111,10 @@ def test_deep_nesting_anywhere_in_the_body_is_a_400_that_opens_nothing(hardened,
         "unknown field": f'"x_vendor": {{"a": {nested(depth)}}}',
     }
     for where, field in places.items():
-        rest = ", ".join(f'"{k}": {v!r}'.replace("'", '"') for k, v in body.items() if k != prompt_field or where != "prompt")
-        raw = f'{{"model": "llama", {rest}, {field}}}'.encode()
+        kept = {"model": "llama", **{k: v for k, v in body.items() if k != prompt_field or where != "prompt"}}
+        raw = orjson.dumps(kept)[:-1] + f", {field}}}".encode()
+        if depth < 1020:  # what orjson reads: refused for its depth alone, not its syntax
+            orjson.loads(raw)
         r = httpx.post(f"{hardened.url}/v1/{path}", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400, (where, r.text)
         err = r.json()["error"]
@@ -184,3 +188,66 @@ def test_a_client_that_leaves_at_each_stage_leaves_no_window_open(hardened):
                 next(it)
     wait_for_no_running_sequence(hardened.gpu, within_s=2.0)
     hardened.settle(rows + len(cases))
+
+
+def test_every_record_is_held_until_it_settles_whatever_the_cap(tmp_path):
+    """recent_records at its minimum (100) and 10x as many requests at once, half streamed: one
+    ledger row each, nothing counted as dropped, each readable by its id."""
+    gpu = SimulatedGpu()
+    ledger = tmp_path / "ledger.db"
+    with ServerThread(SimulatedUpstream(gpu, served_name=SERVED, default_max_tokens=4)) as up:
+        settings = Settings(
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            gateway=Gateway(recent_records=100),
+            ledger=LedgerSettings(path=ledger),
+            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
+        )
+        meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
+        with ServerThread(create_app(settings, meter=meter)) as gw:
+            hub = Hardened(gw.url, gpu, meter, ledger)
+
+            async def burst() -> list[str]:
+                limits = httpx.Limits(max_connections=1000)
+                async with httpx.AsyncClient(base_url=gw.url, timeout=120, limits=limits) as client:
+                    async def one(i: int) -> str:
+                        body = {"model": "llama", "messages": MSG, "stream": i % 2 == 0}
+                        r = await client.post("/v1/chat/completions", json=body)
+                        assert r.status_code == 200
+                        return r.headers["x-request-id"]
+                    return await asyncio.gather(*(one(i) for i in range(1000)))
+
+            ids = asyncio.run(burst())
+            hub.settle(1000, timeout=60)
+            assert "wattgate_ledger_dropped_records_total 0.0" in httpx.get(f"{gw.url}/metrics").text
+            for rid in ids[:: 50]:
+                assert httpx.get(f"{gw.url}/v1/energy/{rid}").json()["settled"]
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(hardened, caplog):
+    caplog.set_level(logging.INFO)
+    host, port = hardened.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 1000\r\n\r\n{\"model\": \"llama\", ")
+    time.sleep(0.3)
+    assert httpx.get(f"{hardened.url}/healthz").status_code == 200
+    assert hardened.open_requests() == 0
+    assert "Traceback" not in caplog.text and "unexpected" not in caplog.text
+
+
+def test_numbers_orjson_cannot_write_back_as_read_are_no_failure(hardened):
+    """Integers past 64 bits (read as floats), huge and tiny floats, lone surrogates: each is either
+    refused as invalid JSON or forwarded; none leaves a window open."""
+    rows = hardened.rows()
+    bodies = {
+        b'"metadata": {"big": 123456789012345678901234567890, "neg": -9223372036854775809}': 200,
+        b'"metadata": {"f": 1.7976931348623157e308, "tiny": 5e-324, "e": 1E+2}': 200,
+        b'"metadata": {"inf": 1e400}': 400,
+        b'"metadata": {"s": "\\ud800"}': 400,
+    }
+    for extra, status in bodies.items():
+        raw = b'{"model": "llama", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], ' + extra + b"}"
+        r = httpx.post(f"{hardened.url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (extra, r.text)
+    hardened.settle(rows + 2)

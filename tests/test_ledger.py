@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from proxy.cli import main
-from proxy.ledger import Ledger, connect, to_row
+from proxy.ledger import MIGRATIONS, Ledger, connect, to_row
 from proxy.report import parse_duration, totals
 from proxy.serving import ServerThread
 from proxy.settings import LedgerSettings, MeterSettings, Model, Settings
@@ -42,14 +42,12 @@ def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
     reopened = Ledger(path)
     assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1600
     assert reopened.get("w3-17")["joules"] == 1.0 and reopened.get("nope") is None
-    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     reopened.close()
 
 
 def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
     import sqlite3
-
-    from proxy.ledger import MIGRATIONS
 
     path = tmp_path / "v2.db"
     old = sqlite3.connect(path)
@@ -69,6 +67,35 @@ def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
     rec2 = reopened.get("r2")
     reopened.close()
     assert rec2["gpu_joules"] == {"0": 2.0} and rec2["ts_start"] == pytest.approx(9.9)
+
+
+def test_a_request_id_is_unique_within_a_team_only(tmp_path):
+    """From version 5 on: two teams' records under one id both stay; one team's second replaces its first.
+    A ledger of version 4 (one id, one record) keeps its rows."""
+    import sqlite3
+
+    path = tmp_path / "v4.db"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[:4]:
+        old.execute(statement)
+    old.execute("PRAGMA user_version=4")
+    old.commit()
+    old.close()
+    ledger = Ledger(path)
+    ledger.submit(to_row(energy("same", 1.0), "m", "team-a", 10.0))
+    ledger.submit(to_row(energy("same", 2.0), "m", "team-b", 11.0))
+    ledger.submit(to_row(energy("same", 3.0), "m", None, 12.0))
+    ledger.submit(to_row(energy("same", 4.0), "m", "team-b", 13.0))  # the same team's id again: replaced
+    ledger.close()
+    reopened = Ledger(path)
+    try:
+        assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 3
+        assert reopened.get("same", "team-a")["joules"] == 1.0
+        assert reopened.get("same", "team-b")["joules"] == 4.0
+        assert reopened.get("same")["joules"] == 3.0 and reopened.get("same", "team-c") is None
+        assert reopened.get("same", any_team=True)["joules"] == 4.0  # the latest
+    finally:
+        reopened.close()
 
 
 def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
