@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.overhead import _wait
+from bench.overhead import _stop, _wait
 from meter import Measurement, Meter
 from meter.sources.simulated import GpuProfile
 from meter.sources.trace import TraceSource
@@ -165,9 +165,7 @@ def run_gateway(spaced_json: bool = False) -> list[tuple[bool, float, float]]:
         inline = asyncio.run(_gateway_workload(url))
         settled = _settled(url, [rid for _, rid, _ in inline])
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        _stop(*procs)
     missing = [rid for _, rid, _ in inline if rid not in settled]
     if missing:
         raise RuntimeError(f"{len(missing)} requests did not settle")

@@ -57,6 +57,13 @@ def _cpu_s(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    """Stop the processes a benchmark started."""
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -145,9 +152,7 @@ def main() -> None:
                       f"+{(via['lat_p50'] - direct['lat_p50']) * 1e3:.1f} ms latency p50, "
                       f"throughput x{via['tokens_per_s'] / direct['tokens_per_s']:.3f}, RSS {_rss_mb(gateway.pid):.0f} MB")
     finally:
-        for p in (gateway, upstream):
-            p.terminate()
-            p.wait(timeout=10)
+        _stop(gateway, upstream)
 
 
 if __name__ == "__main__":
