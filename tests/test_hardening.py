@@ -198,7 +198,8 @@ def test_every_record_is_held_until_it_settles_whatever_the_cap(tmp_path):
     with ServerThread(SimulatedUpstream(gpu, served_name=SERVED, default_max_tokens=4)) as up:
         settings = Settings(
             meter=MeterSettings(source="simulated", settle_lag_ms=200),
-            gateway=Gateway(recent_records=100),
+            # 1,000 connections opened at once on a loaded 2-core runner: give them time.
+            gateway=Gateway(recent_records=100, timeouts=Timeouts(connect_s=60.0, read_s=120.0)),
             ledger=LedgerSettings(path=ledger),
             models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
         )
