@@ -328,9 +328,11 @@ def replay(
                      s.own_j) for s in seqs]
 
 
-def run_trace(waves: list[list[Planned]] | None = None, **meter_kw: Any) -> list[Replayed]:
+def run_trace(
+    waves: list[list[Planned]] | None = None, arrival_gap_s: float = ARRIVAL_GAP_S, **meter_kw: Any
+) -> list[Replayed]:
     """The workload replayed into a meter on a scripted clock, once per poll phase in ``PHASES``."""
-    seqs, trace = simulate(waves)
+    seqs, trace = simulate(waves, arrival_gap_s=arrival_gap_s)
     return [r for phase in PHASES for r in replay(seqs, trace, phase_s=phase, **meter_kw)]
 
 
@@ -347,13 +349,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="gateway runs (the summary pools them)")
     parser.add_argument("--spaced-json", action="store_true", help="the upstream writes JSON with spaces")
     parser.add_argument("--scale-tokens", type=int, default=1, help="trace: requests this many times longer")
+    parser.add_argument("--arrival-gap-ms", type=float, default=ARRIVAL_GAP_S * 1000,
+                        help="trace: time between a wave's requests reaching the GPU")
     args = parser.parse_args()
     if args.mode in ("trace", "both"):
-        waves = workload(scale=args.scale_tokens)
+        waves, gap = workload(scale=args.scale_tokens), args.arrival_gap_ms / 1000
         phases = f"polls at {len(PHASES)} phases of the counter's steps, pooled"
         show_trace(f"trace, counter read every {SPARSE_COUNTER_S:g} s (as `auto` chose on the H200 host), {phases}:",
-                   run_trace(waves, counter_every_s=SPARSE_COUNTER_S))
-        show_trace(f"trace, counter read every poll, {phases}:", run_trace(waves))
+                   run_trace(waves, gap, counter_every_s=SPARSE_COUNTER_S))
+        show_trace(f"trace, counter read every poll, {phases}:", run_trace(waves, gap))
     if args.mode in ("gateway", "both"):
         style = "spaced" if args.spaced_json else "compact"
         pooled = []
