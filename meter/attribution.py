@@ -59,7 +59,6 @@ class Split:
     idle: float
     unattributed: float
     carry: float  # idle energy held back for ``amortize``, not yet given to a request
-    work: float = 0.0  # known work units of all participants in the slice
     measured: float = 0.0  # the GPU's energy over the slice, from the samples
 
     @property
@@ -131,7 +130,7 @@ def split_energy(
         foreign=foreign, carry=carry, amortize=amortize,
     )
     return Split(
-        dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.work, split.measured
+        dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.measured
     )
 
 
@@ -214,9 +213,8 @@ def split_arrays(
         cum_hu[i1] - cum_hu[i0],
     )
     per_key = np.bincount(key_idx, share, minlength=n_keys)
-    work = float((rate_k * (e - s)).sum())
     measured = float(energy[-1] - energy[0])
-    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, work, measured)
+    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, measured)
 
 
 def activity_spans(

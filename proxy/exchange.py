@@ -81,14 +81,13 @@ def check_fields(path: str, body: dict[str, Any]) -> None:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    field = _PROMPT_FIELD[path]
+    prompt = body.get(field)
     if path == "chat/completions":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise InvalidRequest("'messages' must be a non-empty array of objects", param="messages")
-    elif path == "completions" and not isinstance(body.get("prompt"), (str, list)):
-        raise InvalidRequest("'prompt' must be a string or an array", param="prompt")
-    elif path == "embeddings" and not isinstance(body.get("input"), (str, list)):
-        raise InvalidRequest("'input' must be a string or an array", param="input")
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+            raise InvalidRequest("'messages' must be a non-empty array of objects", param=field)
+    elif not isinstance(prompt, (str, list)):
+        raise InvalidRequest(f"'{field}' must be a string or an array", param=field)
 
 
 class ClientGone(Exception):
