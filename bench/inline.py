@@ -41,10 +41,10 @@ import numpy as np
 import orjson
 
 from bench.overhead import _stop, _wait
-from meter import Measurement, Meter
-from meter.sources.simulated import GpuProfile
-from meter.sources.trace import TraceSource
-from proxy.serving import free_port
+from wattgate.meter import Measurement, Meter
+from wattgate.meter.sources.simulated import GpuProfile
+from wattgate.meter.sources.trace import TraceSource
+from wattgate.proxy.serving import free_port
 
 WAVES = (1, 8, 1, 16, 2, 1, 4, 12, 1)
 PROFILE = GpuProfile(itl_1_s=0.005)  # 5 ms per token alone (issue 12's workload)
@@ -153,7 +153,7 @@ def run_gateway(spaced_json: bool = False) -> list[tuple[bool, float, float]]:
         f"models:\n  {MODEL}:\n    served_name: {SERVED}\n    upstream: http://127.0.0.1:{up_port}/v1\n"
         f"    gpus: [0]\nmeter: {{source: simulated}}\nledger: {{path: {registry.parent / 'ledger.db'}}}\n"
     )
-    cli = [sys.executable, "-m", "proxy.cli"]
+    cli = [sys.executable, "-m", "wattgate.proxy.cli"]
     upstream_cmd = [*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", str(PROFILE.itl_1_s * 1000)]
     gateway_cmd = [*cli, "serve", "--config", str(registry), "--port", str(gw_port), "--log-level", "warning"]
     procs = [subprocess.Popen([*upstream_cmd, *(["--spaced-json"] if spaced_json else [])]),

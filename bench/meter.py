@@ -13,11 +13,11 @@ import random
 import time
 import tracemalloc
 
-from meter import Meter, RequestWindow
-from meter.sampler import Sampler
-from meter.sources import Reading
-from meter.sources.nvml import visible_gpu_count
-from meter.sources.trace import TraceSource
+from wattgate.meter import Meter, RequestWindow
+from wattgate.meter.sampler import Sampler
+from wattgate.meter.sources import Reading
+from wattgate.meter.sources.nvml import visible_gpu_count
+from wattgate.meter.sources.trace import TraceSource
 
 NVML_COUNTER_CPU_S = 4e-3  # one nvmlDeviceGetTotalEnergyConsumption, measured on an H200 host (RESULTS.md)
 NVML_POWER_CPU_S = 4e-6  # one NVML_FI_DEV_POWER_INSTANT read, same host
@@ -49,7 +49,7 @@ class NvmlFanout:
     method = "nvml"
 
     def __init__(self) -> None:
-        from meter.sources.nvml import NvmlSource
+        from wattgate.meter.sources.nvml import NvmlSource
 
         self.inner = NvmlSource([0])
         self.unmeasurable: dict[int, str] = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.serving import free_port
+from wattgate.proxy.serving import free_port
 
 MODEL = "bench"
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
@@ -123,7 +123,7 @@ def main() -> None:
         f"    upstream: http://127.0.0.1:{up_port}/v1\n    gpus: [0]\n"
     )
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
-    exe = [sys.executable, "-m", "proxy.cli"]
+    exe = [sys.executable, "-m", "wattgate.proxy.cli"]
     upstream = subprocess.Popen(_pinned(1, [*exe, "simulate-upstream", "--port", str(up_port)]))
     gateway = subprocess.Popen(
         _pinned(0, [*exe, "serve", "--config", str(tmp / "registry.yaml"), "--port", str(gw_port), "--log-level", "warning"])

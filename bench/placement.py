@@ -24,8 +24,8 @@ import statistics
 
 import numpy as np
 
-from meter import Measurement, Meter
-from meter.sources.trace import TraceSource
+from wattgate.meter import Measurement, Meter
+from wattgate.meter.sources.trace import TraceSource
 
 TICK_S = 0.05  # the sampler's poll and the token pace
 IDLE_W, BUSY_W = 90.0, 690.0

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from bench.overhead import MODEL, SERVED, _cpu_s, _level, _pinned, _wait
-from proxy.serving import free_port
+from wattgate.proxy.serving import free_port
 
 
 def _tcp_pipe(port: int, up_port: int) -> None:
@@ -151,7 +151,7 @@ def main() -> None:
     )
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
     exe = [sys.executable, "-m"]
-    upstream = subprocess.Popen(_pinned(1, [*exe, "proxy.cli", "simulate-upstream", "--port", str(up_port)]))
+    upstream = subprocess.Popen(_pinned(1, [*exe, "wattgate.proxy.cli", "simulate-upstream", "--port", str(up_port)]))
     try:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         n = args.concurrency * args.requests_per_stream
@@ -159,7 +159,7 @@ def main() -> None:
         for kind in args.relays:
             port = free_port()
             if kind == "wattgate":
-                cmd = [*exe, "proxy.cli", "serve", "--config", str(registry), "--port", str(port), "--log-level", "warning"]
+                cmd = [*exe, "wattgate.proxy.cli", "serve", "--config", str(registry), "--port", str(port), "--log-level", "warning"]
                 model, health = MODEL, "/healthz"
             else:
                 cmd = [*exe, "bench.relay_floor", "--serve", kind, str(port), str(up_port)]

@@ -99,7 +99,7 @@ def fit_counter(times: np.ndarray, joules: np.ndarray, phases: np.ndarray) -> Fi
 
 
 def _sample(gpu: int, stop: threading.Event, rows: list[tuple[float, float | None, float, float | None]]) -> None:
-    from meter.sources.nvml import NvmlSource
+    from wattgate.meter.sources.nvml import NvmlSource
 
     source = NvmlSource([gpu])
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from bench.overhead import _rss_mb, _stop, _wait
-from proxy.serving import free_port
+from wattgate.proxy.serving import free_port
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 WARM_UP = 2_000
@@ -66,7 +66,7 @@ def main() -> None:
         f"models:\n  llama:\n    served_name: {SERVED}\n    upstream: http://127.0.0.1:{up_port}/v1\n"
         f"    gpus: [0]\nmeter: {{source: simulated}}\nledger: {{path: {scratch / 'ledger.db'}}}\n"
     )
-    cli = [sys.executable, "-m", "proxy.cli"]
+    cli = [sys.executable, "-m", "wattgate.proxy.cli"]
     upstream = subprocess.Popen([*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", "1"])
     gateway = subprocess.Popen([*cli, "serve", "--config", str(registry), "--port", str(gw_port),
                                 "--log-level", "warning"])

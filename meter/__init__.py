@@ -3,9 +3,9 @@
 A library with no web dependencies; ``proxy`` builds on it, never the reverse.
 """
 
-from meter.attribution import Activity, Span, Split, spans, split_energy
-from meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow, token_count
-from meter.sources import MeterFault, PowerSource, Reading
+from wattgate.meter.attribution import Activity, Span, Split, spans, split_energy
+from wattgate.meter.meter import ESTIMATE, GpuTotals, Measurement, Meter, RequestWindow, token_count
+from wattgate.meter.sources import MeterFault, PowerSource, Reading
 
 __all__ = [
     "ESTIMATE",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ecologits.impacts.llm import compute_llm_impacts_dag
 
-from meter.footprint import J_PER_KWH
+from wattgate.meter.footprint import J_PER_KWH
 
 DEFAULT_ACTIVE_PARAMS_B = 8.0
 

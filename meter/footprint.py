@@ -5,7 +5,7 @@ Grid carbon intensity comes from the data CodeCarbon ships (read through
 mix (Our World in Data / Ember, gCO2e/kWh, ``carbon_intensity``) and
 per-region figures of cloud providers (``impact``, gCO2e/kWh).
 
-Arithmetic (DESIGN.md):
+Arithmetic (docs/architecture.md, "Footprint"):
     facility kWh = IT kWh x PUE
     gCO2e        = facility kWh x grid intensity (g/kWh)
     water L      = IT kWh x on-site WUE (L/kWh) + facility kWh x water intensity of electricity (L/kWh)

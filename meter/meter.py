@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meter.attribution import MIN_SPAN_S, split_arrays
-from meter.estimate import estimate
-from meter.host import HostPower
-from meter.live import LiveSplit
-from meter.sampler import Sampler
-from meter.sources import PowerSource
-from meter.work import spans_since
+from wattgate.meter.attribution import MIN_SPAN_S, split_arrays
+from wattgate.meter.estimate import estimate
+from wattgate.meter.host import HostPower
+from wattgate.meter.live import LiveSplit
+from wattgate.meter.sampler import Sampler
+from wattgate.meter.sources import PowerSource
+from wattgate.meter.work import spans_since
 
 log = logging.getLogger(__name__)
 

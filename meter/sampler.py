@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from meter.sources import MeterFault, PowerSource
+from wattgate.meter.sources import MeterFault, PowerSource
 
 log = logging.getLogger(__name__)
 

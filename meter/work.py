@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from meter.attribution import activity_spans
+from wattgate.meter.attribution import activity_spans
 
 Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

@@ -22,12 +22,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from meter import Measurement, Meter, MeterFault, RequestWindow
-from meter.footprint import SiteFactors, UnknownZone, grid_intensity
-from meter.host import FixedHostPower, HostPower, RaplHostPower
-from meter.sources import PowerSource
-from meter.sources.simulated import SimulatedGpu, SimulatedSource
-from proxy.errors import (
+from wattgate.meter import Measurement, Meter, MeterFault, RequestWindow
+from wattgate.meter.footprint import SiteFactors, UnknownZone, grid_intensity
+from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
+from wattgate.meter.sources import PowerSource
+from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.proxy.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
@@ -35,15 +35,15 @@ from proxy.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from proxy.exchange import Exchange, parse
-from proxy.figures import ENERGY_HEADERS, energy_object
-from proxy.foreign import ForeignLoadPoller
-from proxy.ledger import Ledger, default_path, to_row
-from proxy.metrics import Metrics, TeamView
-from proxy.records import Records, record_key
-from proxy.settings import ConfigError, Model, Settings, load_keys
-from proxy.upstream import ERRORS as UPSTREAM_ERRORS
-from proxy.upstream import Upstream
+from wattgate.proxy.exchange import Exchange, parse
+from wattgate.proxy.figures import ENERGY_HEADERS, energy_object
+from wattgate.proxy.foreign import ForeignLoadPoller
+from wattgate.proxy.ledger import Ledger, default_path, to_row
+from wattgate.proxy.metrics import Metrics, TeamView
+from wattgate.proxy.records import Records, record_key
+from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
+from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
+from wattgate.proxy.upstream import Upstream
 
 log = logging.getLogger("wattgate")
 
@@ -83,7 +83,7 @@ def build_meter(
             simulated = {g: SimulatedGpu() for g in gpus}
         source = SimulatedSource(simulated if simulated_gpus is None else simulated_gpus)
     elif m.source == "nvml" and gpus:
-        from meter.sources.nvml import NvmlSource
+        from wattgate.meter.sources.nvml import NvmlSource
 
         try:
             source = NvmlSource(gpus, m.mig)

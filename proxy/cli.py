@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--keep", help="first delete records older than this, e.g. 90d (retention)")
     args = parser.parse_args(argv)
 
-    from proxy.settings import ConfigError
+    from wattgate.proxy.settings import ConfigError
 
     try:
         if args.command == "demo":
             logging.basicConfig(level=logging.WARNING)
-            from proxy.demo import run_demo
+            from wattgate.proxy.demo import run_demo
 
             return run_demo(keep_serving=args.keep_serving)
         if args.command == "simulate-upstream":
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.app import create_app
-    from proxy.settings import load_settings
+    from wattgate.proxy.app import create_app
+    from wattgate.proxy.settings import load_settings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(load_settings(args.config))
@@ -70,9 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from proxy.ledger import default_path
-    from proxy.report import run_report
-    from proxy.settings import load_settings
+    from wattgate.proxy.ledger import default_path
+    from wattgate.proxy.report import run_report
+    from wattgate.proxy.settings import load_settings
 
     path = default_path()
     if args.config:
@@ -90,8 +90,8 @@ def _simulate_upstream(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from meter.sources.simulated import H100_LLAMA_8B, SimulatedGpu
-    from proxy.simulated_upstream import SimulatedUpstream
+    from wattgate.meter.sources.simulated import H100_LLAMA_8B, SimulatedGpu
+    from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
     profile = H100_LLAMA_8B if args.itl_ms is None else replace(H100_LLAMA_8B, itl_1_s=args.itl_ms / 1000)
     upstream = SimulatedUpstream(SimulatedGpu(profile), served_name=args.served_name, spaced_json=args.spaced_json)

@@ -15,13 +15,13 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import HttpUrl
 
-from meter import Meter
-from meter.sources.simulated import SimulatedGpu
-from proxy.app import build_meter, create_app
-from proxy.ledger import default_path
-from proxy.serving import ServerThread
-from proxy.settings import MeterSettings, Model, Settings, Site
-from proxy.simulated_upstream import SimulatedUpstream
+from wattgate.meter import Meter
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.app import build_meter, create_app
+from wattgate.proxy.ledger import default_path
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import MeterSettings, Model, Settings, Site
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MODEL = "llama-3.1-8b"
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"

@@ -20,12 +20,12 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from meter import Measurement, RequestWindow, token_count
-from proxy import upstream as up
-from proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
-from proxy.figures import energy_headers
-from proxy.relay import StreamRelay
-from proxy.settings import Model, Settings
+from wattgate.meter import Measurement, RequestWindow, token_count
+from wattgate.proxy import upstream as up
+from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
+from wattgate.proxy.figures import energy_headers
+from wattgate.proxy.relay import StreamRelay
+from wattgate.proxy.settings import Model, Settings
 
 _BYTES_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
 _PROMPT_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}

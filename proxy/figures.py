@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from meter import Measurement
-from meter.footprint import SiteFactors, footprint
+from wattgate.meter import Measurement
+from wattgate.meter.footprint import SiteFactors, footprint
 
 
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None) -> dict[str, Any]:
-    """The body's ``energy`` object (DESIGN.md, "Per-request figures"); ``request_id`` as the client
+    """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client
     knows it, when the meter's window had another name."""
     fp = footprint(m.joules, site)
     gpus = sorted(g for g in m.joules_by_gpu if g >= 0)

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from meter import Meter
-from proxy.settings import Model
-from proxy.upstream import ERRORS, Upstream
+from wattgate.meter import Meter
+from wattgate.proxy.settings import Model
+from wattgate.proxy.upstream import ERRORS, Upstream
 
 log = logging.getLogger(__name__)
 RUNNING = "vllm:num_requests_running"

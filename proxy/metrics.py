@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the gateway, defined once (DESIGN.md, metrics table)."""
+"""Every Prometheus metric of the gateway, defined once (the README lists them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from meter import Meter
+from wattgate.meter import Meter
 
 STATUSES = ("ok", "error", "client_closed")
 METER_ERROR_KINDS = ("read", "lost_gpu", "stale", "counter_reset", "sampler_dead", "unmetered_gpu", "internal", "init")

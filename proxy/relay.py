@@ -26,8 +26,8 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from meter import Measurement, RequestWindow
-from proxy import upstream as up
+from wattgate.meter import Measurement, RequestWindow
+from wattgate.proxy import upstream as up
 
 _DONE = b"data: [DONE]"
 # Generated output in a streamed choice: a non-empty string of text (chat and completions) or

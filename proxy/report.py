@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.ledger import connect
+from wattgate.proxy.ledger import connect
 
 GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -123,7 +123,7 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
 
 def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> str:
     """Every record (oldest first) as CSV or JSON Lines, for ESG tooling."""
-    from proxy.ledger import COLUMNS, from_row
+    from wattgate.proxy.ledger import COLUMNS, from_row
 
     where, args = "", []
     if since_s is not None:

@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from meter.sources.simulated import SimulatedGpu
-from proxy.exchange import ClientGone, until_disconnect
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.exchange import ClientGone, until_disconnect
 
 _WORDS = (
     "Energy per token falls as the batch grows , because the weights are read once per step "

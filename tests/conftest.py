@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from meter import Meter
-from meter.sources.simulated import SimulatedGpu, SimulatedSource
-from proxy.app import create_app
-from proxy.serving import ServerThread, free_port
-from proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
-from proxy.simulated_upstream import Scenario, SimulatedUpstream
+from wattgate.meter import Meter
+from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.proxy.app import create_app
+from wattgate.proxy.serving import ServerThread, free_port
+from wattgate.proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
+from wattgate.proxy.simulated_upstream import Scenario, SimulatedUpstream
 
 # Ledgers of the apps under test go to a scratch directory, never the user's.
 os.environ["WATTGATE_DATA_DIR"] = tempfile.mkdtemp(prefix="wattgate-test-")

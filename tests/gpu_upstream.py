@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.simulated_upstream import Scenario, SimulatedUpstream
+from wattgate.proxy.simulated_upstream import Scenario, SimulatedUpstream
 
 
 class TorchUpstream(SimulatedUpstream):

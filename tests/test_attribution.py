@@ -1,4 +1,4 @@
-"""The attribution contract (DESIGN.md), one property per test, on random traces and schedules."""
+"""The attribution contract (docs/architecture.md, "Settled attribution"), one property per test, on random traces and schedules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.attribution import Activity, energy_at, spans, split_energy
+from wattgate.meter.attribution import Activity, energy_at, spans, split_energy
 
 T_END = 10.0
 
@@ -137,7 +137,7 @@ def test_vectorised_spans_match_spans(trace, acts, open_flags):
     """The meter's flat, vectorised spans split energy exactly as the per-request spans do."""
     import numpy as np
 
-    from meter.attribution import activity_spans, split_arrays
+    from wattgate.meter.attribution import activity_spans, split_arrays
 
     acts = [Activity(a.start, a.arrivals, None if o else a.end, a.prefill_work) for a, o in zip(acts, open_flags)]
     by_spans = split_energy(trace, {i: spans(a) for i, a in enumerate(acts)}, 0.0, T_END)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 import yaml
 
-from proxy.app import create_app
-from proxy.serving import ServerThread, free_port
-from proxy.settings import Auth, Gateway, MeterSettings, Model, Settings, load_settings
 from tests.conftest import SERVED
+from wattgate.proxy.app import create_app
+from wattgate.proxy.serving import ServerThread, free_port
+from wattgate.proxy.settings import Auth, Gateway, MeterSettings, Model, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "wattgate.json"
@@ -103,7 +103,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(keyed_gateway
             if not missing:
                 break
         assert not missing, f"queries with no data: {missing}"
-        # The scrape holds every metric of DESIGN.md.
+        # The scrape holds every metric the README lists.
         names = httpx.get(api, params={"query": 'count by (__name__) ({__name__=~"wattgate_.*"})'}).json()
         scraped = {r["metric"]["__name__"] for r in names["data"]["result"]}
         expected = {

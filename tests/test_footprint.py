@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meter.estimate import estimate
-from meter.footprint import J_PER_KWH, SiteFactors, footprint, grid_intensity
+from wattgate.meter.estimate import estimate
+from wattgate.meter.footprint import J_PER_KWH, SiteFactors, footprint, grid_intensity
 
 
 def site(zone: str, intensity: float) -> SiteFactors:
@@ -53,8 +53,8 @@ def test_unit_conversions_round_trip():
 
 
 def test_override_beats_zone():
-    from proxy.app import site_factors
-    from proxy.settings import parse_settings
+    from wattgate.proxy.app import site_factors
+    from wattgate.proxy.settings import parse_settings
 
     s = parse_settings("site: {grid_zone: FRA, grid_intensity_g_per_kwh: 20}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
     f = site_factors(s)

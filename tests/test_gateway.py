@@ -282,7 +282,7 @@ def test_requests_that_bypass_the_gateway_are_unattributed(stack, client):
 
 
 def test_running_sequences_parses_vllm_metrics():
-    from proxy.foreign import running_sequences
+    from wattgate.proxy.foreign import running_sequences
 
     text = ('# TYPE vllm:num_requests_running gauge\n'
             'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'

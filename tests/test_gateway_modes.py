@@ -8,13 +8,13 @@ import httpx
 import openai
 import pytest
 
-from meter import Meter
-from meter.sources.trace import TraceSource
-from proxy.app import create_app
-from proxy.serving import ServerThread
-from proxy.settings import Auth, Gateway, LedgerSettings, MeterSettings, Model, Settings
-from proxy.simulated_upstream import SimulatedUpstream
 from tests.conftest import SERVED
+from wattgate.meter import Meter
+from wattgate.meter.sources.trace import TraceSource
+from wattgate.proxy.app import create_app
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import Auth, Gateway, LedgerSettings, MeterSettings, Model, Settings
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -172,7 +172,7 @@ def test_with_keys_on_metrics_and_models_need_a_key_and_teams_see_only_their_own
 
 
 def test_a_metrics_alias_without_a_key_is_a_config_error(upstream, monkeypatch):
-    from proxy.settings import ConfigError
+    from wattgate.proxy.settings import ConfigError
 
     monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a")
     auth = Auth(keys_env="WG_TEST_KEYS", metrics_aliases=["prometheus"])

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from meter import Measurement, Meter
-from meter.sources.nvml import NvmlSource, visible_gpu_count
+from wattgate.meter import Measurement, Meter
+from wattgate.meter.sources.nvml import NvmlSource, visible_gpu_count
 
 pytestmark = [
     pytest.mark.gpu,
@@ -140,11 +140,11 @@ def test_gateway_end_to_end_on_the_gpu():
     import httpx
     import openai
 
-    from proxy.app import create_app
-    from proxy.serving import ServerThread
-    from proxy.settings import MeterSettings, Model, Settings, Site
     from tests.conftest import settled_records
     from tests.gpu_upstream import TorchUpstream
+    from wattgate.proxy.app import create_app
+    from wattgate.proxy.serving import ServerThread
+    from wattgate.proxy.settings import MeterSettings, Model, Settings, Site
 
     served = "gpu-test-model"
     with ServerThread(TorchUpstream(served_name=served, max_model_len=2048)) as up:

@@ -17,13 +17,13 @@ import httpx
 import orjson
 import pytest
 
-from meter import Meter
-from meter.sources.simulated import SimulatedGpu, SimulatedSource
-from proxy.app import create_app
-from proxy.serving import ServerThread
-from proxy.settings import Gateway, LedgerSettings, MeterSettings, Model, Settings, Timeouts
-from proxy.simulated_upstream import SimulatedUpstream
 from tests.conftest import SERVED, scenario
+from wattgate.meter import Meter
+from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.proxy.app import create_app
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import Gateway, LedgerSettings, MeterSettings, Model, Settings, Timeouts
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MSG = [{"role": "user", "content": "hi"}]
 ROUTES = {

@@ -9,13 +9,13 @@ import time
 import httpx
 import pytest
 
-from proxy.cli import main
-from proxy.ledger import MIGRATIONS, Ledger, connect, to_row
-from proxy.report import parse_duration, totals
-from proxy.serving import ServerThread
-from proxy.settings import LedgerSettings, MeterSettings, Model, Settings
-from proxy.simulated_upstream import SimulatedUpstream
 from tests.conftest import SERVED
+from wattgate.proxy.cli import main
+from wattgate.proxy.ledger import MIGRATIONS, Ledger, connect, to_row
+from wattgate.proxy.report import parse_duration, totals
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 
 def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, prompt: int = 5) -> dict:
@@ -158,7 +158,7 @@ def test_report_totals_equal_the_records_the_api_returns(tmp_path, capsys):
             ledger=LedgerSettings(path=path),
             models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
         )
-        from proxy.app import create_app
+        from wattgate.proxy.app import create_app
 
         with ServerThread(create_app(settings)) as gw:
             ids = []
@@ -197,7 +197,7 @@ def test_kill_9_under_load_loses_no_settled_record(tmp_path):
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from proxy.serving import free_port
+    from wattgate.proxy.serving import free_port
 
     path = tmp_path / "ledger.db"
     with ServerThread(SimulatedUpstream(served_name=SERVED, default_max_tokens=20)) as up:
@@ -207,7 +207,7 @@ def test_kill_9_under_load_loses_no_settled_record(tmp_path):
             f"meter: {{source: simulated, settle_lag_ms: 200}}\nledger: {{path: '{path}'}}\n"
             f"models: {{llama: {{served_name: '{SERVED}', upstream: '{up.url}/v1', gpus: [0]}}}}\n"
         )
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
+        proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(config),
                                  "--port", str(port), "--log-level", "warning"])
         url = f"http://127.0.0.1:{port}"
         try:
@@ -271,7 +271,7 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
 
 
 def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):
-    from proxy import report
+    from wattgate.proxy import report
 
     ledger = Ledger(tmp_path / "l.db")
     for i in range(300):
@@ -290,7 +290,7 @@ def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypat
 
 
 def test_equivalents_state_their_sources():
-    from proxy.report import equivalents
+    from wattgate.proxy.report import equivalents
 
     lines = equivalents([{"wh": 30.0, "gco2e": 497.0, "water_ml": 1000.0}])
     assert lines[0].startswith("2 smartphone charges") and "15 Wh" in lines[0]

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from meter import Measurement, Meter
-from meter.sources.trace import TraceSource
+from wattgate.meter import Measurement, Meter
+from wattgate.meter.sources.trace import TraceSource
 
 
 class Clock:
@@ -223,7 +223,7 @@ class CostlyCounter(TraceSource):
     [(8, 4e-3, 6.4), (1, 4e-3, 0.8), (8, 20e-6, None), (8, 0.5, 10.0)],
 )
 def test_auto_counter_interval_keeps_counter_reads_within_the_cpu_budget(gpus, cost_s, expected_every_s, caplog):
-    from meter.sampler import CALIBRATION_READS, Sampler
+    from wattgate.meter.sampler import CALIBRATION_READS, Sampler
 
     clock, cpu = Clock(), Clock()
     source = CostlyCounter({g: counter_trace(lambda t: 300.0, until=40.0) for g in range(gpus)}, clock, cpu, cost_s)
@@ -275,7 +275,7 @@ def test_readyz_compares_power_with_the_counter(power_bias, counter_every_s):
 
 
 def test_host_share_follows_the_gpu_share():
-    from meter.host import FixedHostPower
+    from wattgate.meter.host import FixedHostPower
 
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, host=FixedHostPower(100.0))
@@ -288,7 +288,7 @@ def test_host_share_follows_the_gpu_share():
 
 
 def test_rapl_host_power_reads_powercap_with_wraparound(tmp_path):
-    from meter.host import RaplHostPower
+    from wattgate.meter.host import RaplHostPower
 
     zone = tmp_path / "intel-rapl:0"
     zone.mkdir()
@@ -401,7 +401,7 @@ def test_a_counter_that_stops_stepping_faults_its_gpu_without_growing_the_sample
 
 def test_a_long_stream_holds_only_its_recent_token_times_and_keeps_its_figures():
     """Attributed arrivals are dropped as the stream goes on; the energy and the token count are as without."""
-    from meter.meter import COMPACT_AFTER
+    from wattgate.meter.meter import COMPACT_AFTER
 
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(lambda t: 300.0, until=80.0)}, clock)

@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy.app import create_app
-from proxy.serving import ServerThread
-from proxy.settings import MeterSettings, Model, Settings
 from tests.conftest import settled_records
+from wattgate.proxy.app import create_app
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import MeterSettings, Model, Settings
 
 CHUNK = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
 

@@ -18,12 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from meter.sources.simulated import SimulatedGpu
-from proxy.app import build_meter, create_app
-from proxy.serving import ServerThread
-from proxy.settings import MeterSettings, Model, Settings
-from proxy.simulated_upstream import SimulatedUpstream
 from tests.conftest import SERVED, settled_records
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.app import build_meter, create_app
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import MeterSettings, Model, Settings
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 WORDS = ["Hello", " energy", " world"]
 HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.app import site_factors
-from proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
+from wattgate.proxy.app import site_factors
+from wattgate.proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
-from meter.sources import MeterFault, Reading
+from wattgate.meter.sources import MeterFault, Reading
 
 log = logging.getLogger(__name__)
 

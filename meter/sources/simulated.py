@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meter.sources import MeterFault, Reading
+from wattgate.meter.sources import MeterFault, Reading
 
 
 @dataclass(frozen=True, slots=True)

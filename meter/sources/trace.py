@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Mapping, Sequence
 
-from meter.sources import MeterFault, Reading
+from wattgate.meter.sources import MeterFault, Reading
 
 
 class TraceSource:
