@@ -150,6 +150,9 @@ class Gateway:
         meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
         self.upstream = Upstream(t.connect_s, t.read_s, settings.gateway.max_connections)
+        for name, model in settings.models.items():
+            if model.api_key_env and not os.environ.get(model.api_key_env):
+                log.warning("model '%s': $%s is not set, so its upstream gets no key", name, model.api_key_env)
 
     # -- settled figures (called from the meter's thread) ------------------------
 

@@ -1,31 +1,42 @@
-"""The ``wattgate`` command: ``serve`` and ``demo``."""
+"""The ``wattgate`` command: ``serve``, ``demo``, ``simulate-upstream`` and ``report``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="wattgate", description="Energy-metering gateway for OpenAI-compatible APIs")
+    parser.add_argument("--version", action="version", version=f"wattgate {importlib.metadata.version('wattgate')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default="models_registry.yaml", help="registry file (default: %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--log-level", default="info")
-    demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures")
+    serve = sub.add_parser("serve", help="run the gateway", formatter_class=defaults,
+                           description="Run the gateway in front of the registry's upstreams, metering every request.")
+    serve.add_argument("--config", default="models_registry.yaml", help="registry file (models, GPUs, site factors)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level of the gateway and uvicorn")
+    demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures",
+                          formatter_class=defaults)
+    demo.add_argument("--port", type=int, default=0, help="the gateway's port (0: a free one)")
     demo.add_argument("--keep-serving", action="store_true", help="leave the gateway up afterwards")
-    sim = sub.add_parser("simulate-upstream", help="serve the built-in vLLM-like simulated upstream (no GPU)")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8000)
-    sim.add_argument("--served-name", default="meta-llama/Llama-3.1-8B-Instruct")
+    sim = sub.add_parser("simulate-upstream", help="serve the built-in vLLM-like simulated upstream (no GPU)",
+                         formatter_class=defaults)
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sim.add_argument("--served-name", default="meta-llama/Llama-3.1-8B-Instruct", help="the model name it answers to")
     sim.add_argument("--itl-ms", type=float, help="time between two tokens of a lone sequence (default: an H100's)")
     sim.add_argument("--spaced-json", action="store_true", help='write JSON with spaces (`"choices": [{`)')
-    report = sub.add_parser("report", help="energy, carbon and water totals from the ledger")
-    report.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR)")
-    report.add_argument("--by", choices=["model", "team", "day"], default="model")
+    report = sub.add_parser("report", help="energy, carbon and water totals from the ledger", formatter_class=defaults)
+    where = report.add_mutually_exclusive_group()
+    where.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR/ledger.db)")
+    where.add_argument("--ledger", help="ledger file to read, e.g. the demo's (it prints where)")
+    report.add_argument("--by", choices=["model", "team", "day", "method"], default="model", help="one row per")
     report.add_argument("--since", help="only records newer than this, e.g. 7d, 12h")
     report.add_argument(
         "--format",
@@ -33,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         default="table",
         help="totals as table, csv or json; or every record as jsonl or export-csv (for ESG tooling)",
     )
-    report.add_argument("--keep", help="first delete records older than this, e.g. 90d (retention)")
-    args = parser.parse_args(argv)
+    report.add_argument("--keep", help="delete records older than this, e.g. 90d (retention); says how many unless --yes")
+    report.add_argument("--yes", action="store_true", help="with --keep: really delete them")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     from wattgate.proxy.settings import ConfigError
 
@@ -43,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.WARNING)
             from wattgate.proxy.demo import run_demo
 
-            return run_demo(keep_serving=args.keep_serving)
+            return run_demo(keep_serving=args.keep_serving, port=args.port)
         if args.command == "simulate-upstream":
             return _simulate_upstream(args)
         if args.command == "report":
@@ -74,11 +90,11 @@ def _report(args: argparse.Namespace) -> int:
     from wattgate.proxy.report import run_report
     from wattgate.proxy.settings import load_settings
 
-    path = default_path()
+    path = Path(args.ledger) if args.ledger else default_path()
     if args.config:
         path = load_settings(args.config).ledger.path or path
     try:
-        print(run_report(Path(path), args.by, args.since, args.format, args.keep), end="")
+        print(run_report(path, args.by, args.since, args.format, args.keep, delete=args.yes), end="")
     except (FileNotFoundError, ValueError) as exc:
         print(f"wattgate report: {exc}", file=sys.stderr)
         return 2
@@ -95,6 +111,8 @@ def _simulate_upstream(args: argparse.Namespace) -> int:
 
     profile = H100_LLAMA_8B if args.itl_ms is None else replace(H100_LLAMA_8B, itl_1_s=args.itl_ms / 1000)
     upstream = SimulatedUpstream(SimulatedGpu(profile), served_name=args.served_name, spaced_json=args.spaced_json)
+    print(f"wattgate simulate-upstream: {args.served_name} on a simulated H100 at http://{args.host}:{args.port}/v1 "
+          f"({profile.itl_1_s * 1000:g} ms per token alone; Ctrl-C stops)", flush=True)
     uvicorn.run(upstream, host=args.host, port=args.port, log_level="warning")
     return 0
 

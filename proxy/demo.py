@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,9 +19,9 @@ from pydantic import HttpUrl
 from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import build_meter, create_app
-from wattgate.proxy.ledger import default_path
+from wattgate.proxy.ledger import data_dir
 from wattgate.proxy.serving import ServerThread
-from wattgate.proxy.settings import MeterSettings, Model, Settings, Site
+from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings, Site
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MODEL = "llama-3.1-8b"
@@ -33,9 +34,15 @@ QUESTIONS = [
 ]
 
 
+def demo_ledger() -> Path:
+    """The demo's own ledger: its simulated records never mix with a gateway's real ones."""
+    return data_dir() / "demo-ledger.db"
+
+
 def demo_settings(upstream_url: str) -> Settings:
     return Settings(
         site=Site(grid_zone="USA"),
+        ledger=LedgerSettings(path=demo_ledger()),
         meter=MeterSettings(source="simulated", interval_ms=50, settle_lag_ms=500),
         models={MODEL: Model(served_name=SERVED, upstream=HttpUrl(f"{upstream_url}/v1"), gpus=[0])},
     )
@@ -104,7 +111,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(keep_serving: bool = False) -> int:
+def run_demo(keep_serving: bool = False, port: int = 0) -> int:
     gpu = SimulatedGpu()
     upstream = SimulatedUpstream(gpu, served_name=SERVED)
     with ServerThread(upstream) as up:
@@ -112,7 +119,7 @@ def run_demo(keep_serving: bool = False) -> int:
         # The registry's wiring, with the upstream's simulated GPU as the one metered.
         meter, drive = build_meter(settings, simulated_gpus={0: gpu})
         app = create_app(settings, meter=meter, drive=drive)
-        with ServerThread(app) as gw:
+        with ServerThread(app, port=port or None) as gw:
             print(f"wattgate demo: gateway {gw.url} -> simulated vLLM {up.url} on a simulated H100 (method=simulated)")
             print("sending 69 chat requests (streamed and not) in waves of 1, 4, 16 and 48 concurrent...\n")
             rows = _settled(gw.url, asyncio.run(_workload(gw.url)))
@@ -150,7 +157,7 @@ def _totals(rows: list[dict[str, Any]], meter: Meter) -> None:
             f" + idle {t.idle:.1f} J + unattributed {t.unattributed:.1f} J"
         )
     print("All figures are simulated: no GPU was measured. Point `wattgate serve` at vLLM for measured ones.")
-    print(f"Settled records are in the ledger {default_path()}: try `wattgate report`.")
+    print(f"Settled records are in the demo's own ledger {demo_ledger()}: try `wattgate report --ledger {demo_ledger()}`.")
 
 
 def _snippets(url: str) -> None:

@@ -10,11 +10,12 @@ goes through one place that closes it exactly once (``Exchange.close``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 from starlette.responses import Response
@@ -26,6 +27,8 @@ from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, U
 from wattgate.proxy.figures import energy_headers
 from wattgate.proxy.relay import StreamRelay
 from wattgate.proxy.settings import Model, Settings
+
+log = logging.getLogger(__name__)
 
 _BYTES_PER_TOKEN = 4  # rough prompt size until the upstream reports exact usage
 _PROMPT_FIELD = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
@@ -51,9 +54,11 @@ def parse(settings: Settings, path: str, body: dict[str, Any]) -> Call:
     name = body.get("model")
     if not isinstance(name, str):
         raise InvalidRequest("'model' must be a string", param="model")
-    model = settings.models.get(name)
-    if model is None:
-        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+    resolved = settings.resolve(name)
+    if resolved is None:
+        known = ", ".join(f"'{m}'" for m in settings.models)
+        raise ModelNotFound(f"The model '{name}' does not exist; this gateway serves {known}", param="model")
+    name, model = resolved, settings.models[resolved]
     check_fields(path, body)
     stream = body.get("stream") is True
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -150,9 +155,9 @@ class Exchange:
             headers = self.hub.upstream_headers(call.model, self.upstream_id)
             return await self.hub.upstream.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
         except TimeoutError:
-            raise UpstreamTimeout(f"upstream for '{call.name}' did not answer in time") from None
+            raise _failed(UpstreamTimeout, call, "did not answer in time") from None
         except up.ERRORS as exc:
-            raise UpstreamUnavailable(f"upstream for '{call.name}' is unreachable ({up.describe(exc)})") from None
+            raise _failed(UpstreamUnavailable, call, f"is unreachable ({up.describe(exc)})") from None
 
     def _relay(self, response: up.Response) -> StreamRelay:
         async def finish(m: Measurement, status: str) -> dict[str, Any]:
@@ -168,9 +173,9 @@ class Exchange:
         try:
             raw = await response.read()
         except TimeoutError:
-            raise UpstreamTimeout(f"upstream for '{call.name}' stopped answering") from None
+            raise _failed(UpstreamTimeout, call, "stopped answering") from None
         except up.ERRORS:
-            raise UpstreamUnavailable(f"upstream for '{call.name}' broke the connection") from None
+            raise _failed(UpstreamUnavailable, call, "broke the connection") from None
         finally:
             # Read to the end: back to the pool. Cut short (a client that left): aiohttp closes the
             # connection, and vLLM aborts the generation.
@@ -193,7 +198,7 @@ class Exchange:
             return Response(_with_energy(data, raw, energy), status_code=200, media_type="application/json",
                             headers=headers)
         if response.status == 200:
-            raise UpstreamUnavailable(f"upstream for '{call.name}' sent a response that is not a JSON object")
+            raise _failed(UpstreamUnavailable, call, "sent a response that is not a JSON object")
         if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
             return Response(raw, status_code=response.status, media_type="application/json", headers=headers)
         message = raw.decode("utf-8", "replace")[:500] or response.reason or ""
@@ -201,6 +206,19 @@ class Exchange:
         err.status = response.status if response.status >= 400 else 502
         err.type = "upstream_error"
         return err.response(headers)
+
+
+def upstream_name(model: Model) -> str:
+    """The upstream's address as the registry gives it, without any credentials in it."""
+    url = urlsplit(model.base_url)
+    return f"{url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}{url.path}"
+
+
+def _failed(kind: type[GatewayError], call: Call, what: str) -> GatewayError:
+    """An upstream failure, logged once (it names the upstream; never the prompt or a key)."""
+    message = f"upstream {upstream_name(call.model)} for model '{call.name}' {what}"
+    log.warning("%s", message)
+    return kind(message)
 
 
 def _with_energy(data: dict[str, Any], raw: bytes, energy: dict[str, Any]) -> bytes:

@@ -7,14 +7,16 @@ import io
 import itertools
 import json
 import re
+import shutil
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from wattgate.proxy.ledger import connect
 
-GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')"}
+GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')", "method": "method"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -37,16 +39,26 @@ EQUIVALENTS = (
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules")
+METHODS = ("nvml", "estimate", "simulated")  # how a figure was obtained; other sources count apart
 
 
 def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:
+    """Per group: the sums of ``_SUMS``, then the number of records of each of ``METHODS`` and of others."""
+    per_method = ", ".join(f"SUM(method = '{m}')" for m in METHODS)
     rows = db.execute(
         f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
-                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = 'nvml' THEN joules ELSE 0 END)
+                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = 'nvml' THEN joules ELSE 0 END),
+                   {per_method}, SUM(method NOT IN ({", ".join(f"'{m}'" for m in METHODS)}))
             FROM requests {where} GROUP BY k""",
         args,
     ).fetchall()
     return {k: list(v) for k, *v in rows}
+
+
+def _methods(counts: list[float]) -> str:
+    """``nvml 120, simulated 3``: how many records of each method a row holds."""
+    named = [f"{name} {n:.0f}" for name, n in zip((*METHODS, "other"), counts) if n]
+    return ", ".join(named) or "-"
 
 
 def totals(
@@ -78,9 +90,10 @@ def totals(
         r = dict(zip(_SUMS, sums[k]))
         n_req, j, ct = r["requests"], r["joules"], r["completion_tokens"]
         out.append({
-            by: k, "requests": n_req, "prompt_tokens": r["prompt_tokens"], "completion_tokens": ct, "joules": j,
-            "wh": r["wh"], "gco2e": r["gco2e"], "water_ml": r["water_ml"], "wh_per_1000_queries": r["wh"] * 1000 / n_req,
-            "joules_per_token": j / ct if ct else None, "measured_share": r["measured_joules"] / j if j else 0.0,
+            by: k, "requests": n_req, "methods": _methods(sums[k][len(_SUMS):]), "prompt_tokens": r["prompt_tokens"],
+            "completion_tokens": ct, "joules": j, "wh": r["wh"], "gco2e": r["gco2e"], "water_ml": r["water_ml"],
+            "wh_per_1000_queries": r["wh"] * 1000 / n_req, "joules_per_token": j / ct if ct else None,
+            "measured_share": r["measured_joules"] / j if j else 0.0,
         })
     return out
 
@@ -107,13 +120,15 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     from rich.table import Table
 
     table = Table(title=f"wattgate energy by {by}")
-    cols = (by, "requests", "completion_tokens", "wh", "gco2e", "water_ml", "wh_per_1000_queries",
+    cols = (by, "requests", "methods", "completion_tokens", "wh", "gco2e", "water_ml", "wh_per_1000_queries",
             "joules_per_token", "measured_share")
     for c in cols:
-        table.add_column(c, justify="left" if c == by else "right")
+        table.add_column(c, justify="left" if c in (by, "methods") else "right")
     for r in rows:
         table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    console = Console(file=io.StringIO(), width=160)
+    # The terminal's width when there is one; piped, wide enough for every column.
+    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
+    console = Console(file=io.StringIO(), width=width)
     console.print(table)
     console.print("In everyday terms, all of the above together is about:")
     for line in equivalents(rows):
@@ -139,24 +154,30 @@ def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> st
     return buf.getvalue()
 
 
-def prune(db: sqlite3.Connection, keep_s: float) -> int:
-    """Delete records older than ``keep_s`` seconds; return how many."""
+def prune(db: sqlite3.Connection, keep_s: float, delete: bool = True) -> int:
+    """Delete (or with ``delete`` False, only count) records older than ``keep_s`` seconds; return how many."""
+    if not delete:
+        return db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < ?", (time.time() - keep_s,)).fetchone()[0]
     cur = db.execute("DELETE FROM requests WHERE ts_end < ?", (time.time() - keep_s,))
     return cur.rowcount
 
 
-def run_report(path: Path, by: str, since: str | None, fmt: str, keep: str | None = None) -> str:
-    """The ``wattgate report`` command's output; ``keep`` first deletes older records."""
+def run_report(
+    path: Path, by: str, since: str | None, fmt: str, keep: str | None = None, delete: bool = False
+) -> str:
+    """The ``wattgate report`` command's output; ``keep`` first deletes older records, with ``delete``
+    (else says how many it would)."""
     if not path.exists():
         raise FileNotFoundError(f"no ledger at {path}")
     db = connect(path)
     try:
-        note = ""
-        if keep:
-            note = f"pruned {prune(db, parse_duration(keep))} records older than {keep}\n"
+        if keep:  # on stderr: the output may be CSV or JSON
+            n = prune(db, parse_duration(keep), delete)
+            print(f"pruned {n} records older than {keep}" if delete else
+                  f"{n} records are older than {keep}; nothing deleted: add --yes to delete them", file=sys.stderr)
         since_s = parse_duration(since) if since else None
         if fmt in ("jsonl", "export-csv"):
-            return note + export(db, "jsonl" if fmt == "jsonl" else "csv", since_s)
-        return note + render(totals(db, by, since_s, progress=True), by, fmt)
+            return export(db, "jsonl" if fmt == "jsonl" else "csv", since_s)
+        return render(totals(db, by, since_s, progress=True), by, fmt)
     finally:
         db.close()

@@ -23,6 +23,9 @@ class ServerThread:
         self.host = host
         self.port = port or free_port(host)
         config.setdefault("log_level", "warning")
+        # A request still open at exit (a hanging upstream, a client that never reads) is cut after 1 s,
+        # not waited on until the thread's join gives up.
+        config.setdefault("timeout_graceful_shutdown", 1)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 

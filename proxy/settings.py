@@ -6,7 +6,11 @@ unknown keys are errors.
 
 from __future__ import annotations
 
+import difflib
+import io
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +154,14 @@ class Settings(_Strict):
     def served_name(self, name: str) -> str:
         return self.models[name].served_name or name
 
+    def resolve(self, name: str) -> str | None:
+        """The registry name a request's ``model`` means: a registry name, or the served name one
+        model's upstream answers with (responses carry it, as vLLM writes it), else None."""
+        if name in self.models:
+            return name
+        owners = [m for m, model in self.models.items() if model.served_name == name]
+        return owners[0] if len(owners) == 1 else None
+
     @property
     def metered_gpus(self) -> list[int]:
         return sorted({g for m in self.models.values() for g in m.gpus})
@@ -177,11 +189,32 @@ def _construct_with_lines(loader: _LineLoader, node: yaml.Node, path: tuple[Any,
     return loader.construct_object(node, deep=True)
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the registry allows beside the last key of ``loc`` (for "did you mean")."""
+    model: type[BaseModel] = Settings
+    i = 0
+    while i < len(loc) - 1:
+        field = model.model_fields.get(str(loc[i]))
+        if field is None:
+            return []
+        kind, i = field.annotation, i + 1
+        if typing.get_origin(kind) is dict:  # models: {name: Model}: the name is the next key
+            kind, i = typing.get_args(kind)[1], i + 1
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next((a for a in typing.get_args(kind) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return []
+        model = kind
+    return list(model.model_fields)
+
+
 def parse_settings(text: str, source: str = "<registry>") -> Settings:
     """Parse registry YAML; raise :class:`ConfigError` with line numbers."""
     lines: dict[tuple[Any, ...], int] = {}
+    stream = io.StringIO(text)
+    stream.name = source  # type: ignore[misc]  # PyYAML names the file in its errors by this
     try:
-        loader = _LineLoader(text)
+        loader = _LineLoader(stream)
         try:
             node = loader.get_single_node()
             data = _construct_with_lines(loader, node, (), lines) if node is not None else None
@@ -200,7 +233,10 @@ def parse_settings(text: str, source: str = "<registry>") -> Settings:
             line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
             field = ".".join(str(p) for p in loc) or "(top level)"
             where = f"line {line}" if line else "?"
-            problems.append(f"{source}:{where}: {field}: {err['msg']}")
+            hint = ""
+            if err["type"] == "extra_forbidden" and (close := difflib.get_close_matches(str(loc[-1]), _fields_at(loc))):
+                hint = f" (did you mean '{close[0]}'?)"
+            problems.append(f"{source}:{where}: {field}: {err['msg']}{hint}")
         raise ConfigError("invalid registry\n  " + "\n  ".join(problems)) from None
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +21,9 @@ from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
 from wattgate.proxy.simulated_upstream import Scenario, SimulatedUpstream
 
-# Ledgers of the apps under test go to a scratch directory, never the user's.
+# Ledgers of the apps under test go to a scratch directory, never the user's, removed at exit.
 os.environ["WATTGATE_DATA_DIR"] = tempfile.mkdtemp(prefix="wattgate-test-")
+atexit.register(shutil.rmtree, os.environ["WATTGATE_DATA_DIR"], ignore_errors=True)
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 FAULTS = {
@@ -29,6 +33,15 @@ FAULTS = {
     "fault:break": Scenario(break_after_tokens=3),
     "fault:hang": Scenario(hang=True),
 }
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` s (rather than sleep a fixed time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)
 
 
 def scenario(body: dict[str, Any]) -> Scenario:

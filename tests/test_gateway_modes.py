@@ -8,8 +8,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import SERVED
+from tests.conftest import SERVED, wait_until
 from wattgate.meter import Meter
+from wattgate.meter.sources.simulated import H100_LLAMA_8B
 from wattgate.meter.sources.trace import TraceSource
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread
@@ -33,7 +34,7 @@ def test_meter_fault_never_fails_the_request(upstream):
     """A GPU that cannot be read: the request is served, figures are estimates, the fault is counted."""
     meter = Meter(TraceSource({0: [(0.0, 0.0, 100.0)]}, time.monotonic, fail_from=0.0), [0], stale_after_s=0.3)
     with ServerThread(create_app(settings_for(upstream), meter=meter)) as gw:
-        time.sleep(0.5)
+        wait_until(lambda: meter.method_for([0]) == "estimate", what="the GPU faulted")
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(model="llama", messages=MSG, max_tokens=8)
         energy = raw.parse().model_extra["energy"]
@@ -84,10 +85,17 @@ def test_upstream_calls_honour_the_proxy_environment(upstream, monkeypatch):
 
 
 def test_registry_simulated_meter_follows_gateway_load(upstream):
+    """`meter.source: simulated` in the registry: the simulated GPU runs one sequence per request in
+    flight, so a lone request settles at that power (above idle) over its window."""
+    profile = H100_LLAMA_8B
     with ServerThread(create_app(settings_for(upstream, meter=MeterSettings(source="simulated")))) as gw:
-        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG})
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "llama", "messages": MSG, "max_tokens": 24})
         assert r.status_code == 200 and r.headers["x-energy-method"] == "simulated"
-        assert float(r.headers["x-energy-joules"]) >= 0
+        rid = r.headers["x-request-id"]
+        wait_until(lambda: httpx.get(f"{gw.url}/v1/energy/{rid}").json()["settled"], what="settled")
+        rec = httpx.get(f"{gw.url}/v1/energy/{rid}").json()
+    window_s = rec["window_ms"] / 1000
+    assert profile.idle_w * window_s < rec["joules"] <= profile.power_w(1) * window_s * 1.1, rec
 
 
 def test_registry_without_meter_estimates(upstream):

@@ -264,10 +264,14 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
     assert main(["report", "--format", "export-csv", "--since", "1d"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("request_id,") and len(out) == 2 and out[1].startswith("new,")
-    assert main(["report", "--keep", "90d", "--format", "json"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("pruned 1 records older than 90d")
-    assert json.loads(out.split("\n", 1)[1])[0]["requests"] == 1
+    assert main(["report", "--keep", "90d", "--format", "json"]) == 0  # without --yes: only says how many
+    out = capsys.readouterr()
+    assert "1 records are older than 90d; nothing deleted" in out.err
+    assert json.loads(out.out)[0]["requests"] == 2
+    assert main(["report", "--keep", "90d", "--yes", "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert "pruned 1 records older than 90d" in out.err
+    assert json.loads(out.out)[0]["requests"] == 1 and json.loads(out.out)[0]["methods"] == "nvml 1"
 
 
 def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_example_registry_loads():
     s = load_settings(ROOT / "models_registry.yaml")
-    assert s.models and s.metered_gpus == [0, 1]
+    assert s.models and s.metered_gpus == [0, 1, 2]
+    # Each GPU serves one model: two models on one GPU would share its energy only through the meter's heads.
+    gpus = [g for m in s.models.values() for g in m.gpus]
+    assert len(gpus) == len(set(gpus))
     assert site_factors(s).grid_intensity_g_per_kwh > 0
 
 

@@ -1,0 +1,121 @@
+"""What a new user meets in the first hour: the CLI's help and version, model names, upstream
+failures that say where, registry mistakes that say what was meant, a demo that keeps its own ledger."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.app import create_app
+from wattgate.proxy.cli import main
+from wattgate.proxy.demo import demo_settings
+from wattgate.proxy.ledger import data_dir
+from wattgate.proxy.serving import ServerThread, free_port
+from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, parse_settings
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
+
+SERVED = "meta-llama/Llama-3.1-8B-Instruct"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_version_names_the_installed_distribution(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("wattgate 0.")
+
+
+def test_serve_help_says_what_each_option_is_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for option, default in (("--config", "models_registry.yaml"), ("--host", "127.0.0.1"), ("--port", "8080")):
+        assert option in out and f"(default: {default})" in " ".join(out.split()), option
+
+
+def test_simulate_upstream_says_where_it_serves():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "simulate-upstream", "--port", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert f"http://127.0.0.1:{port}/v1" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def one_model():
+    """A gateway serving one model, named `llama` in the registry and SERVED by its upstream."""
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up:
+        settings = Settings(meter=MeterSettings(source="simulated"), ledger=LedgerSettings(enabled=False),
+                            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            yield gw.url
+
+
+def test_the_model_name_a_response_carries_can_be_posted_back(one_model):
+    first = httpx.post(f"{one_model}/v1/chat/completions", json={"model": "llama", **CHAT})
+    assert first.status_code == 200 and first.json()["model"] == SERVED
+    again = httpx.post(f"{one_model}/v1/chat/completions", json={"model": SERVED, **CHAT})
+    assert again.status_code == 200 and again.json()["energy"]["joules"] >= 0
+
+
+def test_an_unknown_model_gets_a_404_that_lists_the_models_served(one_model):
+    r = httpx.post(f"{one_model}/v1/chat/completions", json={"model": "gpt-9", **CHAT})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and "'gpt-9'" in error["message"] and "'llama'" in error["message"]
+
+
+def test_a_served_name_two_models_share_is_not_guessed(stack):
+    # The shared stack has `llama` and `remote` on the same served name: which one is meant is unknown.
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": SERVED, **CHAT})
+    assert r.status_code == 404 and "'llama'" in r.json()["error"]["message"]
+
+
+def test_an_upstream_that_is_down_is_named_in_the_502_and_in_the_log(stack, caplog):
+    caplog.set_level(logging.WARNING)
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "down", **CHAT})
+    assert r.status_code == 502
+    message = r.json()["error"]["message"]
+    assert "http://127.0.0.1:" in message and "/v1" in message and "'down'" in message and "unreachable" in message
+    assert any(message in rec.getMessage() for rec in caplog.records)
+
+
+def test_an_unset_upstream_key_variable_is_warned_about_at_start_up(caplog, monkeypatch):
+    monkeypatch.delenv("WATTGATE_TEST_UNSET_KEY", raising=False)
+    caplog.set_level(logging.WARNING)
+    settings = Settings(meter=MeterSettings(source="none"), ledger=LedgerSettings(enabled=False),
+                        models={"remote": Model(upstream="https://api.example.com/v1",
+                                                api_key_env="WATTGATE_TEST_UNSET_KEY")})
+    create_app(settings)
+    assert any("$WATTGATE_TEST_UNSET_KEY is not set" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    ("site:\n  puee: 1.2\nmodels: {}\n", "site.puee: Extra inputs are not permitted (did you mean 'pue'?)"),
+    ("models:\n  m:\n    upstrem: http://x/v1\n", "models.m.upstrem: Extra inputs are not permitted (did you mean 'upstream'?)"),
+    ("gateway:\n  timeouts: {conect_s: 3}\nmodels: {}\n", "(did you mean 'connect_s'?)"),
+])
+def test_a_misspelt_registry_key_says_what_was_meant(text, hint):
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "reg.yaml")
+    assert hint in str(err.value)
+
+
+def test_broken_yaml_names_the_file_not_a_string():
+    with pytest.raises(ConfigError) as err:
+        parse_settings("models:\n  m: [\n", "reg.yaml")
+    assert 'in "reg.yaml", line 3' in str(err.value) and "<unicode string>" not in str(err.value)
+
+
+def test_the_demo_keeps_its_own_ledger(monkeypatch, tmp_path):
+    monkeypatch.setenv("WATTGATE_DATA_DIR", str(tmp_path))
+    path = demo_settings("http://127.0.0.1:1").ledger.path
+    assert path == data_dir() / "demo-ledger.db" and path != data_dir() / "ledger.db"
