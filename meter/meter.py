@@ -21,134 +21,22 @@ what is known then (:mod:`meter.live`).
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from wattgate.meter.attribution import MIN_SPAN_S, split_arrays
-from wattgate.meter.estimate import estimate
+from wattgate.meter.gpu import COMPACT_AFTER, GpuState, GpuTotals, compact
 from wattgate.meter.host import HostPower
-from wattgate.meter.live import LiveSplit
+from wattgate.meter.kinds import Fault, Method, Status
 from wattgate.meter.sampler import Sampler
 from wattgate.meter.sources import PowerSource
-from wattgate.meter.work import spans_since
+from wattgate.meter.window import Measurement, Request, measurement, token_count
+
+__all__ = ["GpuTotals", "Measurement", "Meter", "RequestWindow", "token_count"]
 
 log = logging.getLogger(__name__)
-
-ESTIMATE = "estimate"
-COMPACT_AFTER = 256  # a request holds up to twice this many attributed arrivals (see Meter._compact)
-MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
-TTFT_WEIGHT = 0.2  # weight of the newest stream in a GPU's moving-average time to first token
-
-
-def token_count(value: object) -> int | None:
-    """``value`` if it is a token count (an int from 0 to :data:`MAX_TOKENS`), else None.
-
-    Counts come from upstreams, which may be wrong; one stored wrong count would
-    break every later attribution pass on its GPU.
-    """
-    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """Energy of one request. ``joules_by_gpu`` in joules; times on the monotonic clock (s)."""
-
-    request_id: str
-    joules_by_gpu: dict[int, float]
-    method: str  # nvml | simulated | trace | estimate
-    settled: bool
-    start: float
-    end: float
-    prompt_tokens: int
-    completion_tokens: int
-    status: str = "ok"
-    fault: str | None = None  # why an estimate replaced a measurement
-    host_joules: float = 0.0  # host (CPU, DRAM, NIC) share, when host energy is metered
-
-    @property
-    def gpu_joules(self) -> float:
-        return sum(self.joules_by_gpu.values())
-
-    @property
-    def joules(self) -> float:
-        """IT energy: GPU plus the host share."""
-        return self.gpu_joules + self.host_joules
-
-    @property
-    def window_s(self) -> float:
-        return max(self.end - self.start, 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class GpuTotals:
-    """Cumulative per-GPU energy in joules since the meter started.
-
-    ``measured == attributed + idle + unattributed + pending_idle`` where
-    ``pending_idle`` waits to be amortized over the next requests.
-    """
-
-    measured: float
-    attributed: float
-    idle: float
-    unattributed: float
-    pending_idle: float
-    power_w: float | None
-
-
-@dataclass(slots=True)
-class _Request:
-    request_id: str
-    gpus: tuple[int, ...]
-    start: float
-    prefill_weight: float
-    active_params_b: float
-    prompt_tokens: int
-    times: list[float] = field(default_factory=list)
-    counts: list[float] = field(default_factory=list)
-    completion_tokens: int | None = None
-    end: float | None = None
-    status: str = "ok"
-    fault: str | None = None
-    shares: dict[int, float] = field(default_factory=dict)
-    host_j: float = 0.0
-    counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
-    unseen_tokens: int = 0  # a plain response's tokens, placed in time when the window ends
-
-    @property
-    def known_until(self) -> float:
-        """Time up to which this request's work rate is known: its end, else its last token."""
-        if self.end is not None:
-            return self.end
-        return self.times[-1] if self.times else self.start
-
-    @property
-    def tokens_seen(self) -> int:
-        return int(self.counted + sum(self.counts))
-
-
-@dataclass(slots=True)
-class _Gpu:
-    frontier: float | None = None
-    carry: float = 0.0
-    measured: float = 0.0
-    attributed: float = 0.0
-    idle: float = 0.0
-    unattributed: float = 0.0
-    host_per_gpu_joule: float = 0.0  # host J per GPU J in the last slice, for provisional figures
-    faulted: str | None = None
-    requests: set[str] = field(default_factory=set)
-    foreign: list[tuple[float, float, int]] = field(default_factory=list)
-    live: LiveSplit = field(default_factory=LiveSplit)  # the split behind provisional figures
-    ttft_s: float | None = None  # recent time to first token of streamed requests (moving average)
-    running: int = 0  # requests begun and not ended: 0 means the GPU is idle as far as the meter knows
 
 
 class RequestWindow:
@@ -156,7 +44,7 @@ class RequestWindow:
 
     __slots__ = ("_meter", "_req")
 
-    def __init__(self, meter: Meter, req: _Request) -> None:
+    def __init__(self, meter: Meter, req: Request) -> None:
         self._meter = meter
         self._req = req
 
@@ -195,16 +83,16 @@ class RequestWindow:
         if completion is not None:
             self._req.completion_tokens = completion
 
-    def end(self, status: str = "ok", t: float | None = None) -> Measurement:
+    def end(self, status: Status = Status.OK, t: float | None = None) -> Measurement:
         """Close the window and return the provisional measurement; never raises."""
         meter, req = self._meter, self._req
         try:
             return meter._end(req, status, meter.clock() if t is None else t)
         except Exception:  # a meter bug must not fail the request: settle it now, as an estimate
             log.exception("meter failed to close window %s", req.request_id)
-            meter._count_error("internal")
+            meter._count_error(Fault.INTERNAL)
             with meter._lock:
-                req.fault, req.status = "internal", status
+                req.fault, req.status = Fault.INTERNAL, status
                 req.end = req.end if req.end is not None else meter.clock()
                 settled = meter._settle(req)
             meter._emit([settled])
@@ -253,7 +141,7 @@ class Meter:
         # GPUs the source sees but cannot meter per request (MIG): their requests are estimated.
         self.unmeasured = {g: why for g, why in source.unmeasurable.items() if g in gpus} if source is not None else {}
         self.gpus = tuple(sorted(gpus - set(self.unmeasured))) if source is not None else ()
-        self.method = source.method if source is not None and self.gpus else ESTIMATE
+        self.method = source.method if source is not None and self.gpus else Method.ESTIMATE
         self.amortize = idle == "amortize"
         self.settle_lag_s = settle_lag_s
         self.settle_every_s = settle_every_s
@@ -265,9 +153,9 @@ class Meter:
         self.host = host
         self.errors: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, Request] = {}
         self._ended: set[str] = set()
-        self._gpu = {g: _Gpu() for g in self.gpus}
+        self._gpu = {g: GpuState() for g in self.gpus}
         self.sampler: Sampler | None = None
         if self.gpus:
             self.sampler = Sampler(
@@ -346,17 +234,7 @@ class Meter:
 
     def gpu_totals(self) -> dict[int, GpuTotals]:
         with self._lock:
-            return {
-                g: GpuTotals(
-                    st.measured,
-                    st.attributed,
-                    st.idle,
-                    st.unattributed,
-                    st.carry,
-                    self.sampler.power_w(g) if self.sampler else None,
-                )
-                for g, st in self._gpu.items()
-            }
+            return {g: st.totals(self.sampler.power_w(g) if self.sampler else None) for g, st in self._gpu.items()}
 
     # -- request windows ---------------------------------------------------------
 
@@ -377,7 +255,7 @@ class Meter:
         """
         if request_id in self._requests:
             raise ValueError(f"a window of request {request_id!r} is already open")
-        req = _Request(
+        req = Request(
             request_id,
             tuple(gpus),
             self.clock() if t is None else t,
@@ -388,7 +266,7 @@ class Meter:
         # No GPUs or no sampler: a plain estimate (no meter for these GPUs, counted once, at start-up).
         if req.gpus and self.sampler is not None:
             req.fault = self._cannot_meter(req.gpus)
-            if req.fault not in (None, "unmeasurable"):  # unmeasurable: a known property of the GPU, not an error
+            if req.fault not in (None, Fault.UNMEASURABLE):  # unmeasurable: a known property of the GPU, not an error
                 self._count_error(req.fault)
         with self._lock:
             self._requests[request_id] = req
@@ -406,23 +284,23 @@ class Meter:
         if self.sampler is not None and st.running == (1 if change > 0 else 0):
             self.sampler.mark(g, t)
 
-    def _cannot_meter(self, gpus: Sequence[int]) -> str | None:
+    def _cannot_meter(self, gpus: Sequence[int]) -> Fault | None:
         """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
         assert self.sampler is not None
         if any(g in self.unmeasured for g in gpus):
-            return "unmeasurable"
+            return Fault.UNMEASURABLE
         if any(g not in self._gpu for g in gpus):
-            return "unmetered_gpu"
+            return Fault.UNMETERED_GPU
         if self._started and not self.sampler.alive:
-            return "sampler_dead"
+            return Fault.SAMPLER_DEAD
         return None
 
-    def method_for(self, gpus: Sequence[int]) -> str:
+    def method_for(self, gpus: Sequence[int]) -> Method:
         """The method a request on ``gpus`` starting now gets, unless the meter faults during it."""
         if not gpus or self.sampler is None or self._cannot_meter(gpus) is not None:
-            return ESTIMATE
+            return Method.ESTIMATE
         # A GPU already faulted (stale) gives its requests estimates when they end.
-        return ESTIMATE if any(self._gpu[g].faulted for g in gpus) else self.method
+        return Method.ESTIMATE if any(self._gpu[g].faulted for g in gpus) else self.method
 
     def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
         """Record ``sequences`` running on ``gpus`` over ``[t0, t1)`` that did not come through the gateway."""
@@ -433,10 +311,10 @@ class Meter:
                 if g in self._gpu:
                     self._gpu[g].foreign.append((t0, t1, sequences))
 
-    def _estimated(self, req: _Request) -> bool:
+    def _estimated(self, req: Request) -> bool:
         return req.fault is not None or not req.gpus or self.sampler is None
 
-    def _end(self, req: _Request, status: str, t: float) -> Measurement:
+    def _end(self, req: Request, status: Status, t: float) -> Measurement:
         settled: Measurement | None = None
         with self._lock:
             if req.end is not None:  # ended twice: keep the first
@@ -446,13 +324,13 @@ class Meter:
             for g in req.gpus:
                 if g in self._gpu:
                     self._busy(g, -1, req.end)
-            self._reconcile_tokens(req)
+            req.reconcile_tokens()
             if req.unseen_tokens:
-                self._place_unseen(req)
+                req.place_unseen([st.ttft_s for g in req.gpus if (st := self._gpu.get(g)) is not None and st.ttft_s is not None])
             if not self._estimated(req):
                 stale = [g for g in req.gpus if self._stale(g, self.clock())]
                 if stale:  # no fresh reading: do not hand out a figure the meter cannot back
-                    req.fault = self._gpu[stale[0]].faulted or "stale"
+                    req.fault = self._gpu[stale[0]].faulted or Fault.STALE
             if self._estimated(req):
                 settled = self._settle(req)
                 result = settled
@@ -462,6 +340,13 @@ class Meter:
         if settled is not None:
             self._emit([settled])
         return result
+
+    def _first_token(self, req: Request, t: float) -> None:
+        """Keep each GPU's recent time to first token (TTFT), to shape plain responses like streams."""
+        if t >= req.start:
+            for g in req.gpus:
+                if (st := self._gpu.get(g)) is not None:
+                    st.first_token(t - req.start)
 
     # -- attribution -------------------------------------------------------------
 
@@ -481,147 +366,30 @@ class Meter:
                     self._advance_gpu(g, st, now)
                 except Exception:  # a bug or a bad window must not stop attribution for good
                     log.exception("meter: attribution failed on GPU %d; its requests fall back to estimates", g)
-                    self._count_error("internal")
-                    self._drop_gpu_slice(g, st)
+                    self._count_error(Fault.INTERNAL)
+                    st.drop_slice(self._requests, self.sampler.last_sample_time(g))
             return [self._settle(self._requests[rid]) for rid in list(self._ended) if self._can_settle(rid)]
 
-    def _drop_gpu_slice(self, g: int, st: _Gpu) -> None:
-        """Give up on a GPU's pending slice: its requests get estimates, and attribution goes on after it.
-
-        Whatever made the pass fail is in those requests' windows or in that slice; keeping them
-        would fail every later pass too. The slice is skipped, as a gap in the readings is.
-        """
+    def _advance_gpu(self, g: int, st: GpuState, now: float) -> None:
         assert self.sampler is not None
-        self._fault_requests(st, "internal")
-        st.requests.clear()
-        st.frontier = self.sampler.last_sample_time(g) or st.frontier
-
-    def _fault_requests(self, st: _Gpu, kind: str) -> None:
-        """Give the GPU's requests ``kind`` as their fault, unless they have one: they get estimates."""
-        for rid in st.requests:
-            req = self._requests.get(rid)  # get: this also runs after a pass failed, invariants unsure
-            if req is not None:
-                req.fault = req.fault or kind
-
-    def _advance_gpu(self, g: int, st: _Gpu, now: float) -> None:
-        assert self.sampler is not None
-        samples = self.sampler.samples_since(g, st.frontier)
         if self._stale(g, now):
             if st.faulted is None:
-                st.faulted = "stale"
-                self._count_error("stale")
+                st.faulted = Fault.STALE
+                self._count_error(Fault.STALE)
                 log.warning("meter: GPU %d has no fresh reading; its requests fall back to estimates", g)
-            self._fault_requests(st, "stale")
+            st.fault_requests(self._requests, Fault.STALE)
             return
+        samples = self.sampler.samples_since(g, st.frontier)
         if not samples:
             return
-        last_t = samples[-1][0]
-        if st.faulted is not None:
-            # Readings are back: skip the gap rather than attribute it.
+        if st.faulted is not None:  # readings are back: skip the gap rather than attribute it
             st.faulted = None
-            st.frontier = last_t
+            st.frontier = samples[-1][0]
             return
-        if st.frontier is None:
-            st.frontier = samples[0][0]
-        reqs = [self._requests[rid] for rid in st.requests]
-        known = [r.known_until for r in reqs if r.end is None]  # an ended request's work is known to its end
-        target = max(min(last_t, *known), last_t - self.settle_lag_s) if known else last_t
-        if target <= st.frontier:
-            return
-        active = [r for r in reqs if r.start < target and (r.end is None or r.end > st.frontier)]
-        split = split_arrays(
-            samples,
-            *spans_since(active, st.frontier),
-            len(active),
-            st.frontier,
-            target,
-            foreign=st.foreign,
-            carry=st.carry,
-            amortize=self.amortize,
-        )
-        measured = split.measured
-        st.measured += measured
-        st.idle += split.idle
-        st.unattributed += split.unattributed
-        st.carry = split.carry
-        joules = list(split.shares.values())  # keyed 0..len(active)-1, in order
-        for req, j in zip(active, joules):
-            req.shares[g] = req.shares.get(g, 0.0) + j
-        attributed = math.fsum(joules)
-        st.attributed += attributed
-        if self.host is not None and measured > 0:
-            host_j = self.host.energy_j(st.frontier, target, len(self.gpus))
-            st.host_per_gpu_joule = host_j / measured
-            for req, j in zip(active, joules):
-                req.host_j += j * st.host_per_gpu_joule
-        st.frontier = target
-        st.foreign = [f for f in st.foreign if f[1] > target]
-        for req in active:
+        for req in st.settle_pass(g, samples, self._requests, self.settle_lag_s, self.amortize, self.host,
+                                  len(self.gpus)):
             if len(req.times) > 2 * COMPACT_AFTER:  # cheap test first: most requests are short
-                self._compact(req)
-
-    def _compact(self, req: _Request) -> None:
-        """Drop arrivals every GPU of ``req`` has attributed, but the last (a span starts there).
-
-        A long generation would otherwise hold every token's time until it ends: a 32k-token
-        answer about a megabyte.
-        """
-        # Both passes must be past an arrival: the settled one (frontier) and the live one (until).
-        frontiers = [
-            st.frontier if st.live.until is None else min(st.frontier, st.live.until)
-            for g in req.gpus
-            if (st := self._gpu.get(g)) is not None and st.frontier is not None
-        ]
-        if not frontiers or len(frontiers) < len(req.gpus):
-            return
-        done = bisect.bisect_right(req.times, min(frontiers)) - 1
-        if done > 0:
-            # tokens() appends to both lists without the lock: cut both by the same count from the front.
-            req.counted += sum(req.counts[:done])
-            del req.times[:done], req.counts[:done]
-
-    def _first_token(self, req: _Request, t: float) -> None:
-        """Keep each GPU's recent time to first token (TTFT), to shape plain responses like streams."""
-        ttft = t - req.start
-        if ttft < 0:
-            return
-        for g in req.gpus:
-            st = self._gpu.get(g)
-            if st is not None:
-                st.ttft_s = ttft if st.ttft_s is None else st.ttft_s + TTFT_WEIGHT * (ttft - st.ttft_s)
-
-    @staticmethod
-    def _reconcile_tokens(req: _Request) -> None:
-        """Make the arrivals add up to the upstream's completion count, when it reported one.
-
-        A stream's chunks can hold several tokens each (a server that batches its output); the
-        arrivals keep their timing and are scaled to the count. A stream whose tokens were not
-        seen at all is shaped as a plain response.
-        """
-        total = req.completion_tokens
-        if total is None or req.unseen_tokens:
-            return
-        pending = total - req.counted
-        seen = sum(req.counts)
-        if seen <= 0:
-            req.unseen_tokens = max(int(pending), 0)
-        elif pending > 0 and abs(pending - seen) > 0.5:
-            scale = pending / seen
-            req.counts[:] = [c * scale for c in req.counts]
-
-    def _place_unseen(self, req: _Request) -> None:
-        """Arrivals for a plain response's tokens: the first at the GPUs' recent TTFT, the rest at the end."""
-        assert req.end is not None
-        n, req.unseen_tokens = req.unseen_tokens, 0
-        ttfts = [st.ttft_s for g in req.gpus if (st := self._gpu.get(g)) is not None and st.ttft_s is not None]
-        first = req.start + sum(ttfts) / len(ttfts) if ttfts else req.end
-        last = req.times[-1] if req.times else req.start
-        if n > 1 and last < first < req.end - MIN_SPAN_S:
-            req.times.append(first)
-            req.counts.append(1)
-            n -= 1
-        req.times.append(req.end)
-        req.counts.append(n)
+                compact(req, (self._gpu.get(g) for g in req.gpus))
 
     def _live_locked(self) -> None:
         """Split each GPU's energy since its last live slice among the requests active in it (see :mod:`meter.live`)."""
@@ -632,38 +400,11 @@ class Meter:
                 if st.faulted is not None:
                     continue
                 try:
-                    self._live_gpu(g, st)
+                    if curve := self.sampler.energy_curve(g, st.live.until):
+                        st.live_pass(curve, self._requests)
                 except Exception:  # provisional figures only: the settled pass is unaffected
                     log.exception("meter: live split failed on GPU %d", g)
-                    self._count_error("internal")
-
-    def _live_gpu(self, g: int, st: _Gpu) -> None:
-        assert self.sampler is not None
-        live = st.live
-        curve = self.sampler.energy_curve(g, live.until)
-        if not curve:
-            return
-        a, b = curve[0][0] if live.until is None else live.until, curve[-1][0]
-        if b <= a:
-            return
-        active, after = [], 0
-        for rid in st.requests:
-            r = self._requests[rid]
-            if r.start < b and (r.end is None or r.end > a):
-                active.append(r)
-            after += r.end is None or r.end > b
-        key_idx, start, end, rate = spans_since(active, a)
-        # A request that ended since the last slice took its inline share of the time since then by
-        # heads, when it ended: it takes the same here (rate unknown), so that no moment is given
-        # out twice.
-        closed = [k for k, r in enumerate(active) if r.end is not None]
-        rate[np.isin(key_idx, closed)] = math.nan
-        split = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=st.foreign)
-        shares = split.shares  # keyed 0..len(active)-1, in order
-        # Who shares the time after the slice: requests open at its end (or closed since, their
-        # tails taken by heads) and foreign sequences.
-        after += sum(n for _, e, n in st.foreign if e > b)
-        live.add(b, ((r.request_id, shares[k]) for k, r in enumerate(active)), after)
+                    self._count_error(Fault.INTERNAL)
 
     def _stale(self, g: int, now: float) -> bool:
         """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
@@ -682,69 +423,36 @@ class Meter:
                 return False
         return True
 
-    def _completion_tokens(self, req: _Request) -> int:
-        return req.completion_tokens if req.completion_tokens is not None else req.tokens_seen
+    def _measurement(self, req: Request, joules: dict[int, float], settled: bool, host_j: float) -> Measurement:
+        return measurement(req, self.method, joules, settled, host_j, self.clock())
 
-    def _measurement(self, req: _Request, joules: dict[int, float], settled: bool, host_j: float) -> Measurement:
-        method = self.method
-        if self._estimated(req):
-            method = ESTIMATE
-            end = req.end if req.end is not None else self.clock()
-            est = estimate(
-                req.prompt_tokens,
-                self._completion_tokens(req),
-                req.active_params_b,
-                req.prefill_weight,
-                latency_s=end - req.start,
-            )
-            joules = {g: est.gpu_j / len(req.gpus) for g in req.gpus} if req.gpus else {-1: est.gpu_j}
-            settled, host_j = True, est.host_j
-        return Measurement(
-            req.request_id,
-            joules,
-            method,
-            settled,
-            req.start,
-            req.end if req.end is not None else self.clock(),
-            req.prompt_tokens,
-            self._completion_tokens(req),
-            req.status,
-            req.fault,
-            host_j,
-        )
-
-    def _provisional(self, req: _Request) -> Measurement:
+    def _provisional(self, req: Request) -> Measurement:
         """The live slices of the window, plus the rest of it split by heads (see :mod:`meter.live`)."""
         assert req.end is not None
         if self._estimated(req):
             return self._measurement(req, {}, settled=False, host_j=0.0)
         assert self.sampler is not None  # else the request is estimated
         joules: dict[int, float] = {}
-        host = 0.0
         for g in req.gpus:
-            st = self._gpu[g]
-            done = st.live.share(req.request_id)
-            since = req.start if st.live.until is None else max(st.live.until, req.start)
-            if req.end > since:
-                done += self.sampler.energy_between(g, since, req.end) / max(st.live.heads, 1)
-            host += done * st.host_per_gpu_joule
-            joules[g] = done
+            st, since = self._gpu[g], self._gpu[g].live_since(req)
+            joules[g] = st.provisional(req, self.sampler.energy_between(g, since, req.end) if req.end > since else 0.0)
+        host = sum(j * self._gpu[g].host_per_gpu_joule for g, j in joules.items())
         return self._measurement(req, joules, settled=False, host_j=host)
 
-    def _settle(self, req: _Request) -> Measurement:
+    def _settle(self, req: Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""
         try:
             result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
         except Exception:  # a window whose figures cannot be computed still gets a record
             log.exception("meter failed to settle %s; settling it as an estimate", req.request_id)
-            self._count_error("internal")
-            req.fault = "internal"
+            self._count_error(Fault.INTERNAL)
+            req.fault = Fault.INTERNAL
             try:
                 result = self._measurement(req, {}, settled=True, host_j=0.0)
             except Exception:  # the estimate failed too: the window, without a figure (logged above)
                 end = req.end if req.end is not None else self.clock()
-                result = Measurement(req.request_id, {}, ESTIMATE, True, req.start, end, req.prompt_tokens,
-                                     req.completion_tokens or 0, req.status, "internal")
+                result = Measurement(req.request_id, {}, Method.ESTIMATE, True, req.start, end, req.prompt_tokens,
+                                     req.completion_tokens or 0, req.status, Fault.INTERNAL)
         self._requests.pop(req.request_id, None)
         self._ended.discard(req.request_id)
         for g in req.gpus:

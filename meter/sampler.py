@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from wattgate.meter.kinds import Fault
 from wattgate.meter.sources import MeterFault, PowerSource
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class Sampler:
                 continue
             except Exception:  # a source bug must not kill the sampler
                 log.exception("power source failed on GPU %d", gpu)
-                self._fault("read")
+                self._fault(Fault.READ)
                 continue
             cost = self.cpu_clock() - cpu0 if calibrating else 0.0
             prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
@@ -160,7 +161,7 @@ class Sampler:
                     st.samples.extend(_placed(t0, e0, now, e0 + avg * (now - t0), prev_power, reading.power_w,
                                               self._mark_in(st, t0, now)))
             else:
-                self._fault("read")
+                self._fault(Fault.READ)
 
     def _calibrate(self, cost_s: float) -> None:
         self._read_costs.append(cost_s)
@@ -214,7 +215,7 @@ class Sampler:
             return
         reset = raw < st.last_raw
         if reset:
-            self._fault("counter_reset")
+            self._fault(Fault.COUNTER_RESET)
             # Unknown energy between the last value and the reset: assume power held.
             gap = (power_w or 0.0) * (now - (prev_poll or now))
             st.offset += st.last_raw - raw + gap
@@ -354,7 +355,7 @@ class Sampler:
                     self.after_poll()
             except Exception:
                 log.exception("meter sampler round failed")
-                self._fault("internal")
+                self._fault(Fault.INTERNAL)
             next_at += self.interval_s
             delay = next_at - self.clock()
             if delay < 0:  # fell behind: skip missed rounds rather than bursting

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wattgate.meter import Measurement, Meter, MeterFault, RequestWindow
+from wattgate.meter import Fault, Measurement, Meter, MeterFault, Method, RequestWindow, Status
 from wattgate.meter.footprint import SiteFactors, UnknownZone, grid_intensity
 from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
 from wattgate.meter.sources import PowerSource
@@ -43,7 +43,7 @@ from wattgate.proxy.metrics import Metrics, TeamView
 from wattgate.proxy.records import Records, record_key
 from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
-from wattgate.proxy.upstream import Upstream
+from wattgate.proxy.upstream import UpstreamClient
 
 log = logging.getLogger("wattgate")
 
@@ -119,7 +119,7 @@ def _host_power(settings: Settings) -> HostPower | None:
     return None
 
 
-class Gateway:
+class GatewayState:
     """State shared by the routes of one app."""
 
     def __init__(self, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> None:
@@ -149,7 +149,7 @@ class Gateway:
         meter.on_settled = self.settled
         meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
-        self.upstream = Upstream(t.connect_s, t.read_s, settings.gateway.max_connections)
+        self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections)
         for name, model in settings.models.items():
             if model.api_key_env and not os.environ.get(model.api_key_env):
                 log.warning("model '%s': $%s is not set, so its upstream gets no key", name, model.api_key_env)
@@ -170,7 +170,9 @@ class Gateway:
             self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
         # Metrics after the record: if they fail, the record is kept all the same.
         mx = self.metrics
-        mx.energy.labels(rec.model, m.method if m.method in ("nvml", "estimate") else "simulated").observe(m.joules)
+        # Other sources (a trace in tests, a benchmark's) count with the simulated figures: not measurements.
+        method = m.method if m.method in (Method.NVML, Method.ESTIMATE) else Method.SIMULATED
+        mx.energy.labels(rec.model, method).observe(m.joules)
         if m.completion_tokens:
             mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
         mx.carbon.labels(rec.model).inc(energy["gco2e"])
@@ -262,14 +264,14 @@ class Gateway:
             return self.meter.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
         except Exception:  # metering never fails a request: fall back to an estimate
             log.exception("meter failed to open a window")
-            self.metrics.meter_errors.labels("internal").inc()
+            self.metrics.meter_errors.labels(Fault.INTERNAL).inc()
             return self.estimates.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
 
-    def method_for(self, model: Model) -> str:
+    def method_for(self, model: Model) -> Method:
         """The method a call to ``model`` starting now is metered by."""
         return self.meter.method_for(model.gpus)
 
-    def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]:
+    def finish(self, name: str, model: Model, m: Measurement, status: Status, forwarded_at: float) -> dict[str, Any]:
         self.in_flight[name] -= 1
         for g in model.gpus:
             if g in self.drive:
@@ -327,16 +329,16 @@ def create_app(
     """The gateway app. Without ``meter`` it builds the one the registry asks for."""
     if meter is None:
         meter, drive = build_meter(settings)
-    gw = Gateway(settings, meter, drive or {})
+    gw = GatewayState(settings, meter, drive or {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gw.upstream.open()
+        await gw.client.open()
         gw.meter.start()
         poller = None
         if settings.meter.foreign_poll_ms and gw.meter.sampler is not None:
             foreign = ForeignLoadPoller(
-                gw.upstream, gw.meter, settings.models, settings.served_name, gw.in_flight,
+                gw.client, gw.meter, settings.models, settings.served_name, gw.in_flight,
                 settings.meter.foreign_poll_ms / 1000,
             )
             poller = asyncio.create_task(foreign.run())
@@ -347,7 +349,7 @@ def create_app(
             lag_probe.cancel()
             if poller is not None:
                 poller.cancel()
-            await gw.upstream.close()
+            await gw.client.close()
             gw.meter.stop()  # settles what it can: those records still reach the ledger
             if gw.ledger is not None:
                 gw.ledger.close()
@@ -434,7 +436,7 @@ def create_app(
         upstreams: dict[str, bool] = {}
         for name, model in settings.models.items():
             try:
-                status, _ = await gw.upstream.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
+                status, _ = await gw.client.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
                 upstreams[name] = status < 500
             except UPSTREAM_ERRORS:
                 upstreams[name] = False

@@ -21,7 +21,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from wattgate.meter import Measurement, RequestWindow, token_count
+from wattgate.meter import Measurement, Method, RequestWindow, Status, token_count
 from wattgate.proxy import upstream as up
 from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
 from wattgate.proxy.figures import energy_headers
@@ -102,13 +102,13 @@ class ClientGone(Exception):
 class Hub(Protocol):
     """What an exchange needs of the gateway."""
 
-    upstream: up.Upstream
+    client: up.UpstreamClient
 
     def upstream_headers(self, model: Model, request_id: str) -> dict[str, str]: ...
 
-    def finish(self, name: str, model: Model, m: Measurement, status: str, forwarded_at: float) -> dict[str, Any]: ...
+    def finish(self, name: str, model: Model, m: Measurement, status: Status, forwarded_at: float) -> dict[str, Any]: ...
 
-    def method_for(self, model: Model) -> str: ...
+    def method_for(self, model: Model) -> Method: ...
 
 
 class Exchange:
@@ -125,7 +125,7 @@ class Exchange:
         self.forwarded_at = time.monotonic()
         self.energy: dict[str, Any] | None = None  # set once the window is closed
 
-    def close(self, status: str, measurement: Measurement | None = None) -> dict[str, Any]:
+    def close(self, status: Status, measurement: Measurement | None = None) -> dict[str, Any]:
         """End the window (the first time only) and count the call; its energy object."""
         if self.energy is None:
             m = measurement if measurement is not None else self.window.end(status)
@@ -144,7 +144,7 @@ class Exchange:
             if response is not None:
                 response.close()  # unread: dropping the connection makes vLLM abort the generation
             gone = isinstance(exc, ClientGone)
-            self.close("client_closed" if gone else "error")
+            self.close(Status.CLIENT_CLOSED if gone else Status.ERROR)
             if gone:
                 return Response(status_code=499)  # nobody reads it: the client has gone
             raise
@@ -153,14 +153,14 @@ class Exchange:
         call = self.call
         try:
             headers = self.hub.upstream_headers(call.model, self.upstream_id)
-            return await self.hub.upstream.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
+            return await self.hub.client.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
         except TimeoutError:
             raise _failed(UpstreamTimeout, call, "did not answer in time") from None
         except up.ERRORS as exc:
             raise _failed(UpstreamUnavailable, call, f"is unreachable ({up.describe(exc)})") from None
 
     def _relay(self, response: up.Response) -> StreamRelay:
-        async def finish(m: Measurement, status: str) -> dict[str, Any]:
+        async def finish(m: Measurement, status: Status) -> dict[str, Any]:
             return self.close(status, m)
 
         headers = {**up.passed_headers(response), "x-request-id": self.request_id,
@@ -192,7 +192,7 @@ class Exchange:
             if completion:
                 self.window.completed(completion)
             self.window.usage(usage.get("prompt_tokens"), completion)
-        energy = self.close("ok" if ok else "error")
+        energy = self.close(Status.OK if ok else Status.ERROR)
         headers = {**up.passed_headers(response), "x-request-id": self.request_id, **energy_headers(energy)}
         if ok:
             return Response(_with_energy(data, raw, energy), status_code=200, media_type="application/json",

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wattgate.meter import Meter
 from wattgate.proxy.settings import Model
-from wattgate.proxy.upstream import ERRORS, Upstream
+from wattgate.proxy.upstream import ERRORS, UpstreamClient
 
 log = logging.getLogger(__name__)
 RUNNING = "vllm:num_requests_running"
@@ -46,14 +46,14 @@ class ForeignLoadPoller:
 
     def __init__(
         self,
-        upstream: Upstream,
+        client: UpstreamClient,
         meter: Meter,
         models: dict[str, Model],
         served_name: Callable[[str], str],
         in_flight: Counter[str],
         period_s: float = 1.0,
     ) -> None:
-        self.upstream = upstream
+        self.client = client
         self.meter = meter
         self.period_s = period_s
         self.in_flight = in_flight
@@ -71,7 +71,7 @@ class ForeignLoadPoller:
             if root in self.disabled:
                 continue
             try:
-                status, body = await self.upstream.get(f"{root}/metrics", timeout_s=min(self.period_s, 2.0))
+                status, body = await self.client.get(f"{root}/metrics", timeout_s=min(self.period_s, 2.0))
                 running = running_sequences(body.decode("utf-8", "replace"), served) if status == 200 else None
             except (*ERRORS, ValueError):
                 continue  # a passing failure: try again next period

@@ -26,7 +26,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from wattgate.meter import Measurement, RequestWindow
+from wattgate.meter import Measurement, RequestWindow, Status
 from wattgate.proxy import upstream as up
 
 _DONE = b"data: [DONE]"
@@ -58,18 +58,18 @@ class StreamRelay(Response):
         window: RequestWindow,
         headers: dict[str, str],
         client_wants_usage: bool,
-        finish: Callable[[Measurement, str], Awaitable[dict[str, Any]]],
+        finish: Callable[[Measurement, Status], Awaitable[dict[str, Any]]],
     ) -> None:
         super().__init__(None, 200, {"cache-control": "no-cache", **headers}, "text/event-stream")
         # No length: the body is a stream (FastAPI may still add headers to raw_headers).
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.upstream = upstream
+        self.upstream_response = upstream
         self.window = window
         self.client_wants_usage = client_wants_usage
         self.finish = finish
         self.held: dict[str, Any] | None = None
         self.first: dict[str, Any] | None = None
-        self.status = "ok"
+        self.status = Status.OK
         self.streaming = True
         self.tokens = 0  # tokens seen in the events of the current read
 
@@ -103,11 +103,11 @@ class StreamRelay(Response):
             watcher.remove_done_callback(on_message)
             watcher.cancel()
             if not client_gone:
-                self.upstream.release()  # back to the pool; aiohttp closes it if the body was not read to the end
+                self.upstream_response.release()  # back to the pool; aiohttp closes it if the body was not read to the end
             else:
-                self.upstream.close()  # dropping the connection makes vLLM abort the generation
+                self.upstream_response.close()  # dropping the connection makes vLLM abort the generation
         if client_gone:
-            await self.finish(self.window.end("client_closed"), "client_closed")
+            await self.finish(self.window.end(Status.CLIENT_CLOSED), Status.CLIENT_CLOSED)
         else:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
 
@@ -116,7 +116,7 @@ class StreamRelay(Response):
         buf = b""
         error_event = b""
         try:
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in self.upstream_response.content.iter_any():
                 buf += chunk
                 if b"\r" in buf:
                     buf = buf.replace(b"\r\n", b"\n")
@@ -159,7 +159,7 @@ class StreamRelay(Response):
         if self.first is None:
             self.first = _loads(data) or {}
         if b'"error"' in data and _key(_ERROR, data):
-            self.status = "error"
+            self.status = Status.ERROR
             return event
         if b'"usage"' in data and _key(_USAGE, data):
             obj = _loads(data) or {}
@@ -194,7 +194,7 @@ class StreamRelay(Response):
         }
 
     def _error_event(self, message: str, status: int) -> bytes:
-        self.status = "error"
+        self.status = Status.ERROR
         body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": status}}
         return b"data: " + orjson.dumps(body) + b"\n\n"
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wattgate.meter import Method
 from wattgate.proxy.ledger import connect
 
 GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')", "method": "method"}
@@ -39,7 +40,7 @@ EQUIVALENTS = (
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules")
-METHODS = ("nvml", "estimate", "simulated")  # how a figure was obtained; other sources count apart
+METHODS = tuple(m for m in Method if m is not Method.TRACE)  # how a figure was obtained; others count apart
 
 
 def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:
@@ -47,7 +48,7 @@ def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[
     per_method = ", ".join(f"SUM(method = '{m}')" for m in METHODS)
     rows = db.execute(
         f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
-                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = 'nvml' THEN joules ELSE 0 END),
+                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = '{Method.NVML}' THEN joules ELSE 0 END),
                    {per_method}, SUM(method NOT IN ({", ".join(f"'{m}'" for m in METHODS)}))
             FROM requests {where} GROUP BY k""",
         args,

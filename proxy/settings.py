@@ -79,7 +79,7 @@ class MeterSettings(_Strict):
         raise ValueError("must be 'auto' or a number of milliseconds from 0 to 60000")
 
 
-class Estimate(_Strict):
+class EstimateSettings(_Strict):
     active_params_b: float = Field(default=8.0, gt=0)
 
 
@@ -90,7 +90,7 @@ class Model(_Strict):
     api_key_env: str | None = None
     # Energy of one prompt token relative to one decoded token (see README, "Attribution").
     prefill_weight: float = Field(default=0.2, ge=0, le=10)
-    estimate: Estimate = Estimate()
+    estimate: EstimateSettings = EstimateSettings()
 
     @field_validator("gpus")
     @classmethod
@@ -120,7 +120,7 @@ class Auth(_Strict):
     metrics_aliases: list[str] = Field(default_factory=list)
 
 
-class Gateway(_Strict):
+class GatewaySettings(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     timeouts: Timeouts = Timeouts()
     auth: Auth = Auth()
@@ -142,7 +142,7 @@ class Settings(_Strict):
     site: Site = Site()
     ledger: LedgerSettings = LedgerSettings()
     meter: MeterSettings = MeterSettings()
-    gateway: Gateway = Gateway()
+    gateway: GatewaySettings = GatewaySettings()
     models: dict[str, Model]
 
     @model_validator(mode="after")

@@ -39,7 +39,7 @@ def describe(exc: BaseException) -> str:
     return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
-class Upstream:
+class UpstreamClient:
     """The session; opened inside the event loop (``open``) and closed at shutdown.
 
     Timeouts follow the registry: ``connect_s`` bounds getting a connection,

@@ -18,7 +18,7 @@ from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread, free_port
-from wattgate.proxy.settings import Gateway, MeterSettings, Model, Settings, Timeouts
+from wattgate.proxy.settings import GatewaySettings, MeterSettings, Model, Settings, Timeouts
 from wattgate.proxy.simulated_upstream import Scenario, SimulatedUpstream
 
 # Ledgers of the apps under test go to a scratch directory, never the user's, removed at exit.
@@ -89,7 +89,7 @@ def stack():
     with ServerThread(upstream) as up:
         settings = Settings(
             meter=MeterSettings(source="simulated", settle_lag_ms=200, foreign_poll_ms=100),
-            gateway=Gateway(timeouts=Timeouts(read_s=1.0, connect_s=1.0), max_body_bytes=64 * 1024),
+            gateway=GatewaySettings(timeouts=Timeouts(read_s=1.0, connect_s=1.0), max_body_bytes=64 * 1024),
             models={
                 "llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
                 "remote": Model(served_name=SERVED, upstream=f"{up.url}/v1", estimate={"active_params_b": 70}),

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import SERVED
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread, free_port
-from wattgate.proxy.settings import Auth, Gateway, MeterSettings, Model, Settings, load_settings
+from wattgate.proxy.settings import Auth, GatewaySettings, MeterSettings, Model, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "wattgate.json"
@@ -48,7 +48,7 @@ def keyed_gateway(stack, monkeypatch):
     monkeypatch.setenv("WG_DEPLOY_KEYS", "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape")
     settings = Settings(
         meter=MeterSettings(source="simulated", settle_lag_ms=200),
-        gateway=Gateway(auth=Auth(keys_env="WG_DEPLOY_KEYS", metrics_aliases=["prometheus"])),
+        gateway=GatewaySettings(auth=Auth(keys_env="WG_DEPLOY_KEYS", metrics_aliases=["prometheus"])),
         models={"llama": Model(served_name=SERVED, upstream=f"{stack.upstream_url}/v1", gpus=[0])},
     )
     with ServerThread(create_app(settings)) as gw:

@@ -14,7 +14,7 @@ from wattgate.meter.sources.simulated import H100_LLAMA_8B
 from wattgate.meter.sources.trace import TraceSource
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread
-from wattgate.proxy.settings import Auth, Gateway, LedgerSettings, MeterSettings, Model, Settings
+from wattgate.proxy.settings import Auth, GatewaySettings, LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -107,7 +107,7 @@ def test_registry_without_meter_estimates(upstream):
 def test_gateway_keys_and_record_visibility(upstream, monkeypatch):
     monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b")
     settings = settings_for(
-        upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=Auth(keys_env="WG_TEST_KEYS"))
+        upstream, meter=MeterSettings(source="none"), gateway=GatewaySettings(auth=Auth(keys_env="WG_TEST_KEYS"))
     )
     with ServerThread(create_app(settings)) as gw:
         url = f"{gw.url}/v1/chat/completions"
@@ -127,7 +127,7 @@ def test_two_teams_may_send_the_same_request_id_and_neither_learns_of_the_other(
     """Each gets its id echoed and its own record; a team reusing its own id gets a fresh one."""
     monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b")
     settings = settings_for(upstream, meter=MeterSettings(source="simulated", settle_lag_ms=200),
-                            gateway=Gateway(auth=Auth(keys_env="WG_TEST_KEYS")),
+                            gateway=GatewaySettings(auth=Auth(keys_env="WG_TEST_KEYS")),
                             ledger=LedgerSettings(path=tmp_path / "ledger.db"))
     with ServerThread(create_app(settings)) as gw:
         def call(key: str, rid: str, tokens: int) -> httpx.Response:
@@ -158,7 +158,7 @@ def test_two_teams_may_send_the_same_request_id_and_neither_learns_of_the_other(
 def test_with_keys_on_metrics_and_models_need_a_key_and_teams_see_only_their_own_series(upstream, monkeypatch):
     monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape")
     auth = Auth(keys_env="WG_TEST_KEYS", metrics_aliases=["prometheus"])
-    settings = settings_for(upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=auth))
+    settings = settings_for(upstream, meter=MeterSettings(source="none"), gateway=GatewaySettings(auth=auth))
     with ServerThread(create_app(settings)) as gw:
         def get(path: str, key: str | None = None) -> httpx.Response:
             headers = {"origin": "https://app.example"} | ({"authorization": f"Bearer {key}"} if key else {})
@@ -185,7 +185,7 @@ def test_a_metrics_alias_without_a_key_is_a_config_error(upstream, monkeypatch):
     monkeypatch.setenv("WG_TEST_KEYS", "team-a:sk-a")
     auth = Auth(keys_env="WG_TEST_KEYS", metrics_aliases=["prometheus"])
     with pytest.raises(ConfigError, match="prometheus"):
-        create_app(settings_for(upstream, meter=MeterSettings(source="none"), gateway=Gateway(auth=auth)))
+        create_app(settings_for(upstream, meter=MeterSettings(source="none"), gateway=GatewaySettings(auth=auth)))
 
 
 def test_fixed_host_power_is_a_separate_component(upstream):

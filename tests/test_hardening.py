@@ -22,7 +22,7 @@ from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread
-from wattgate.proxy.settings import Gateway, LedgerSettings, MeterSettings, Model, Settings, Timeouts
+from wattgate.proxy.settings import GatewaySettings, LedgerSettings, MeterSettings, Model, Settings, Timeouts
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -81,7 +81,7 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     with ServerThread(SimulatedUpstream(gpu, served_name=SERVED, scenario=scenario)) as up:
         settings = Settings(
             meter=MeterSettings(source="simulated", settle_lag_ms=200),
-            gateway=Gateway(timeouts=Timeouts(read_s=2.0, connect_s=1.0)),
+            gateway=GatewaySettings(timeouts=Timeouts(read_s=2.0, connect_s=1.0)),
             ledger=LedgerSettings(path=ledger),
             models={
                 "llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
@@ -199,7 +199,7 @@ def test_every_record_is_held_until_it_settles_whatever_the_cap(tmp_path):
         settings = Settings(
             meter=MeterSettings(source="simulated", settle_lag_ms=200),
             # 1,000 connections opened at once on a loaded 2-core runner: give them time.
-            gateway=Gateway(recent_records=100, timeouts=Timeouts(connect_s=60.0, read_s=120.0)),
+            gateway=GatewaySettings(recent_records=100, timeouts=Timeouts(connect_s=60.0, read_s=120.0)),
             ledger=LedgerSettings(path=ledger),
             models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
         )

@@ -401,7 +401,7 @@ def test_a_counter_that_stops_stepping_faults_its_gpu_without_growing_the_sample
 
 def test_a_long_stream_holds_only_its_recent_token_times_and_keeps_its_figures():
     """Attributed arrivals are dropped as the stream goes on; the energy and the token count are as without."""
-    from wattgate.meter.meter import COMPACT_AFTER
+    from wattgate.meter.gpu import COMPACT_AFTER
 
     clock = Clock()
     meter, settled = make_meter({0: counter_trace(lambda t: 300.0, until=80.0)}, clock)

@@ -11,11 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from wattgate.meter.kinds import Fault, Method
+
 
 class MeterFault(RuntimeError):
     """A reading could not be taken; ``kind`` is the label of ``wattgate_meter_errors_total``."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: Fault, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -37,7 +39,7 @@ class PowerSource(Protocol):
     """What the sampler needs from a power source."""
 
     #: ``nvml`` (measured), ``simulated`` or ``trace``; becomes the figures' method.
-    method: str
+    method: Method
     #: True when a counter reading is the energy up to the moment it was read (a simulated GPU);
     #: False when the counter steps now and then, as NVML's does (every ~100 ms on H100).
     continuous_counter: bool

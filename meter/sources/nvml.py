@@ -26,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Literal
 
+from wattgate.meter.kinds import Fault, Method
 from wattgate.meter.sources import MeterFault, Reading
 
 log = logging.getLogger(__name__)
@@ -34,23 +35,23 @@ log = logging.getLogger(__name__)
 class NvmlSource:
     """Energy and power of the given NVML GPU indices."""
 
-    method = "nvml"
+    method = Method.NVML
     continuous_counter = False
 
     def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
         try:
             import pynvml  # provided by nvidia-ml-py
         except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
-            raise MeterFault("init", "nvidia-ml-py is not installed") from exc
+            raise MeterFault(Fault.INIT, "nvidia-ml-py is not installed") from exc
         self._nvml = pynvml
         try:
             pynvml.nvmlInit()
             count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as exc:
-            raise MeterFault("init", f"NVML is not available: {exc}") from exc
+            raise MeterFault(Fault.INIT, f"NVML is not available: {exc}") from exc
         missing = [g for g in gpus if not 0 <= g < count]
         if missing:
-            raise MeterFault("init", f"GPU indices {missing} not visible to NVML ({count} GPUs)")
+            raise MeterFault(Fault.INIT, f"GPU indices {missing} not visible to NVML ({count} GPUs)")
         self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
         self.unmeasurable: dict[int, str] = {}
@@ -95,7 +96,7 @@ class NvmlSource:
     def read(self, gpu: int, energy: bool = True) -> Reading:
         handle = self._handles.get(gpu)
         if handle is None:
-            raise MeterFault("lost_gpu", f"GPU {gpu} is not metered")
+            raise MeterFault(Fault.LOST_GPU, f"GPU {gpu} is not metered")
         try:
             energy_j = (
                 self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
@@ -103,7 +104,7 @@ class NvmlSource:
                 else None
             )
         except self._nvml.NVMLError as exc:
-            kind = "lost_gpu" if "lost" in str(exc).lower() else "read"
+            kind = Fault.LOST_GPU if "lost" in str(exc).lower() else Fault.READ
             raise MeterFault(kind, f"GPU {gpu}: {exc}") from exc
         return Reading(energy_j, self._instant_power_w(handle))
 

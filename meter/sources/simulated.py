@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from wattgate.meter.kinds import Fault, Method
 from wattgate.meter.sources import MeterFault, Reading
 
 
@@ -89,7 +90,7 @@ class SimulatedGpu:
 class SimulatedSource:
     """Power source over a set of :class:`SimulatedGpu` by index."""
 
-    method = "simulated"
+    method = Method.SIMULATED
     continuous_counter = True  # energy is integrated exactly up to each read
 
     def __init__(self, gpus: dict[int, SimulatedGpu]) -> None:
@@ -101,7 +102,7 @@ class SimulatedSource:
             reading = self.gpus[gpu].reading()
             return reading if energy else Reading(None, reading.power_w)
         except KeyError:
-            raise MeterFault("lost_gpu", f"no simulated GPU {gpu}") from None
+            raise MeterFault(Fault.LOST_GPU, f"no simulated GPU {gpu}") from None
 
     def close(self) -> None:
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Mapping, Sequence
 
+from wattgate.meter.kinds import Fault, Method
 from wattgate.meter.sources import MeterFault, Reading
 
 
@@ -19,7 +20,7 @@ class TraceSource:
     the way NVML's MIG GPUs are marked.
     """
 
-    method = "trace"
+    method = Method.TRACE
     continuous_counter = False
 
     def __init__(
@@ -38,12 +39,12 @@ class TraceSource:
     def read(self, gpu: int, energy: bool = True) -> Reading:
         now = self._clock()
         if self._fail_from is not None and now >= self._fail_from:
-            raise MeterFault("read", f"scripted fault on GPU {gpu}")
+            raise MeterFault(Fault.READ, f"scripted fault on GPU {gpu}")
         if gpu not in self._traces:
-            raise MeterFault("lost_gpu", f"GPU {gpu} is not in the trace")
+            raise MeterFault(Fault.LOST_GPU, f"GPU {gpu} is not in the trace")
         i = bisect.bisect_right(self._times[gpu], now) - 1
         if i < 0:
-            raise MeterFault("read", f"trace of GPU {gpu} starts after t={now}")
+            raise MeterFault(Fault.READ, f"trace of GPU {gpu} starts after t={now}")
         _, energy_j, power = self._traces[gpu][i]
         return Reading(energy_j if energy else None, power)
 

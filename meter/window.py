@@ -1,0 +1,134 @@
+"""One request as the meter sees it: its window, its tokens, and the measurement it ends with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wattgate.meter.attribution import MIN_SPAN_S
+from wattgate.meter.estimate import estimate
+from wattgate.meter.kinds import Fault, Method, Status
+
+MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
+
+
+def token_count(value: object) -> int | None:
+    """``value`` if it is a token count (an int from 0 to :data:`MAX_TOKENS`), else None.
+
+    Counts come from upstreams, which may be wrong; one stored wrong count would
+    break every later attribution pass on its GPU.
+    """
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """Energy of one request. ``joules_by_gpu`` in joules; times on the monotonic clock (s)."""
+
+    request_id: str
+    joules_by_gpu: dict[int, float]
+    method: Method
+    settled: bool
+    start: float
+    end: float
+    prompt_tokens: int
+    completion_tokens: int
+    status: Status = Status.OK
+    fault: Fault | None = None  # why an estimate replaced a measurement
+    host_joules: float = 0.0  # host (CPU, DRAM, NIC) share, when host energy is metered
+
+    @property
+    def gpu_joules(self) -> float:
+        return sum(self.joules_by_gpu.values())
+
+    @property
+    def joules(self) -> float:
+        """IT energy: GPU plus host share."""
+        return self.gpu_joules + self.host_joules
+
+    @property
+    def window_s(self) -> float:
+        return max(self.end - self.start, 0.0)
+
+
+@dataclass(slots=True)
+class Request:
+    """A request's window: when it began and ended, and its work (see :mod:`meter.work`)."""
+
+    request_id: str
+    gpus: tuple[int, ...]
+    start: float
+    prefill_weight: float
+    active_params_b: float
+    prompt_tokens: int
+    times: list[float] = field(default_factory=list)  # arrival time of each token record
+    counts: list[float] = field(default_factory=list)  # tokens in each record
+    completion_tokens: int | None = None
+    end: float | None = None
+    status: Status = Status.OK
+    fault: Fault | None = None
+    shares: dict[int, float] = field(default_factory=dict)  # settled joules per GPU so far
+    host_j: float = 0.0
+    counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
+    unseen_tokens: int = 0  # a plain response's tokens, placed in time when the window ends
+
+    @property
+    def known_until(self) -> float:
+        """Time up to which this request's work rate is known: its end, else its last token."""
+        if self.end is not None:
+            return self.end
+        return self.times[-1] if self.times else self.start
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.counted + sum(self.counts))
+
+    @property
+    def completion(self) -> int:
+        """The upstream's completion count if it reported one, else the tokens seen."""
+        return self.completion_tokens if self.completion_tokens is not None else self.tokens_seen
+
+    def reconcile_tokens(self) -> None:
+        """Make the arrivals add up to the upstream's completion count, when it reported one.
+
+        A stream's chunks can hold several tokens each (a server that batches its output); the
+        arrivals keep their timing and are scaled to the count. A stream whose tokens were not
+        seen at all is shaped as a plain response.
+        """
+        total = self.completion_tokens
+        if total is None or self.unseen_tokens:
+            return
+        pending = total - self.counted
+        seen = sum(self.counts)
+        if seen <= 0:
+            self.unseen_tokens = max(int(pending), 0)
+        elif pending > 0 and abs(pending - seen) > 0.5:
+            scale = pending / seen
+            self.counts[:] = [c * scale for c in self.counts]
+
+    def place_unseen(self, ttfts: list[float]) -> None:
+        """Arrivals for a plain response's tokens: the first at the GPUs' recent time to first token
+        (``ttfts``, one per GPU that has seen a stream), the rest at the end."""
+        assert self.end is not None
+        n, self.unseen_tokens = self.unseen_tokens, 0
+        first = self.start + sum(ttfts) / len(ttfts) if ttfts else self.end
+        last = self.times[-1] if self.times else self.start
+        if n > 1 and last < first < self.end - MIN_SPAN_S:
+            self.times.append(first)
+            self.counts.append(1)
+            n -= 1
+        self.times.append(self.end)
+        self.counts.append(n)
+
+
+def measurement(req: Request, method: Method, joules: dict[int, float], settled: bool, host_j: float,
+                now: float) -> Measurement:
+    """``req``'s measurement; an estimate instead when it has a fault, no GPUs or ``method`` is one."""
+    end = req.end if req.end is not None else now
+    if method is Method.ESTIMATE or req.fault is not None or not req.gpus:
+        method = Method.ESTIMATE
+        est = estimate(req.prompt_tokens, req.completion, req.active_params_b, req.prefill_weight,
+                       latency_s=end - req.start)
+        joules = {g: est.gpu_j / len(req.gpus) for g in req.gpus} if req.gpus else {-1: est.gpu_j}
+        settled, host_j = True, est.host_j
+    return Measurement(req.request_id, joules, method, settled, req.start, end, req.prompt_tokens, req.completion,
+                       req.status, req.fault, host_j)
