@@ -27,9 +27,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-from wattgate.meter.gpu import COMPACT_AFTER, GpuState, GpuTotals, compact
+from wattgate.meter.gpu import GpuTotals
 from wattgate.meter.host import HostPower
 from wattgate.meter.kinds import Fault, Method, Status
+from wattgate.meter.passes import GpuPasses
 from wattgate.meter.sampler import Sampler
 from wattgate.meter.sources import PowerSource
 from wattgate.meter.window import Measurement, Request, measurement, token_count
@@ -142,37 +143,25 @@ class Meter:
         self.unmeasured = {g: why for g, why in source.unmeasurable.items() if g in gpus} if source is not None else {}
         self.gpus = tuple(sorted(gpus - set(self.unmeasured))) if source is not None else ()
         self.method = source.method if source is not None and self.gpus else Method.ESTIMATE
-        self.amortize = idle == "amortize"
-        self.settle_lag_s = settle_lag_s
         self.settle_every_s = settle_every_s
-        self._last_advance = -float("inf")
-        self._last_live = -float("inf")
-        self.stale_after_s = stale_after_s
+        self._last_advance = self._last_live = -float("inf")
         self.on_settled = on_settled
         self.on_error = on_error
-        self.host = host
         self.errors: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._requests: dict[str, Request] = {}
         self._ended: set[str] = set()
-        self._gpu = {g: GpuState() for g in self.gpus}
-        self.sampler: Sampler | None = None
-        if self.gpus:
-            self.sampler = Sampler(
-                source,  # type: ignore[arg-type]
-                self.gpus,
-                interval_s,
-                horizon_s,
-                clock=clock,
-                after_poll=self._after_poll,
-                counter_every_s=counter_every_s,
-                counter_cpu_budget=counter_cpu_budget,
-                cpu_clock=cpu_clock,
-                power_lag_s=power_lag_s,
-            )
-            self.sampler.on_error = self._count_error
         self._started = False
-        self._created_at = clock()
+        self.sampler: Sampler | None = None
+        self.passes: GpuPasses | None = None  # None: no GPU metered, every figure an estimate
+        if source is not None and self.gpus:
+            self.sampler = Sampler(source, self.gpus, interval_s, horizon_s, clock=clock, after_poll=self._after_poll,
+                                   counter_every_s=counter_every_s, counter_cpu_budget=counter_cpu_budget,
+                                   cpu_clock=cpu_clock, power_lag_s=power_lag_s)
+            self.sampler.on_error = self._count_error
+            self.passes = GpuPasses(self.sampler, settle_lag_s=settle_lag_s, amortize=idle == "amortize",
+                                    stale_after_s=stale_after_s, host=host, count_error=self._count_error,
+                                    created_at=clock())
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -197,29 +186,21 @@ class Meter:
         # most a second later, and provisional ones split up to 0.2 s more of a window by heads.
         now = self.clock()
         spread = min(max(1.0, len(self._requests) / 250), 4.0)
-        assert self.sampler is not None
+        assert self.sampler is not None and self.passes is not None
         # The live split first: requests that ended since the last one are still in the meter.
         if now - self._last_live >= self.sampler.interval_s * (spread - 0.5):
             self._last_live = now
-            self._live_locked()
+            with self._lock:
+                self.passes.live(self._requests)
         if now - self._last_advance >= self.settle_every_s * spread:
             self._emit(self._advance_locked())
 
     def state(self) -> dict[str, object]:
         """Meter health for ``/readyz``."""
-        now = self.clock()
-        gpus = {}
-        for g, st in self._gpu.items():
-            last = self.sampler.last_ok(g) if self.sampler else None
-            agreement = self.sampler.power_vs_counter(g) if self.sampler else None
-            gpus[str(g)] = {
-                "fault": st.faulted,
-                "last_reading_age_s": None if last is None else round(now - last, 3),
-                "power_vs_counter": None if agreement is None else round(agreement, 3),
-            }
+        gpus = self.passes.health(self.clock()) if self.passes is not None else {}
         sampler_ok = self.sampler is None or not self._started or self.sampler.alive
         # "init": the configured source could not start and every figure is an estimate.
-        ok = sampler_ok and "init" not in self.errors and all(v["fault"] is None for v in gpus.values())
+        ok = sampler_ok and Fault.INIT not in self.errors and all(v["fault"] is None for v in gpus.values())
         return {
             "method": self.method,
             "ok": ok,
@@ -234,7 +215,7 @@ class Meter:
 
     def gpu_totals(self) -> dict[int, GpuTotals]:
         with self._lock:
-            return {g: st.totals(self.sampler.power_w(g) if self.sampler else None) for g, st in self._gpu.items()}
+            return self.passes.totals() if self.passes is not None else {}
 
     # -- request windows ---------------------------------------------------------
 
@@ -255,41 +236,25 @@ class Meter:
         """
         if request_id in self._requests:
             raise ValueError(f"a window of request {request_id!r} is already open")
-        req = Request(
-            request_id,
-            tuple(gpus),
-            self.clock() if t is None else t,
-            prefill_weight,
-            active_params_b,
-            prompt_tokens,
-        )
+        start = self.clock() if t is None else t
+        req = Request(request_id, tuple(gpus), start, prefill_weight, active_params_b, prompt_tokens)
         # No GPUs or no sampler: a plain estimate (no meter for these GPUs, counted once, at start-up).
-        if req.gpus and self.sampler is not None:
+        if req.gpus and self.passes is not None:
             req.fault = self._cannot_meter(req.gpus)
             if req.fault not in (None, Fault.UNMEASURABLE):  # unmeasurable: a known property of the GPU, not an error
                 self._count_error(req.fault)
         with self._lock:
             self._requests[request_id] = req
-            for g in req.gpus:
-                if g in self._gpu:
-                    self._busy(g, +1, req.start)
-                    self._gpu[g].requests.add(request_id)
-                    self._gpu[g].live.began()
+            if self.passes is not None:
+                self.passes.began(req)
         return RequestWindow(self, req)
-
-    def _busy(self, g: int, change: int, t: float) -> None:
-        """Count a request in or out of GPU ``g``; tell the sampler when the GPU turns busy or idle."""
-        st = self._gpu[g]
-        st.running += change
-        if self.sampler is not None and st.running == (1 if change > 0 else 0):
-            self.sampler.mark(g, t)
 
     def _cannot_meter(self, gpus: Sequence[int]) -> Fault | None:
         """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
         assert self.sampler is not None
         if any(g in self.unmeasured for g in gpus):
             return Fault.UNMEASURABLE
-        if any(g not in self._gpu for g in gpus):
+        if any(g not in self.gpus for g in gpus):
             return Fault.UNMETERED_GPU
         if self._started and not self.sampler.alive:
             return Fault.SAMPLER_DEAD
@@ -297,22 +262,19 @@ class Meter:
 
     def method_for(self, gpus: Sequence[int]) -> Method:
         """The method a request on ``gpus`` starting now gets, unless the meter faults during it."""
-        if not gpus or self.sampler is None or self._cannot_meter(gpus) is not None:
+        if not gpus or self.passes is None or self._cannot_meter(gpus) is not None:
             return Method.ESTIMATE
         # A GPU already faulted (stale) gives its requests estimates when they end.
-        return Method.ESTIMATE if any(self._gpu[g].faulted for g in gpus) else self.method
+        return Method.ESTIMATE if self.passes.faulted(gpus) else self.method
 
     def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
         """Record ``sequences`` running on ``gpus`` over ``[t0, t1)`` that did not come through the gateway."""
-        if sequences <= 0:
-            return
-        with self._lock:
-            for g in gpus:
-                if g in self._gpu:
-                    self._gpu[g].foreign.append((t0, t1, sequences))
+        if sequences > 0 and self.passes is not None:
+            with self._lock:
+                self.passes.report_foreign(gpus, sequences, t0, t1)
 
     def _estimated(self, req: Request) -> bool:
-        return req.fault is not None or not req.gpus or self.sampler is None
+        return req.fault is not None or not req.gpus or self.passes is None
 
     def _end(self, req: Request, status: Status, t: float) -> Measurement:
         settled: Measurement | None = None
@@ -321,16 +283,14 @@ class Meter:
                 return self._provisional(req)
             req.end = max(t, req.start)
             req.status = status
-            for g in req.gpus:
-                if g in self._gpu:
-                    self._busy(g, -1, req.end)
+            if self.passes is not None:
+                self.passes.ended(req)
             req.reconcile_tokens()
             if req.unseen_tokens:
-                req.place_unseen([st.ttft_s for g in req.gpus if (st := self._gpu.get(g)) is not None and st.ttft_s is not None])
-            if not self._estimated(req):
-                stale = [g for g in req.gpus if self._stale(g, self.clock())]
-                if stale:  # no fresh reading: do not hand out a figure the meter cannot back
-                    req.fault = self._gpu[stale[0]].faulted or Fault.STALE
+                req.place_unseen(self.passes.ttfts(req) if self.passes is not None else [])
+            if not self._estimated(req):  # no fresh reading: do not hand out a figure the meter cannot back
+                assert self.passes is not None
+                req.fault = self.passes.stale_fault(req, self.clock())
             if self._estimated(req):
                 settled = self._settle(req)
                 result = settled
@@ -342,13 +302,10 @@ class Meter:
         return result
 
     def _first_token(self, req: Request, t: float) -> None:
-        """Keep each GPU's recent time to first token (TTFT), to shape plain responses like streams."""
-        if t >= req.start:
-            for g in req.gpus:
-                if (st := self._gpu.get(g)) is not None:
-                    st.first_token(t - req.start)
+        if self.passes is not None:
+            self.passes.first_token(req, t)
 
-    # -- attribution -------------------------------------------------------------
+    # -- figures -----------------------------------------------------------------
 
     def advance(self) -> list[Measurement]:
         """Attribute every slice that can be attributed now; return (and emit) what settled."""
@@ -357,71 +314,13 @@ class Meter:
         return settled
 
     def _advance_locked(self) -> list[Measurement]:
-        if self.sampler is None:
+        if self.passes is None:
             return []
         with self._lock:
-            now = self._last_advance = self.clock()
-            for g, st in self._gpu.items():
-                try:
-                    self._advance_gpu(g, st, now)
-                except Exception:  # a bug or a bad window must not stop attribution for good
-                    log.exception("meter: attribution failed on GPU %d; its requests fall back to estimates", g)
-                    self._count_error(Fault.INTERNAL)
-                    st.drop_slice(self._requests, self.sampler.last_sample_time(g))
-            return [self._settle(self._requests[rid]) for rid in list(self._ended) if self._can_settle(rid)]
-
-    def _advance_gpu(self, g: int, st: GpuState, now: float) -> None:
-        assert self.sampler is not None
-        if self._stale(g, now):
-            if st.faulted is None:
-                st.faulted = Fault.STALE
-                self._count_error(Fault.STALE)
-                log.warning("meter: GPU %d has no fresh reading; its requests fall back to estimates", g)
-            st.fault_requests(self._requests, Fault.STALE)
-            return
-        samples = self.sampler.samples_since(g, st.frontier)
-        if not samples:
-            return
-        if st.faulted is not None:  # readings are back: skip the gap rather than attribute it
-            st.faulted = None
-            st.frontier = samples[-1][0]
-            return
-        for req in st.settle_pass(g, samples, self._requests, self.settle_lag_s, self.amortize, self.host,
-                                  len(self.gpus)):
-            if len(req.times) > 2 * COMPACT_AFTER:  # cheap test first: most requests are short
-                compact(req, (self._gpu.get(g) for g in req.gpus))
-
-    def _live_locked(self) -> None:
-        """Split each GPU's energy since its last live slice among the requests active in it (see :mod:`meter.live`)."""
-        if self.sampler is None:
-            return
-        with self._lock:
-            for g, st in self._gpu.items():
-                if st.faulted is not None:
-                    continue
-                try:
-                    if curve := self.sampler.energy_curve(g, st.live.until):
-                        st.live_pass(curve, self._requests)
-                except Exception:  # provisional figures only: the settled pass is unaffected
-                    log.exception("meter: live split failed on GPU %d", g)
-                    self._count_error(Fault.INTERNAL)
-
-    def _stale(self, g: int, now: float) -> bool:
-        """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
-        assert self.sampler is not None
-        last_ok, last_step = self.sampler.last_ok(g), self.sampler.last_sample_time(g)
-        if last_ok is None or last_step is None:
-            return now - self._created_at > self.stale_after_s  # allow start-up time
-        return now - min(last_ok, last_step) > self.stale_after_s + self.sampler.counter_period_s
-
-    def _can_settle(self, rid: str) -> bool:
-        req = self._requests[rid]
-        assert req.end is not None
-        for g in req.gpus:
-            st = self._gpu[g]
-            if st.faulted is None and (st.frontier is None or st.frontier < req.end):
-                return False
-        return True
+            self._last_advance = now = self.clock()
+            self.passes.settle(self._requests, now)
+            ready = [self._requests[rid] for rid in list(self._ended)]
+            return [self._settle(req) for req in ready if self.passes.can_settle(req)]
 
     def _measurement(self, req: Request, joules: dict[int, float], settled: bool, host_j: float) -> Measurement:
         return measurement(req, self.method, joules, settled, host_j, self.clock())
@@ -431,13 +330,9 @@ class Meter:
         assert req.end is not None
         if self._estimated(req):
             return self._measurement(req, {}, settled=False, host_j=0.0)
-        assert self.sampler is not None  # else the request is estimated
-        joules: dict[int, float] = {}
-        for g in req.gpus:
-            st, since = self._gpu[g], self._gpu[g].live_since(req)
-            joules[g] = st.provisional(req, self.sampler.energy_between(g, since, req.end) if req.end > since else 0.0)
-        host = sum(j * self._gpu[g].host_per_gpu_joule for g, j in joules.items())
-        return self._measurement(req, joules, settled=False, host_j=host)
+        assert self.passes is not None  # else the request is estimated
+        joules = self.passes.provisional(req)
+        return self._measurement(req, joules, settled=False, host_j=self.passes.host_share(joules))
 
     def _settle(self, req: Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""
@@ -455,10 +350,8 @@ class Meter:
                                      req.completion_tokens or 0, req.status, Fault.INTERNAL)
         self._requests.pop(req.request_id, None)
         self._ended.discard(req.request_id)
-        for g in req.gpus:
-            if g in self._gpu:
-                self._gpu[g].requests.discard(req.request_id)
-                self._gpu[g].live.forget(req.request_id)
+        if self.passes is not None:
+            self.passes.settled(req)
         return result
 
     # -- callbacks ---------------------------------------------------------------
