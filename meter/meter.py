@@ -33,7 +33,7 @@ from wattgate.meter.kinds import Fault, Method, Status
 from wattgate.meter.passes import GpuPasses
 from wattgate.meter.sampler import Sampler
 from wattgate.meter.sources import PowerSource
-from wattgate.meter.window import Measurement, Request, measurement, token_count
+from wattgate.meter.window import Measurement, Request, final_measurement, measurement, token_count
 
 __all__ = ["GpuTotals", "Measurement", "Meter", "RequestWindow", "token_count"]
 
@@ -336,18 +336,7 @@ class Meter:
 
     def _settle(self, req: Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""
-        try:
-            result = self._measurement(req, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j)
-        except Exception:  # a window whose figures cannot be computed still gets a record
-            log.exception("meter failed to settle %s; settling it as an estimate", req.request_id)
-            self._count_error(Fault.INTERNAL)
-            req.fault = Fault.INTERNAL
-            try:
-                result = self._measurement(req, {}, settled=True, host_j=0.0)
-            except Exception:  # the estimate failed too: the window, without a figure (logged above)
-                end = req.end if req.end is not None else self.clock()
-                result = Measurement(req.request_id, {}, Method.ESTIMATE, True, req.start, end, req.prompt_tokens,
-                                     req.completion_tokens or 0, req.status, Fault.INTERNAL)
+        result = final_measurement(req, self.method, self.clock(), self._count_error)
         self._requests.pop(req.request_id, None)
         self._ended.discard(req.request_id)
         if self.passes is not None:

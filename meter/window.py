@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wattgate.meter.attribution import MIN_SPAN_S
 from wattgate.meter.estimate import estimate
 from wattgate.meter.kinds import Fault, Method, Status
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS = 10**9  # more than any request holds: a larger count from an upstream is nonsense
 
@@ -132,3 +136,20 @@ def measurement(req: Request, method: Method, joules: dict[int, float], settled:
         settled, host_j = True, est.host_j
     return Measurement(req.request_id, joules, method, settled, req.start, end, req.prompt_tokens, req.completion,
                        req.status, req.fault, host_j)
+
+
+def final_measurement(req: Request, method: Method, now: float, count_error: Callable[[Fault], None]) -> Measurement:
+    """The settled measurement of an ended ``req``; never raises: a window whose figures cannot be
+    computed still gets a record (an estimate, or at worst the window without a figure)."""
+    try:
+        return measurement(req, method, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j, now)
+    except Exception:
+        log.exception("meter failed to settle %s; settling it as an estimate", req.request_id)
+        count_error(Fault.INTERNAL)
+        req.fault = Fault.INTERNAL
+    try:
+        return measurement(req, method, {}, True, 0.0, now)
+    except Exception:  # the estimate failed too (logged above)
+        end = req.end if req.end is not None else now
+        return Measurement(req.request_id, {}, Method.ESTIMATE, True, req.start, end, req.prompt_tokens,
+                           req.completion_tokens or 0, req.status, Fault.INTERNAL)
