@@ -143,8 +143,6 @@ class Meter:
         self.unmeasured = {g: why for g, why in source.unmeasurable.items() if g in gpus} if source is not None else {}
         self.gpus = tuple(sorted(gpus - set(self.unmeasured))) if source is not None else ()
         self.method = source.method if source is not None and self.gpus else Method.ESTIMATE
-        self.settle_every_s = settle_every_s
-        self._last_advance = self._last_live = -float("inf")
         self.on_settled = on_settled
         self.on_error = on_error
         self.errors: Counter[str] = Counter()
@@ -159,7 +157,8 @@ class Meter:
                                    counter_every_s=counter_every_s, counter_cpu_budget=counter_cpu_budget,
                                    cpu_clock=cpu_clock, power_lag_s=power_lag_s)
             self.sampler.on_error = self._count_error
-            self.passes = GpuPasses(self.sampler, settle_lag_s=settle_lag_s, amortize=idle == "amortize",
+            self.passes = GpuPasses(self.sampler, self.unmeasured, settle_lag_s=settle_lag_s,
+                                    settle_every_s=settle_every_s, amortize=idle == "amortize",
                                     stale_after_s=stale_after_s, host=host, count_error=self._count_error,
                                     created_at=clock())
 
@@ -180,19 +179,12 @@ class Meter:
             self.source.close()
 
     def _after_poll(self) -> None:
-        # Attribution costs per participant and call: batch it rather than run it every poll.
-        # Each pass walks every open request, so with many open both passes run less often (up
-        # to 4x their period from 1000 open): the cost per request stays flat, figures settle at
-        # most a second later, and provisional ones split up to 0.2 s more of a window by heads.
-        now = self.clock()
-        spread = min(max(1.0, len(self._requests) / 250), 4.0)
-        assert self.sampler is not None and self.passes is not None
-        # The live split first: requests that ended since the last one are still in the meter.
-        if now - self._last_live >= self.sampler.interval_s * (spread - 0.5):
-            self._last_live = now
+        assert self.passes is not None
+        live, settle = self.passes.due(self.clock(), len(self._requests))
+        if live:  # first: requests that ended since the last live split are still in the meter
             with self._lock:
                 self.passes.live(self._requests)
-        if now - self._last_advance >= self.settle_every_s * spread:
+        if settle:
             self._emit(self._advance_locked())
 
     def state(self) -> dict[str, object]:
@@ -240,7 +232,7 @@ class Meter:
         req = Request(request_id, tuple(gpus), start, prefill_weight, active_params_b, prompt_tokens)
         # No GPUs or no sampler: a plain estimate (no meter for these GPUs, counted once, at start-up).
         if req.gpus and self.passes is not None:
-            req.fault = self._cannot_meter(req.gpus)
+            req.fault = self.passes.cannot_meter(req.gpus, self._started)
             if req.fault not in (None, Fault.UNMEASURABLE):  # unmeasurable: a known property of the GPU, not an error
                 self._count_error(req.fault)
         with self._lock:
@@ -249,20 +241,9 @@ class Meter:
                 self.passes.began(req)
         return RequestWindow(self, req)
 
-    def _cannot_meter(self, gpus: Sequence[int]) -> Fault | None:
-        """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
-        assert self.sampler is not None
-        if any(g in self.unmeasured for g in gpus):
-            return Fault.UNMEASURABLE
-        if any(g not in self.gpus for g in gpus):
-            return Fault.UNMETERED_GPU
-        if self._started and not self.sampler.alive:
-            return Fault.SAMPLER_DEAD
-        return None
-
     def method_for(self, gpus: Sequence[int]) -> Method:
         """The method a request on ``gpus`` starting now gets, unless the meter faults during it."""
-        if not gpus or self.passes is None or self._cannot_meter(gpus) is not None:
+        if not gpus or self.passes is None or self.passes.cannot_meter(gpus, self._started) is not None:
             return Method.ESTIMATE
         # A GPU already faulted (stale) gives its requests estimates when they end.
         return Method.ESTIMATE if self.passes.faulted(gpus) else self.method
@@ -317,8 +298,7 @@ class Meter:
         if self.passes is None:
             return []
         with self._lock:
-            self._last_advance = now = self.clock()
-            self.passes.settle(self._requests, now)
+            self.passes.settle(self._requests, self.clock())
             ready = [self._requests[rid] for rid in list(self._ended)]
             return [self._settle(req) for req in ready if self.passes.can_settle(req)]
 

@@ -27,8 +27,10 @@ class GpuPasses:
     def __init__(
         self,
         sampler: Sampler,
+        unmeasured: Mapping[int, str],
         *,
         settle_lag_s: float,
+        settle_every_s: float,
         amortize: bool,
         stale_after_s: float,
         host: HostPower | None,
@@ -36,8 +38,11 @@ class GpuPasses:
         created_at: float,
     ) -> None:
         self.sampler = sampler
+        self.unmeasured = unmeasured  # GPUs the source sees but cannot meter per request (MIG)
         self.gpu = {g: GpuState() for g in sampler.gpus}
         self.settle_lag_s = settle_lag_s
+        self.settle_every_s = settle_every_s
+        self.last_settle = self.last_live = -float("inf")
         self.amortize = amortize
         self.stale_after_s = stale_after_s
         self.host = host
@@ -89,8 +94,23 @@ class GpuPasses:
 
     # -- passes ------------------------------------------------------------------
 
+    def due(self, now: float, open_requests: int) -> tuple[bool, bool]:
+        """Whether the live split, and the settled pass, are due after a poll at ``now``.
+
+        Attribution costs per participant and call: it is batched rather than run every poll. Each
+        pass walks every open request, so with many open both passes run less often (up to 4x
+        their period from 1000 open): the cost per request stays flat, figures settle at most a
+        second later, and provisional ones split up to 0.2 s more of a window by heads.
+        """
+        spread = min(max(1.0, open_requests / 250), 4.0)
+        live = now - self.last_live >= self.sampler.interval_s * (spread - 0.5)
+        if live:
+            self.last_live = now
+        return live, now - self.last_settle >= self.settle_every_s * spread
+
     def settle(self, requests: Mapping[str, Request], now: float) -> None:
         """The settled pass on every GPU; a GPU whose pass fails gives up its slice, not the others."""
+        self.last_settle = now
         for g, st in self.gpu.items():
             try:
                 self._settle_gpu(g, st, requests, now)
@@ -144,6 +164,16 @@ class GpuPasses:
         return sum(j * self.gpu[g].host_per_gpu_joule for g, j in joules.items())
 
     # -- trust -------------------------------------------------------------------
+
+    def cannot_meter(self, gpus: Sequence[int], started: bool) -> Fault | None:
+        """Why a request on ``gpus`` starting now cannot be metered (its fault kind), or None."""
+        if any(g in self.unmeasured for g in gpus):
+            return Fault.UNMEASURABLE
+        if any(g not in self.gpu for g in gpus):
+            return Fault.UNMETERED_GPU
+        if started and not self.sampler.alive:
+            return Fault.SAMPLER_DEAD
+        return None
 
     def stale(self, g: int, now: float) -> bool:
         """True when GPU ``g`` has had no successful reading or no counter step for ``stale_after_s``."""
