@@ -122,6 +122,23 @@ def test_the_usage_chunk_is_kept_or_stripped_as_the_client_asked(real: Real, inc
     assert events[-1].get("energy") and events[-1]["energy"]["completion_tokens"] >= 1
 
 
+def test_tools_and_response_format_pass_through(real: Real):
+    """A named tool and a JSON schema reach vLLM as sent: its constrained answers come back the same."""
+    tool = {"type": "function", "function": {"name": "energy", "description": "look up energy",
+                                             "parameters": {"type": "object", "properties": {"joules": {"type": "number"}},
+                                                            "required": ["joules"]}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "figure", "schema": {
+        "type": "object", "properties": {"joules": {"type": "number"}}, "required": ["joules"]}}}
+    for extra in ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "energy"}}},
+                  {"response_format": schema}):
+        body = {"model": "tiny", "messages": MSG, **GREEDY, "max_tokens": 40, **extra}
+        direct = _post(f"{real.vllm}/chat/completions", body)
+        via = _post(f"{real.gateway}/chat/completions", body)
+        assert via.status_code == direct.status_code, (extra, direct.text)
+        if direct.status_code == 200:
+            assert via.json()["choices"][0]["message"] == direct.json()["choices"][0]["message"]
+
+
 def test_vllms_own_errors_come_back_unchanged(real: Real):
     too_long = {"model": "tiny", "messages": MSG, "max_tokens": 100_000}
     direct, via = _post(f"{real.vllm}/chat/completions", too_long), _post(f"{real.gateway}/chat/completions", too_long)
