@@ -33,6 +33,7 @@ _WORDS = (
     "Energy per token falls as the batch grows , because the weights are read once per step "
     "and shared by every sequence in the batch . "
 ).split()
+SYSTEM_FINGERPRINT = "vllm-0.32.0-simulated"
 PREFILL_TOKENS_PER_S = 20_000.0  # order of an H100's prefill rate for an 8B model
 
 
@@ -46,8 +47,8 @@ class Scenario:
     hang: bool = False  # never answer
 
 
-def _error(status: int, message: str) -> Response:
-    body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+def _error(status: int, message: str, param: str | None = None) -> Response:
+    body = {"error": {"message": message, "type": "BadRequestError", "param": param, "code": status}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
@@ -131,6 +132,10 @@ class SimulatedUpstream:
             return _error(scenario.status, "simulated upstream error")
         prompt_tokens = _count_tokens(body.get(prompt_key))
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
+        if max_tokens > self.max_model_len:  # vLLM 0.32's words (tests/test_vllm.py compares them)
+            return _error(400, f"max_tokens={max_tokens} cannot be greater than max_model_len={self.max_model_len}. "
+                               f"Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})",
+                          "max_tokens")
         if prompt_tokens + max_tokens > self.max_model_len:
             return _error(
                 400,
@@ -155,20 +160,29 @@ class SimulatedUpstream:
         finally:
             self.gpu.end_sequence()
         content = "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+        # The fields vLLM 0.32 writes, most of them null (seen on its CPU build; tests/test_vllm.py).
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None, "stop_reason": None,
+                                  "token_ids": None, "routed_experts": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": content}
+            choice["message"] = {"role": "assistant", "content": content, "refusal": None, "annotations": None,
+                                 "audio": None, "function_call": None, "reasoning": None}
         else:
             choice["text"] = content
         out = {
             **ids,
             "object": "chat.completion" if chat else "text_completion",
             "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(text),
                 "total_tokens": prompt_tokens + len(text),
+                "completion_tokens": len(text),
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
             },
+            **dict.fromkeys(("prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                             "ec_transfer_params", "metrics")),
         }
         return Response(self.dumps(out), media_type="application/json")
 
@@ -196,21 +210,23 @@ class SimulatedUpstream:
                 c["delta"] = {"content": text} if text or finish else {"role": "assistant", "content": ""}
             else:
                 c["text"] = text
+            if text or finish:  # as vLLM 0.32 writes a token's chunk
+                c.update({"stop_reason": None} if finish else {}, token_ids=None)
             return c
 
         self.gpu.begin_sequence()
         n = 0
         try:
             if chat:
-                yield event([choice("")])
+                yield event([choice("")], prompt_token_ids=None, prompt_text=None)
             async for token in self._tokens(prompt_tokens, max_tokens, sc):
                 if sc.break_after_tokens is not None and n >= sc.break_after_tokens:
                     raise ConnectionResetError("simulated mid-stream failure")
                 n += 1
                 yield event([choice(token, "length" if n == max_tokens else None)])
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                yield event([], usage=usage)
+                usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n}
+                yield event([], usage=usage, system_fingerprint=SYSTEM_FINGERPRINT)
             yield b"data: [DONE]\n\n"
         finally:
             self.gpu.end_sequence()

@@ -143,9 +143,16 @@ def test_vllms_own_errors_come_back_unchanged(real: Real):
     too_long = {"model": "tiny", "messages": MSG, "max_tokens": 100_000}
     direct, via = _post(f"{real.vllm}/chat/completions", too_long), _post(f"{real.gateway}/chat/completions", too_long)
     assert via.status_code == direct.status_code == 400
-    assert set(via.json()["error"]) == set(direct.json()["error"])
+    assert via.json()["error"] == direct.json()["error"]  # relayed as vLLM wrote it
     bad = {"model": "tiny", "messages": MSG, "temperature": -1}
-    assert _post(f"{real.gateway}/chat/completions", bad).status_code == _post(f"{real.vllm}/chat/completions", bad).status_code
+    direct, via = _post(f"{real.vllm}/chat/completions", bad), _post(f"{real.gateway}/chat/completions", bad)
+    assert via.status_code == direct.status_code >= 400 and via.json()["error"] == direct.json()["error"]
+    # Embeddings from a generative model: whatever vLLM answers, the gateway answers the same.
+    embed = {"model": "tiny", "input": "How much energy?"}
+    direct, via = _post(f"{real.vllm}/embeddings", embed), _post(f"{real.gateway}/embeddings", embed)
+    assert via.status_code == direct.status_code
+    if direct.status_code >= 400:
+        assert via.json()["error"] == direct.json()["error"]
 
 
 def test_sixteen_concurrent_streams_come_through_intact(real: Real):
@@ -216,3 +223,27 @@ def test_direct_vllm_traffic_is_unattributed_energy(real: Real):
 
     asyncio.run(run())
     wait_until(lambda: unattributed() > before, timeout=10, what="direct vLLM traffic counted as unattributed")
+
+
+def test_the_simulated_upstream_writes_what_vllm_writes(real: Real):
+    """The fast suite tests the gateway against proxy/simulated_upstream.py: its answers must keep
+    the shape of vLLM's (keys of the body, the choice, the message or delta; the usage chunk; the
+    error for too many tokens), so that a change in vLLM shows up here."""
+    from wattgate.meter.sources.simulated import SimulatedGpu
+    from wattgate.proxy.simulated_upstream import SimulatedUpstream
+
+    def shape(base: str) -> dict[str, object]:
+        plain = _post(f"{base}/chat/completions", {"model": "tiny", "messages": MSG, **GREEDY}).json()
+        _, events = _stream_text(f"{base}/chat/completions", {"model": "tiny", "messages": MSG, **GREEDY,
+                                                              "ignore_eos": True, "stream_options": {"include_usage": True}})
+        error = _post(f"{base}/chat/completions", {"model": "tiny", "messages": MSG, "max_tokens": 100_000}).json()
+        token = events[1]  # the first token's chunk, after the role's
+        return {
+            "body": sorted(plain), "choice": sorted(plain["choices"][0]), "message": sorted(plain["choices"][0]["message"]),
+            "usage": sorted(plain["usage"]), "first chunk": sorted(events[0]), "token chunk": sorted(token),
+            "token choice": sorted(token["choices"][0]), "usage chunk": sorted(events[-1]),
+            "error": sorted(error["error"]), "error param": error["error"]["param"],
+        }
+
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name="tiny", max_model_len=512)) as sim:
+        assert shape(f"{sim.url}/v1") == shape(real.vllm)
