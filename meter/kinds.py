@@ -18,6 +18,11 @@ class Method(StrEnum):
     SIMULATED = "simulated"  # the simulated GPU (demo, tests)
     TRACE = "trace"  # a scripted trace (tests and benchmarks only)
 
+    @classmethod
+    def published(cls) -> tuple[Method, ...]:
+        """The methods metrics and reports are labelled with (a trace's figures count as simulated)."""
+        return cls.NVML, cls.ESTIMATE, cls.SIMULATED
+
 
 class Status(StrEnum):
     """How a request's window ended."""

@@ -13,7 +13,7 @@ from wattgate.meter import Fault, Meter, Method, Status
 # Label sets, from the meter's own words: every series of a known label exists from start-up.
 STATUSES = tuple(Status)
 METER_ERROR_KINDS = Fault.errors()
-METHODS = tuple(m for m in Method if m is not Method.TRACE)  # trace: tests and benchmarks only
+METHODS = Method.published()
 # Joules per request: from a few tokens at high batch (~0.1 J) to long answers on big models.
 ENERGY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 PER_TOKEN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)

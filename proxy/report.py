@@ -40,7 +40,7 @@ EQUIVALENTS = (
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules")
-METHODS = tuple(m for m in Method if m is not Method.TRACE)  # how a figure was obtained; others count apart
+METHODS = Method.published()  # how a figure was obtained; other sources count apart
 
 
 def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:

@@ -210,8 +210,10 @@ class SimulatedUpstream:
                 c["delta"] = {"content": text} if text or finish else {"role": "assistant", "content": ""}
             else:
                 c["text"] = text
-            if text or finish:  # as vLLM 0.32 writes a token's chunk
-                c.update({"stop_reason": None} if finish else {}, token_ids=None)
+            if finish:  # as vLLM 0.32 writes a token's chunk
+                c["stop_reason"] = None
+            if text or finish:
+                c["token_ids"] = None
             return c
 
         self.gpu.begin_sequence()

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 
+from tests.conftest import SERVED
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
 from wattgate.proxy.cli import main
@@ -19,7 +20,6 @@ from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, parse_settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
-SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 

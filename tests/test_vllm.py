@@ -8,6 +8,7 @@ suite (README, "Tests"). Elsewhere every test here is skipped, saying why.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -82,8 +83,6 @@ def _post(url: str, body: dict, **kw) -> httpx.Response:
 
 def _stream_text(url: str, body: dict) -> tuple[str, list[dict]]:
     """The text of a stream and its parsed events (``[DONE]`` left out)."""
-    import json
-
     events = []
     with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200, r.read()
@@ -166,8 +165,6 @@ def test_sixteen_concurrent_streams_come_through_intact(real: Real):
         async with client.stream("POST", "/chat/completions", json={**body, "stream": True}) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
-                    import json
-
                     for c in json.loads(line[6:]).get("choices", []):
                         text += c.get("delta", {}).get("content") or ""
         return text

