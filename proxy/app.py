@@ -1,4 +1,9 @@
-"""The FastAPI gateway: routes, request checks, forwarding and per-request figures."""
+"""The FastAPI gateway: routes, request checks, forwarding and per-request figures.
+
+:func:`create_app` is the single-process gateway. A multi-worker gateway builds the
+same routes in two halves: workers relay calls (:func:`add_call_routes`) and the hub
+answers from its books (:func:`add_book_routes`); see :mod:`proxy.workers`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,9 @@ import functools
 import logging
 import os
 import re
-import time
-import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Request
@@ -22,11 +24,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wattgate.meter import Fault, Measurement, Meter, MeterFault, Method, RequestWindow, Status
-from wattgate.meter.footprint import SiteFactors, UnknownZone, grid_intensity
-from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
-from wattgate.meter.sources import PowerSource
-from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.meter import Meter
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.books import Books, CallWindow, build_meter, new_request_id
 from wattgate.proxy.errors import (
     GatewayError,
     InvalidRequest,
@@ -36,11 +36,10 @@ from wattgate.proxy.errors import (
     UnsupportedMediaType,
 )
 from wattgate.proxy.exchange import Exchange, parse
-from wattgate.proxy.figures import ENERGY_HEADERS, energy_object
+from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
-from wattgate.proxy.ledger import Ledger, default_path, to_row
-from wattgate.proxy.metrics import Metrics, TeamView
-from wattgate.proxy.records import Records, record_key
+from wattgate.proxy.metrics import TeamView
+from wattgate.proxy.records import record_key
 from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient
@@ -48,141 +47,42 @@ from wattgate.proxy.upstream import UpstreamClient
 log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Settled records kept in memory with the ledger on (it answers for older ones): about 1 KB each.
-RECENT_WITH_LEDGER = 1_000
 
 
-def site_factors(settings: Settings) -> SiteFactors:
-    s = settings.site
-    if s.grid_intensity_g_per_kwh is not None:
-        intensity, source = s.grid_intensity_g_per_kwh, "override"
-    else:
-        try:
-            intensity, source = grid_intensity(s.grid_zone), f"codecarbon:{s.grid_zone}"
-        except UnknownZone as exc:
-            raise ConfigError(f"site.grid_zone: {exc}") from None
-    return SiteFactors(s.grid_zone, intensity, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh, source)
+class CallOpener(Protocol):
+    """Where calls are metered: :class:`~proxy.books.Books`, or a worker's link to the hub."""
 
+    async def open(self, request_id: str, client_chose: bool, name: str, team: str | None,
+                   prompt_tokens: int) -> CallWindow: ...
 
-def build_meter(
-    settings: Settings, simulated_gpus: dict[int, SimulatedGpu] | None = None
-) -> tuple[Meter, dict[int, SimulatedGpu]]:
-    """The meter the registry asks for; NVML missing degrades to estimates, loudly.
-
-    Also returns the simulated GPUs the gateway must drive itself (begin/end of each request).
-    ``simulated_gpus``: for ``source: simulated``, GPUs whose load something else drives (the
-    demo's and tests' simulated upstream); none then for the gateway to drive.
-    """
-    m = settings.meter
-    gpus = settings.metered_gpus
-    simulated: dict[int, SimulatedGpu] = {}
-    source: PowerSource | None = None
-    init_fault = None
-    if m.source == "simulated":
-        if simulated_gpus is None:
-            simulated = {g: SimulatedGpu() for g in gpus}
-        source = SimulatedSource(simulated if simulated_gpus is None else simulated_gpus)
-    elif m.source == "nvml" and gpus:
-        from wattgate.meter.sources.nvml import NvmlSource
-
-        try:
-            source = NvmlSource(gpus, m.mig)
-        except MeterFault as exc:
-            log.warning("meter: %s; all figures will be estimates", exc)
-            init_fault = exc.kind
-    meter = Meter(
-        source,
-        gpus,
-        host=_host_power(settings),
-        interval_s=m.interval_ms / 1000,
-        idle=m.idle,
-        settle_lag_s=m.settle_lag_ms / 1000,
-        stale_after_s=m.stale_after_ms / 1000,
-        counter_every_s=None if m.counter_interval_ms == "auto" else m.counter_interval_ms / 1000 or None,
-        counter_cpu_budget=m.counter_cpu_budget if m.counter_interval_ms == "auto" else None,
-        power_lag_s=m.power_lag_ms / 1000,
-    )
-    if init_fault:
-        meter.errors[init_fault] += 1
-    return meter, simulated
-
-
-def _host_power(settings: Settings) -> HostPower | None:
-    host = settings.meter.host
-    if host.source == "fixed":
-        return FixedHostPower(host.watts_per_gpu)
-    if host.source == "rapl":
-        try:
-            return RaplHostPower()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"meter.host.source: rapl: {exc}") from None
-    return None
+    def observe_loop_lag(self, seconds: float) -> None: ...
 
 
 class GatewayState:
-    """State shared by the routes of one app."""
+    """What the routes of one app share: the caller's checks, the upstream client, and where calls are
+    metered (``calls``: this process's books, or a multi-worker gateway's hub)."""
 
-    def __init__(self, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> None:
+    def __init__(self, settings: Settings, calls: CallOpener, books: Books | None = None) -> None:
         self.settings = settings
-        self.site = site_factors(settings)
-        self.meter = meter
-        self.drive = drive  # simulated GPUs whose load follows the gateway's requests
+        self.calls = calls
+        self.books = books  # None in a worker: the hub keeps them
         self.keys = load_keys(settings.gateway.auth)
         self.metrics_aliases = frozenset(settings.gateway.auth.metrics_aliases)
         if unknown := self.metrics_aliases - set(self.keys.values()):
             raise ConfigError(f"gateway.auth.metrics_aliases: no key has the alias {', '.join(sorted(unknown))}")
-        teams = sorted(set(self.keys.values()) - self.metrics_aliases)
-        self.metrics = Metrics(settings.models, meter, teams=teams)
-        with_ledger = settings.ledger.enabled
-        self.records = Records(min(settings.gateway.recent_records, RECENT_WITH_LEDGER) if with_ledger
-                               else settings.gateway.recent_records)
-        self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
-        for kind, n in meter.errors.items():
-            self.metrics.meter_errors.labels(kind).inc(n)
-        self.ledger = (
-            Ledger(settings.ledger.path or default_path(), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
-            if settings.ledger.enabled
-            else None
-        )
-        self.estimates = Meter(None)  # windows for when the meter itself fails
-        self.estimates.on_settled = self.settled
-        meter.on_settled = self.settled
-        meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
         t = settings.gateway.timeouts
         self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections)
+
+    @classmethod
+    def local(cls, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> GatewayState:
+        """A gateway that keeps its own books (one process, or a multi-worker gateway's hub)."""
+        keys = load_keys(settings.gateway.auth)
+        teams = sorted(set(keys.values()) - set(settings.gateway.auth.metrics_aliases))
+        books = Books(settings, meter, drive, teams)
         for name, model in settings.models.items():
             if model.api_key_env and not os.environ.get(model.api_key_env):
                 log.warning("model '%s': $%s is not set, so its upstream gets no key", name, model.api_key_env)
-
-    # -- settled figures (called from the meter's thread) ------------------------
-
-    def settled(self, m: Measurement) -> None:
-        rec = self.records.get(m.request_id)  # the window is named by the record's key
-        if rec is None:
-            return
-        energy = energy_object(m, self.site, rec.request_id)
-        if self.ledger is None:
-            self.records.update(m.request_id, energy)
-        else:
-            # The API calls a record settled only once it is durable: a crash loses no settled record.
-            gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
-            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
-            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
-        # Metrics after the record: if they fail, the record is kept all the same.
-        mx = self.metrics
-        # Other sources (a trace in tests, a benchmark's) count with the simulated figures: not measurements.
-        method = m.method if m.method in (Method.NVML, Method.ESTIMATE) else Method.SIMULATED
-        mx.energy.labels(rec.model, method).observe(m.joules)
-        if m.completion_tokens:
-            mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
-        mx.carbon.labels(rec.model).inc(energy["gco2e"])
-        mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
-        if rec.team is not None:
-            mx.team_energy.labels(rec.team).inc(m.joules)
-            mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
-            mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
-
-    # -- request handling --------------------------------------------------------
+        return cls(settings, books, books)
 
     def authenticate(self, request: Request) -> str | None:
         """The caller's team alias; None when auth is off."""
@@ -194,12 +94,12 @@ class GatewayState:
             raise Unauthorized("missing or unknown gateway API key")
         return alias
 
-    def metrics_for(self, request: Request) -> CollectorRegistry | TeamView:
+    def metrics_for(self, request: Request, books: Books) -> CollectorRegistry | TeamView:
         """What the caller may scrape: everything, or with keys on, its own team's series only."""
         team = self.authenticate(request)
         if team is None or team in self.metrics_aliases:
-            return self.metrics.registry
-        return TeamView(self.metrics.registry, team)
+            return books.metrics.registry
+        return TeamView(books.metrics.registry, team)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -230,66 +130,6 @@ class GatewayState:
                 headers["authorization"] = f"Bearer {key}"
         return headers
 
-    async def open_record(
-        self, request_id: str, client_chose: bool, name: str, team: str | None
-    ) -> tuple[str, str]:
-        """Open the record of ``team``'s request under ``request_id``, or under a new id when that one
-        already names one of the team's records (a client reusing its ids must not overwrite what was
-        metered); the id used and the record's key. Other teams' ids are not looked at: two teams may
-        send the same id, and neither learns of the other's."""
-        if client_chose and await self.stored(request_id, team) is not None:
-            request_id = _new_request_id()
-        while (key := self.records.open(request_id, name, team)) is None:
-            request_id = _new_request_id()
-        return request_id, key
-
-    async def stored(self, request_id: str, team: str | None) -> dict[str, Any] | None:
-        """The ledger's record of ``team``'s ``request_id`` (any team's when keys are off), read off
-        the event loop (a commit may hold the database)."""
-        if self.ledger is None:
-            return None
-        return await asyncio.to_thread(self.ledger.get, request_id, team, any_team=not self.keys)
-
-    def begin(self, request_id: str, name: str, model: Model, prompt_tokens: int) -> RequestWindow:
-        self.in_flight[name] += 1
-        for g in model.gpus:
-            if g in self.drive:
-                self.drive[g].begin_sequence()
-        kwargs = {
-            "prompt_tokens": prompt_tokens,
-            "prefill_weight": model.prefill_weight,
-            "active_params_b": model.estimate.active_params_b,
-        }
-        try:
-            return self.meter.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
-        except Exception:  # metering never fails a request: fall back to an estimate
-            log.exception("meter failed to open a window")
-            self.metrics.meter_errors.labels(Fault.INTERNAL).inc()
-            return self.estimates.begin(request_id, model.gpus, **kwargs)  # type: ignore[arg-type]
-
-    def method_for(self, model: Model) -> Method:
-        """The method a call to ``model`` starting now is metered by."""
-        return self.meter.method_for(model.gpus)
-
-    def finish(self, name: str, model: Model, m: Measurement, status: Status, forwarded_at: float) -> dict[str, Any]:
-        self.in_flight[name] -= 1
-        for g in model.gpus:
-            if g in self.drive:
-                self.drive[g].end_sequence()
-        mx = self.metrics
-        mx.requests.labels(name, status).inc()
-        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
-        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
-        mx.latency.labels(name).observe(time.monotonic() - forwarded_at)
-        rec = self.records.get(m.request_id)  # the window is named by the record's key
-        energy = energy_object(m, self.site, None if rec is None else rec.request_id)
-        if m.settled and self.ledger is not None:
-            # Final already (an estimate), but the API says settled only once the ledger has it.
-            self.records.update(m.request_id, {**energy, "settled": False})
-            return energy
-        rec = self.records.update(m.request_id, energy)
-        return rec.energy if rec is not None and rec.energy else energy
-
 
 class _ApiCors:
     """CORS for the ``/v1`` API only: ``/metrics`` and the health routes are for operators, not browsers."""
@@ -305,14 +145,10 @@ class _ApiCors:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else _new_request_id()
+    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
-def _new_request_id() -> str:
-    return f"wg-{uuid.uuid4().hex}"
-
-
-async def _probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:
+async def probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:
     """Observe how late a sleep wakes up: the time callbacks wait for the busy loop."""
     loop = asyncio.get_running_loop()
     while True:
@@ -321,45 +157,49 @@ async def _probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.
         observe(max(loop.time() - due, 0.0))
 
 
-def create_app(
-    settings: Settings,
-    meter: Meter | None = None,
-    drive: dict[int, SimulatedGpu] | None = None,
-) -> FastAPI:
-    """The gateway app. Without ``meter`` it builds the one the registry asks for."""
-    if meter is None:
-        meter, drive = build_meter(settings)
-    gw = GatewayState(settings, meter, drive or {})
+@asynccontextmanager
+async def books_running(gw: GatewayState, books: Books) -> AsyncIterator[None]:
+    """The books' meter and the foreign-load poller, for the lifespan of the app that keeps them."""
+    settings = gw.settings
+    books.start()
+    poller = None
+    if settings.meter.foreign_poll_ms and books.meter.sampler is not None:
+        foreign = ForeignLoadPoller(
+            gw.client, books.meter, settings.models, settings.served_name, books.in_flight,
+            settings.meter.foreign_poll_ms / 1000,
+        )
+        poller = asyncio.create_task(foreign.run())
+    try:
+        yield
+    finally:
+        if poller is not None:
+            poller.cancel()
+        books.stop()  # settles what it can: those records still reach the ledger
+
+
+def new_app(gw: GatewayState, running: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    """An app with the gateway's error shapes and CORS, and no routes yet; ``running``: what runs while it does."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.client.open()
-        gw.meter.start()
-        poller = None
-        if settings.meter.foreign_poll_ms and gw.meter.sampler is not None:
-            foreign = ForeignLoadPoller(
-                gw.client, gw.meter, settings.models, settings.served_name, gw.in_flight,
-                settings.meter.foreign_poll_ms / 1000,
-            )
-            poller = asyncio.create_task(foreign.run())
-        lag_probe = asyncio.create_task(_probe_loop_lag(gw.metrics.loop_lag.observe))
+        lag_probe = asyncio.create_task(probe_loop_lag(gw.calls.observe_loop_lag))
         try:
-            yield
+            if running is None:
+                yield
+            else:
+                async with running():
+                    yield
         finally:
             lag_probe.cancel()
-            if poller is not None:
-                poller.cancel()
             await gw.client.close()
-            gw.meter.stop()  # settles what it can: those records still reach the ledger
-            if gw.ledger is not None:
-                gw.ledger.close()
 
     app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gw
-    if settings.gateway.cors_allow_origins:
+    if gw.settings.gateway.cors_allow_origins:
         app.add_middleware(
             _ApiCors,
-            allow_origins=settings.gateway.cors_allow_origins,
+            allow_origins=gw.settings.gateway.cors_allow_origins,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=[*ENERGY_HEADERS, "x-request-id"],  # else a browser app cannot read the figures
@@ -385,6 +225,13 @@ def create_app(
         log.error("unexpected %s on %s", type(exc).__name__, request.url.path)
         return GatewayError("internal gateway error").response()
 
+    return app
+
+
+def add_call_routes(app: FastAPI, gw: GatewayState) -> None:
+    """The proxied calls, ``/v1/models`` and ``/healthz``: what a relay worker answers itself."""
+    settings = gw.settings
+
     async def forward(request: Request, path: str) -> Response:
         request.state.request_id = _request_id(request)
         team = gw.authenticate(request)
@@ -394,12 +241,11 @@ def create_app(
             return Response(status_code=499)
         call = parse(settings, path, body)
         given = request.headers.get("x-request-id")
-        request_id, key = await gw.open_record(
-            request.state.request_id, request.state.request_id == given, call.name, team
+        window = await gw.calls.open(
+            request.state.request_id, request.state.request_id == given, call.name, team, call.prompt_tokens
         )
-        request.state.request_id = request_id
-        window = gw.begin(key, call.name, call.model, call.prompt_tokens)  # named by the key: unique across teams
-        return await Exchange(gw, call, request_id, key, window).run(request.receive)
+        request.state.request_id = window.request_id
+        return await Exchange(gw, call, window).run(request.receive)
 
     # Plain Starlette routes: the proxied calls need no FastAPI dependency solving per request.
     for path in ("chat/completions", "completions", "embeddings"):
@@ -413,23 +259,29 @@ def create_app(
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "wattgate"} for n in settings.models],
         }
 
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def add_book_routes(app: FastAPI, gw: GatewayState, books: Books) -> None:
+    """``/v1/energy/{id}``, ``/metrics`` and ``/readyz``: answered by whoever keeps the books."""
+    settings = gw.settings
+
     @app.get("/v1/energy/{request_id}")
     async def energy(request_id: str, request: Request) -> Response:
         team = gw.authenticate(request)
-        rec = gw.records.get(record_key(team, request_id))
-        found = rec.energy if rec is not None and rec.energy else await gw.stored(request_id, team)
+        rec = books.records.get(record_key(team, request_id))
+        found = rec.energy if rec is not None and rec.energy else await books.stored(
+            request_id, team, any_team=not gw.keys)
         if not found:
             raise NotFound(f"no energy record for request '{request_id}'")
         return JSONResponse(found)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        exposition = generate_latest(gw.metrics_for(request))  # type: ignore[arg-type]  # a view collects too
+        exposition = generate_latest(gw.metrics_for(request, books))  # type: ignore[arg-type]  # a view collects too
         return Response(exposition, media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz() -> Response:
@@ -440,9 +292,24 @@ def create_app(
                 upstreams[name] = status < 500
             except UPSTREAM_ERRORS:
                 upstreams[name] = False
-        meter_state = gw.meter.state()
+        meter_state = books.meter.state()
         ready = all(upstreams.values())
         body = {"ready": ready, "upstreams": upstreams, "meter": meter_state}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+
+def create_app(
+    settings: Settings,
+    meter: Meter | None = None,
+    drive: dict[int, SimulatedGpu] | None = None,
+) -> FastAPI:
+    """The single-process gateway. Without ``meter`` it builds the one the registry asks for."""
+    if meter is None:
+        meter, drive = build_meter(settings)
+    gw = GatewayState.local(settings, meter, drive or {})
+    books = gw.books
+    assert books is not None
+    app = new_app(gw, lambda: books_running(gw, books))
+    add_call_routes(app, gw)
+    add_book_routes(app, gw, books)
     return app

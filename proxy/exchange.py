@@ -4,14 +4,13 @@ Everything that can fail on the way in (auth, the body, its fields, serializing
 it for the upstream) happens in :func:`parse`, before the call has a record or a
 meter window. From the moment the window opens, :class:`Exchange` owns it, and
 every way out, an answer, an upstream failure, a client that left or a bug,
-goes through one place that closes it exactly once (``Exchange.close``).
+closes it through the window's ``end``, whose first call alone counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -21,8 +20,9 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from wattgate.meter import Measurement, Method, RequestWindow, Status, token_count
+from wattgate.meter import Status, token_count
 from wattgate.proxy import upstream as up
+from wattgate.proxy.books import CallWindow
 from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
 from wattgate.proxy.figures import energy_headers
 from wattgate.proxy.relay import StreamRelay
@@ -99,38 +99,25 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-class Hub(Protocol):
+class Front(Protocol):
     """What an exchange needs of the gateway."""
 
     client: up.UpstreamClient
 
     def upstream_headers(self, model: Model, request_id: str) -> dict[str, str]: ...
 
-    def finish(self, name: str, model: Model, m: Measurement, status: Status, forwarded_at: float) -> dict[str, Any]: ...
-
-    def method_for(self, model: Model) -> Method: ...
-
 
 class Exchange:
     """One call with an open window: ``run`` sends it and answers; every way out closes the window once."""
 
-    def __init__(self, hub: Hub, call: Call, request_id: str, key: str, window: RequestWindow) -> None:
-        self.hub = hub
+    def __init__(self, front: Front, call: Call, window: CallWindow) -> None:
+        self.front = front
         self.call = call
-        self.request_id = request_id  # as the client knows it
+        self.request_id = window.request_id  # as the client knows it
         # The upstream's x-request-id: the record's key, unique across teams (vLLM refuses a second
         # request under an id that is running), in ASCII whatever the team's alias.
-        self.upstream_id = quote(key, safe="/._:-")
+        self.upstream_id = quote(window.key, safe="/._:-")
         self.window = window
-        self.forwarded_at = time.monotonic()
-        self.energy: dict[str, Any] | None = None  # set once the window is closed
-
-    def close(self, status: Status, measurement: Measurement | None = None) -> dict[str, Any]:
-        """End the window (the first time only) and count the call; its energy object."""
-        if self.energy is None:
-            m = measurement if measurement is not None else self.window.end(status)
-            self.energy = self.hub.finish(self.call.name, self.call.model, m, status, self.forwarded_at)
-        return self.energy
 
     async def run(self, receive: Receive) -> Response:
         """Send the call and answer; the window is closed on every way out but a stream's (its relay closes it)."""
@@ -144,7 +131,7 @@ class Exchange:
             if response is not None:
                 response.close()  # unread: dropping the connection makes vLLM abort the generation
             gone = isinstance(exc, ClientGone)
-            self.close(Status.CLIENT_CLOSED if gone else Status.ERROR)
+            self.window.end(Status.CLIENT_CLOSED if gone else Status.ERROR)
             if gone:
                 return Response(status_code=499)  # nobody reads it: the client has gone
             raise
@@ -152,20 +139,17 @@ class Exchange:
     async def _send(self) -> up.Response:
         call = self.call
         try:
-            headers = self.hub.upstream_headers(call.model, self.upstream_id)
-            return await self.hub.client.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
+            headers = self.front.upstream_headers(call.model, self.upstream_id)
+            return await self.front.client.post(f"{call.model.base_url}/{call.path}", call.payload, headers)
         except TimeoutError:
             raise _failed(UpstreamTimeout, call, "did not answer in time") from None
         except up.ERRORS as exc:
             raise _failed(UpstreamUnavailable, call, f"is unreachable ({up.describe(exc)})") from None
 
     def _relay(self, response: up.Response) -> StreamRelay:
-        async def finish(m: Measurement, status: Status) -> dict[str, Any]:
-            return self.close(status, m)
-
         headers = {**up.passed_headers(response), "x-request-id": self.request_id,
-                   "x-energy-method": self.hub.method_for(self.call.model)}
-        return StreamRelay(response, self.window, headers, self.call.client_wants_usage, finish)
+                   "x-energy-method": self.window.method}
+        return StreamRelay(response, self.window, headers, self.call.client_wants_usage)
 
     async def _reply(self, response: up.Response) -> Response:
         """The upstream's JSON answer with the energy object added (or its error, relayed)."""
@@ -192,7 +176,8 @@ class Exchange:
             if completion:
                 self.window.completed(completion)
             self.window.usage(usage.get("prompt_tokens"), completion)
-        energy = self.close(Status.OK if ok else Status.ERROR)
+        self.window.end(Status.OK if ok else Status.ERROR)
+        energy = await self.window.energy()
         headers = {**up.passed_headers(response), "x-request-id": self.request_id, **energy_headers(energy)}
         if ok:
             return Response(_with_energy(data, raw, energy), status_code=200, media_type="application/json",

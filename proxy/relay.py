@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from wattgate.meter import Measurement, RequestWindow, Status
+from wattgate.meter import Status
 from wattgate.proxy import upstream as up
+from wattgate.proxy.books import CallWindow
 
 _DONE = b"data: [DONE]"
 # Generated output in a streamed choice: a non-empty string of text (chat and completions) or
@@ -47,18 +47,16 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 class StreamRelay(Response):
     """ASGI response that relays one upstream stream.
 
-    ``finish(measurement, status)`` is awaited once the window is closed and
-    returns the ``energy`` object for the last chunk (status ``ok``, ``error``
-    or ``client_closed``).
+    The window is ended once the stream is (status ``ok``, ``error`` or
+    ``client_closed``), and its ``energy`` object goes into the last chunk.
     """
 
     def __init__(
         self,
         upstream: up.Response,
-        window: RequestWindow,
+        window: CallWindow,
         headers: dict[str, str],
         client_wants_usage: bool,
-        finish: Callable[[Measurement, Status], Awaitable[dict[str, Any]]],
     ) -> None:
         super().__init__(None, 200, {"cache-control": "no-cache", **headers}, "text/event-stream")
         # No length: the body is a stream (FastAPI may still add headers to raw_headers).
@@ -66,7 +64,6 @@ class StreamRelay(Response):
         self.upstream_response = upstream
         self.window = window
         self.client_wants_usage = client_wants_usage
-        self.finish = finish
         self.held: dict[str, Any] | None = None
         self.first: dict[str, Any] | None = None
         self.status = Status.OK
@@ -107,7 +104,7 @@ class StreamRelay(Response):
             else:
                 self.upstream_response.close()  # dropping the connection makes vLLM abort the generation
         if client_gone:
-            await self.finish(self.window.end(Status.CLIENT_CLOSED), Status.CLIENT_CLOSED)
+            self.window.end(Status.CLIENT_CLOSED)
         else:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
 
@@ -143,8 +140,8 @@ class StreamRelay(Response):
         except up.ERRORS:
             error_event = self._error_event("upstream connection broke mid-stream", 502)
         self.streaming = False  # from here on, a disconnect no longer interrupts: the window is closing
-        measurement = self.window.end(self.status)
-        energy = await self.finish(measurement, self.status)
+        self.window.end(self.status)
+        energy = await self.window.energy()
         last = self.held if self.held is not None else self._synthetic_last()
         if not self.client_wants_usage:
             last.pop("usage", None)

@@ -126,7 +126,7 @@ class GatewaySettings(_Strict):
     auth: Auth = Auth()
     max_connections: int = Field(default=1000, ge=1)
     # Settled records kept in memory for GET /v1/energy/{id} (unsettled ones are always kept); with
-    # the ledger on, at most 1,000 of them (proxy.app.RECENT_WITH_LEDGER): the ledger answers for older ones.
+    # the ledger on, at most 1,000 of them (proxy.books.RECENT_WITH_LEDGER): the ledger answers for older ones.
     recent_records: int = Field(default=100_000, ge=100)
     # Browser origins allowed to call the API (CORS), as vLLM's server allows by default; [] = off.
     cors_allow_origins: list[str] = Field(default_factory=lambda: ["*"])

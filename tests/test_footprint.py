@@ -53,7 +53,7 @@ def test_unit_conversions_round_trip():
 
 
 def test_override_beats_zone():
-    from wattgate.proxy.app import site_factors
+    from wattgate.proxy.books import site_factors
     from wattgate.proxy.settings import parse_settings
 
     s = parse_settings("site: {grid_zone: FRA, grid_intensity_g_per_kwh: 20}\nmodels: {a: {upstream: 'http://x/v1'}}\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wattgate.proxy.app import site_factors
+from wattgate.proxy.books import site_factors
 from wattgate.proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,325 @@
+"""The gateway's books: the meter, the per-request records, the metrics and the ledger.
+
+One :class:`Books` exists per gateway: in the single process, or in the hub of a
+multi-worker gateway (:mod:`proxy.hub`), where every worker's calls reach the same
+meter. A call's window and record are opened with :meth:`Books.open`, which gives
+the call a :class:`CallWindow`: what the relay and the exchange feed tokens to and
+close. The hub's workers hold a remote window of the same shape (:mod:`proxy.hub_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Any, Protocol
+
+from wattgate.meter import Fault, Measurement, Meter, MeterFault, Method, RequestWindow, Status
+from wattgate.meter.footprint import SiteFactors, UnknownZone, grid_intensity
+from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
+from wattgate.meter.sources import PowerSource
+from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.proxy.figures import energy_object
+from wattgate.proxy.ledger import Ledger, default_path, to_row
+from wattgate.proxy.metrics import Metrics
+from wattgate.proxy.records import Records
+from wattgate.proxy.settings import ConfigError, Model, Settings
+
+log = logging.getLogger("wattgate")
+
+# Settled records kept in memory with the ledger on (it answers for older ones): about 1 KB each.
+RECENT_WITH_LEDGER = 1_000
+
+
+class CallWindow(Protocol):
+    """One call's window and record, wherever the meter runs (this process or the hub)."""
+
+    request_id: str  # as the client knows it
+    key: str  # the record's key: unique across teams
+
+    @property
+    def method(self) -> Method:
+        """How the call is metered, as far as is known while it runs (a stream's header says it)."""
+        ...
+
+    def tokens(self, n: float = 1) -> None:
+        """``n`` tokens arrived now (streams)."""
+        ...
+
+    def completed(self, n: int) -> None:
+        """A plain response's ``n`` tokens, whose arrival times the gateway cannot see."""
+        ...
+
+    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
+        """The upstream's usage report; what is not a count is ignored."""
+        ...
+
+    def end(self, status: Status) -> None:
+        """Close the window (the first call only) and count the call; never raises."""
+        ...
+
+    async def energy(self) -> dict[str, Any]:
+        """The ``energy`` object of the ended call (provisional unless already final)."""
+        ...
+
+
+def new_request_id() -> str:
+    return f"wg-{uuid.uuid4().hex}"
+
+
+def site_factors(settings: Settings) -> SiteFactors:
+    s = settings.site
+    if s.grid_intensity_g_per_kwh is not None:
+        intensity, source = s.grid_intensity_g_per_kwh, "override"
+    else:
+        try:
+            intensity, source = grid_intensity(s.grid_zone), f"codecarbon:{s.grid_zone}"
+        except UnknownZone as exc:
+            raise ConfigError(f"site.grid_zone: {exc}") from None
+    return SiteFactors(s.grid_zone, intensity, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh, source)
+
+
+def build_meter(
+    settings: Settings, simulated_gpus: dict[int, SimulatedGpu] | None = None
+) -> tuple[Meter, dict[int, SimulatedGpu]]:
+    """The meter the registry asks for; NVML missing degrades to estimates, loudly.
+
+    Also returns the simulated GPUs the gateway must drive itself (begin/end of each request).
+    ``simulated_gpus``: for ``source: simulated``, GPUs whose load something else drives (the
+    demo's and tests' simulated upstream); none then for the gateway to drive.
+    """
+    m = settings.meter
+    gpus = settings.metered_gpus
+    simulated: dict[int, SimulatedGpu] = {}
+    source: PowerSource | None = None
+    init_fault = None
+    if m.source == "simulated":
+        if simulated_gpus is None:
+            simulated = {g: SimulatedGpu() for g in gpus}
+        source = SimulatedSource(simulated if simulated_gpus is None else simulated_gpus)
+    elif m.source == "nvml" and gpus:
+        from wattgate.meter.sources.nvml import NvmlSource
+
+        try:
+            source = NvmlSource(gpus, m.mig)
+        except MeterFault as exc:
+            log.warning("meter: %s; all figures will be estimates", exc)
+            init_fault = exc.kind
+    meter = Meter(
+        source,
+        gpus,
+        host=_host_power(settings),
+        interval_s=m.interval_ms / 1000,
+        idle=m.idle,
+        settle_lag_s=m.settle_lag_ms / 1000,
+        stale_after_s=m.stale_after_ms / 1000,
+        counter_every_s=None if m.counter_interval_ms == "auto" else m.counter_interval_ms / 1000 or None,
+        counter_cpu_budget=m.counter_cpu_budget if m.counter_interval_ms == "auto" else None,
+        power_lag_s=m.power_lag_ms / 1000,
+    )
+    if init_fault:
+        meter.errors[init_fault] += 1
+    return meter, simulated
+
+
+def _host_power(settings: Settings) -> HostPower | None:
+    host = settings.meter.host
+    if host.source == "fixed":
+        return FixedHostPower(host.watts_per_gpu)
+    if host.source == "rapl":
+        try:
+            return RaplHostPower()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"meter.host.source: rapl: {exc}") from None
+    return None
+
+
+class Books:
+    """The meter, the records, the metrics and the ledger of one gateway."""
+
+    def __init__(self, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu], teams: list[str]) -> None:
+        self.settings = settings
+        self.site = site_factors(settings)
+        self.meter = meter
+        self.drive = drive  # simulated GPUs whose load follows the gateway's requests
+        self.metrics = Metrics(settings.models, meter, teams=teams)
+        with_ledger = settings.ledger.enabled
+        self.records = Records(min(settings.gateway.recent_records, RECENT_WITH_LEDGER) if with_ledger
+                               else settings.gateway.recent_records)
+        self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
+        for kind, n in meter.errors.items():
+            self.metrics.meter_errors.labels(kind).inc(n)
+        self.ledger = (
+            Ledger(settings.ledger.path or default_path(), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
+            if settings.ledger.enabled
+            else None
+        )
+        self.estimates = Meter(None)  # windows for when the meter itself fails
+        self.estimates.on_settled = self.settled
+        meter.on_settled = self.settled
+        meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
+
+    def start(self) -> None:
+        self.meter.start()
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.metrics.loop_lag.observe(seconds)
+
+    def stop(self) -> None:
+        self.meter.stop()  # settles what it can: those records still reach the ledger
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # -- settled figures (called from the meter's thread) ------------------------
+
+    def settled(self, m: Measurement) -> None:
+        rec = self.records.get(m.request_id)  # the window is named by the record's key
+        if rec is None:
+            return
+        energy = energy_object(m, self.site, rec.request_id)
+        if self.ledger is None:
+            self.records.update(m.request_id, energy)
+        else:
+            # The API calls a record settled only once it is durable: a crash loses no settled record.
+            gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
+            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
+            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
+        # Metrics after the record: if they fail, the record is kept all the same.
+        mx = self.metrics
+        # Other sources (a trace in tests, a benchmark's) count with the simulated figures: not measurements.
+        method = m.method if m.method in (Method.NVML, Method.ESTIMATE) else Method.SIMULATED
+        mx.energy.labels(rec.model, method).observe(m.joules)
+        if m.completion_tokens:
+            mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
+        mx.carbon.labels(rec.model).inc(energy["gco2e"])
+        mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
+        if rec.team is not None:
+            mx.team_energy.labels(rec.team).inc(m.joules)
+            mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
+            mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
+
+    # -- calls -------------------------------------------------------------------
+
+    async def open(
+        self, request_id: str, client_chose: bool, name: str, team: str | None, prompt_tokens: int,
+        t: float | None = None,
+    ) -> LocalCall:
+        """Open the record and the window of a call to registry model ``name``."""
+        request_id, key = await self.open_record(request_id, client_chose, name, team)
+        model = self.settings.models[name]
+        return LocalCall(self, request_id, key, name, model, self.begin(key, name, model, prompt_tokens, t))
+
+    async def open_record(
+        self, request_id: str, client_chose: bool, name: str, team: str | None
+    ) -> tuple[str, str]:
+        """Open the record of ``team``'s request under ``request_id``, or under a new id when that one
+        already names one of the team's records (a client reusing its ids must not overwrite what was
+        metered); the id used and the record's key. Other teams' ids are not looked at: two teams may
+        send the same id, and neither learns of the other's."""
+        if client_chose and await self.stored(request_id, team, any_team=False) is not None:
+            request_id = new_request_id()
+        while (key := self.records.open(request_id, name, team)) is None:
+            request_id = new_request_id()
+        return request_id, key
+
+    async def stored(self, request_id: str, team: str | None, *, any_team: bool) -> dict[str, Any] | None:
+        """The ledger's record of ``team``'s ``request_id`` (any team's with ``any_team``), read off
+        the event loop (a commit may hold the database)."""
+        if self.ledger is None:
+            return None
+        return await asyncio.to_thread(self.ledger.get, request_id, team, any_team=any_team)
+
+    def begin(self, key: str, name: str, model: Model, prompt_tokens: int, t: float | None = None) -> RequestWindow:
+        self.in_flight[name] += 1
+        for g in model.gpus:
+            if g in self.drive:
+                self.drive[g].begin_sequence()
+        kwargs = {
+            "prompt_tokens": prompt_tokens,
+            "prefill_weight": model.prefill_weight,
+            "active_params_b": model.estimate.active_params_b,
+            "t": t,
+        }
+        try:
+            return self.meter.begin(key, model.gpus, **kwargs)  # type: ignore[arg-type]
+        except Exception:  # metering never fails a request: fall back to an estimate
+            log.exception("meter failed to open a window")
+            self.metrics.meter_errors.labels(Fault.INTERNAL).inc()
+            return self.estimates.begin(key, model.gpus, **kwargs)  # type: ignore[arg-type]
+
+    def method_for(self, model: Model) -> Method:
+        """The method a call to ``model`` starting now is metered by."""
+        return self.meter.method_for(model.gpus)
+
+    def finish(self, name: str, model: Model, m: Measurement, status: Status, latency_s: float) -> dict[str, Any]:
+        """Count an ended call and store its figure in its record; its energy object."""
+        self.in_flight[name] -= 1
+        for g in model.gpus:
+            if g in self.drive:
+                self.drive[g].end_sequence()
+        self.count(name, m, status, latency_s)
+        rec = self.records.get(m.request_id)  # the window is named by the record's key
+        energy = energy_object(m, self.site, None if rec is None else rec.request_id)
+        if m.settled and self.ledger is not None:
+            # Final already (an estimate), but the API says settled only once the ledger has it.
+            self.records.update(m.request_id, {**energy, "settled": False})
+            return energy
+        rec = self.records.update(m.request_id, energy)
+        return rec.energy if rec is not None and rec.energy else energy
+
+    def count(self, name: str, m: Measurement, status: Status, latency_s: float) -> None:
+        mx = self.metrics
+        mx.requests.labels(name, status).inc()
+        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
+        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
+        mx.latency.labels(name).observe(latency_s)
+
+
+class LocalCall:
+    """A call's window on the meter of this process (see :class:`CallWindow`)."""
+
+    __slots__ = (
+        "_books",
+        "_energy",
+        "completed",
+        "key",
+        "model",
+        "name",
+        "opened_at",
+        "request_id",
+        "tokens",
+        "usage",
+        "window",
+    )
+
+    def __init__(self, books: Books, request_id: str, key: str, name: str, model: Model, window: RequestWindow) -> None:
+        self._books = books
+        self.request_id = request_id
+        self.key = key
+        self.name = name
+        self.model = model
+        self.window = window
+        # The window's own methods: a stream calls ``tokens`` per read, without a wrapper in between.
+        self.tokens = window.tokens
+        self.completed = window.completed
+        self.usage = window.usage
+        self.opened_at = time.monotonic()
+        self._energy: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> Method:
+        return self._books.method_for(self.model)
+
+    def end(self, status: Status, t: float | None = None, latency_s: float | None = None) -> None:
+        """Close the window at ``t`` (now by default); ``latency_s``: from forwarding to the end, when
+        measured elsewhere (a hub's worker)."""
+        if self._energy is None:
+            m = self.window.end(status, t)
+            latency_s = time.monotonic() - self.opened_at if latency_s is None else latency_s
+            self._energy = self._books.finish(self.name, self.model, m, status, latency_s)
+
+    async def energy(self) -> dict[str, Any]:
+        assert self._energy is not None, "energy() before end()"
+        return self._energy
