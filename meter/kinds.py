@@ -43,6 +43,7 @@ class Fault(StrEnum):
     UNMETERED_GPU = "unmetered_gpu"  # a GPU the meter was not started with
     INTERNAL = "internal"  # a bug in the meter, caught
     INIT = "init"  # the source could not start (no NVML, GPU not visible)
+    UNREACHABLE = "unreachable"  # the meter runs in another process that did not answer (a gateway's hub)
     UNMEASURABLE = "unmeasurable"  # a GPU NVML cannot meter per request (MIG): a property, not an error
 
     @classmethod

@@ -264,8 +264,11 @@ def add_call_routes(app: FastAPI, gw: GatewayState) -> None:
         return {"status": "ok"}
 
 
-def add_book_routes(app: FastAPI, gw: GatewayState, books: Books) -> None:
-    """``/v1/energy/{id}``, ``/metrics`` and ``/readyz``: answered by whoever keeps the books."""
+def add_book_routes(
+    app: FastAPI, gw: GatewayState, books: Books, more_ready: Callable[[], dict[str, Any]] | None = None
+) -> None:
+    """``/v1/energy/{id}``, ``/metrics`` and ``/readyz``: answered by whoever keeps the books
+    (``more_ready``: what else ``/readyz`` says, e.g. a hub's workers)."""
     settings = gw.settings
 
     @app.get("/v1/energy/{request_id}")
@@ -294,7 +297,7 @@ def add_book_routes(app: FastAPI, gw: GatewayState, books: Books) -> None:
                 upstreams[name] = False
         meter_state = books.meter.state()
         ready = all(upstreams.values())
-        body = {"ready": ready, "upstreams": upstreams, "meter": meter_state}
+        body = {"ready": ready, "upstreams": upstreams, "meter": meter_state, **(more_ready() if more_ready else {})}
         return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level of the gateway and uvicorn")
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="relay processes sharing the port; above 1, a hub process keeps the meter and the books")
     demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures",
                           formatter_class=defaults)
     demo.add_argument("--port", type=int, default=0, help="the gateway's port (0: a free one)")
@@ -70,7 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        from wattgate.proxy.workers import serve_workers
+
+        return serve_workers(args.config, args.host, args.port, args.workers, args.log_level)
+
     import uvicorn
 
     from wattgate.proxy.app import create_app
@@ -78,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(load_settings(args.config))
-    # One worker: attribution needs every request on a GPU in one process.
+    # One process: the meter, the books and the relay together.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
     return 0
 

@@ -1,0 +1,356 @@
+"""A relay worker's link to the hub (:mod:`proxy.hub`): its calls' windows are kept there.
+
+The worker relays; the hub meters. Token events are batched (at most
+:data:`FLUSH_S` late, with the time each token arrived); a call's opening and its
+end are sent at once, and the end's ``energy`` object comes back in one round
+trip. Nothing on a stream's path waits for the hub but that last chunk, and
+that for at most :data:`REPLY_TIMEOUT_S` (and the opening of a call whose id the
+client chose, which the hub checks against the team's records, as long).
+
+When the hub is unreachable (restarting, killed), calls are still served: their
+figures are estimated here, labelled ``estimate`` with the fault ``unreachable``,
+and kept in a bounded outbox that goes to the hub once it is back, so the ledger
+and metrics still get them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from wattgate.meter import Fault, Method, Status
+from wattgate.meter.window import Request as Window
+from wattgate.meter.window import measurement, token_count
+from wattgate.proxy.books import site_factors
+from wattgate.proxy.errors import GatewayError
+from wattgate.proxy.figures import energy_object
+from wattgate.proxy.hub import MAX_LINE_BYTES, api_path, events_path, measurement_fields
+from wattgate.proxy.records import record_key
+from wattgate.proxy.settings import Model, Settings
+
+log = logging.getLogger("wattgate.worker")
+
+FLUSH_S = 0.005  # token events wait at most this long, to go to the hub together
+# A reply the hub owes waits this long, then the worker goes on without it: a client-chosen id is used
+# unchecked (the hub checks it when it catches up), an ended call's figure is estimated here.
+REPLY_TIMEOUT_S = 0.5
+RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the hub
+MAX_BUFFER_BYTES = 64 * 1024 * 1024  # events the hub has not read: beyond this, the link is dropped
+OUTBOX_SIZE = 10_000  # calls estimated while the hub was away, kept for it
+
+
+class HubLink:
+    """A worker's connection to the hub; opens :class:`HubCall` windows (a :class:`~proxy.app.CallOpener`)."""
+
+    def __init__(self, settings: Settings, runtime_dir: str | os.PathLike[str], index: int) -> None:
+        self.settings = settings
+        self.site = site_factors(settings)
+        self.events = events_path(runtime_dir)
+        self.api = api_path(runtime_dir)
+        self.index = index
+        self.generation = 0  # counts connections: a call opened on an earlier one is the hub's no more
+        self._writer: asyncio.StreamWriter | None = None
+        self._batch: list[list[Any]] = []
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._waiting: dict[tuple[str, int], asyncio.Future[list[Any] | None]] = {}
+        self._next_cid = 0
+        self._outbox: deque[list[Any]] = deque()
+        self._lost = 0  # estimated calls the outbox could not keep
+        self.methods: dict[str, Method] = {}  # the hub's latest word on how each model's calls are metered
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._writer is not None
+
+    # -- the connection ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Keep connected to the hub while the worker's app runs."""
+        self._http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.api)))
+        task = asyncio.create_task(self._keep_connected())
+        try:
+            yield
+        finally:
+            self._flush()
+            writer, self._writer = self._writer, None  # closing: not a hub gone missing
+            task.cancel()
+            if writer is not None:
+                writer.close()
+            await self._http.close()
+
+    async def _keep_connected(self) -> None:
+        wait = RECONNECT_S[0]
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.events, limit=MAX_LINE_BYTES)
+            except OSError:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RECONNECT_S[1])
+                continue
+            wait = RECONNECT_S[0]
+            self._connected(writer)
+            try:
+                await self._read(reader)
+            except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                pass
+            finally:
+                self._disconnected()
+
+    def _connected(self, writer: asyncio.StreamWriter) -> None:
+        self.generation += 1
+        self._writer = writer
+        self._batch.append(["hello", self.index, os.getpid()])
+        if self._outbox or self._lost:
+            log.info("worker %d: hub reached; sending %d calls estimated while it was away", self.index,
+                     len(self._outbox))
+        self._batch.extend(self._outbox)
+        self._outbox.clear()
+        if self._lost:
+            self._batch.append(["lost", self._lost])
+            self._lost = 0
+        self._flush()
+
+    def _disconnected(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            log.warning("worker %d: hub unreachable; figures are estimates until it is back", self.index)
+        self._batch.clear()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(None)  # no answer will come
+        self._waiting.clear()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            reply = orjson.loads(line)
+            if reply[0] == "methods":
+                self.methods.update({name: Method(m) for name, m in reply[1].items()})
+                continue
+            fut = self._waiting.pop((reply[0], reply[1]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def send(self, event: list[Any]) -> None:
+        """Queue ``event`` for the next batch (sent within :data:`FLUSH_S`)."""
+        if self._writer is None:
+            return
+        self._batch.append(event)
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
+
+    def request(self, reply: str, cid: int, event: list[Any]) -> asyncio.Future[list[Any] | None]:
+        """Send ``event`` now, with what is queued; the future gets the hub's ``reply`` (None: none will come)."""
+        fut: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
+        if self._writer is None:
+            fut.set_result(None)
+            return fut
+        self._waiting[(reply, cid)] = fut
+        self._batch.append(event)
+        self._flush()
+        return fut
+
+    def _flush(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if not self._batch or self._writer is None:
+            return
+        data, self._batch = orjson.dumps(self._batch) + b"\n", []
+        transport = self._writer.transport
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_BUFFER_BYTES:  # a stalled hub must not fill this worker's memory
+            log.warning("worker %d: hub is %d bytes behind; dropping the link", self.index,
+                        transport.get_write_buffer_size())
+            transport.abort()
+
+    def keep(self, event: list[Any]) -> None:
+        """Keep the record of a call estimated here, for the hub: sent now, or once it is back."""
+        if self._writer is not None:
+            self.send(event)
+        elif len(self._outbox) < OUTBOX_SIZE:
+            self._outbox.append(event)
+        else:
+            self._lost += 1
+
+    # -- CallOpener ------------------------------------------------------------------
+
+    async def open(self, request_id: str, client_chose: bool, name: str, team: str | None,
+                   prompt_tokens: int) -> HubCall:
+        cid, self._next_cid = self._next_cid, self._next_cid + 1
+        call = HubCall(self, cid, request_id, team, name, self.settings.models[name], prompt_tokens)
+        if not self.up:
+            return call
+        opened = self.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
+                                               call.opened_at])
+        if not client_chose:  # a fresh id names no record yet: no need to wait for the hub
+            opened.add_done_callback(call.opened)
+            return call
+        try:
+            await asyncio.wait_for(asyncio.shield(opened), REPLY_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("worker %d: the hub did not check a call's id within %g s", self.index, REPLY_TIMEOUT_S)
+            opened.add_done_callback(call.opened)
+            return call
+        call.opened(opened)
+        return call
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.send(["lag", seconds])
+
+    # -- the routes the hub answers ----------------------------------------------------
+
+    async def ask_hub(self, request: Request) -> Response:
+        """``/metrics``, ``/readyz`` and ``/v1/energy/{id}``, answered by the hub."""
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "accept")}
+        try:
+            async with self._http.get(f"http://hub{request.url.path}", headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=10)) as r:
+                body = await r.read()
+                return Response(body, r.status, media_type=r.headers.get("content-type"))
+        except (aiohttp.ClientError, TimeoutError):
+            if request.url.path == "/readyz":
+                return JSONResponse({"ready": False, "hub": "unreachable"}, status_code=503)
+            err = GatewayError("the gateway's hub, which keeps records and metrics, is not reachable; try again shortly")
+            err.status, err.type = 503, "service_unavailable"
+            return err.response()
+
+
+def add_hub_routes(app: FastAPI, link: HubLink) -> None:
+    """The routes a worker passes to the hub."""
+    for path in ("/metrics", "/readyz", "/v1/energy/{request_id}"):
+        app.add_route(path, link.ask_hub, methods=["GET"])
+
+
+class HubCall:
+    """A call's window kept at the hub, fed by a worker (a :class:`~proxy.books.CallWindow`)."""
+
+    __slots__ = (
+        "_completed",
+        "_ended",
+        "_energy",
+        "_link",
+        "_method",
+        "_reply",
+        "_seen",
+        "_usage",
+        "cid",
+        "generation",
+        "key",
+        "model",
+        "name",
+        "opened_at",
+        "prompt_tokens",
+        "request_id",
+        "team",
+    )
+
+    def __init__(self, link: HubLink, cid: int, request_id: str, team: str | None, name: str, model: Model,
+                 prompt_tokens: int) -> None:
+        self._link = link
+        self.cid = cid
+        self.request_id = request_id
+        self.team = team
+        self.key = record_key(team, request_id)
+        self.name = name
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.opened_at = time.monotonic()
+        # Its events go to the connection it was opened on; -1: opened while the hub was away.
+        self.generation = link.generation if link.up else -1
+        self._method = link.methods.get(name, Method.ESTIMATE) if link.up else Method.ESTIMATE
+        self._seen = 0.0
+        self._completed = 0
+        self._usage: tuple[int | None, int | None] = (None, None)
+        self._ended: tuple[Status, float] | None = None
+        self._reply: asyncio.Future[list[Any] | None] | None = None
+        self._energy: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> Method:
+        return self._method
+
+    def opened(self, fut: asyncio.Future[list[Any] | None]) -> None:
+        """The hub's answer to the opening: the id it was recorded under, and its method."""
+        reply = fut.result() if fut.done() else None
+        if reply is None:
+            self.generation = -1  # the hub did not answer: this call is estimated here
+            self._method = Method.ESTIMATE
+            return
+        _, _, self.request_id, self.key, method = reply
+        self._method = self._link.methods[self.name] = Method(method)
+
+    @property
+    def _live(self) -> bool:
+        return self.generation == self._link.generation and self._link.up
+
+    def tokens(self, n: float = 1) -> None:
+        self._seen += n
+        if self._live:
+            self._link.send(["tok", self.cid, n, time.monotonic()])
+
+    def completed(self, n: int) -> None:
+        self._completed += n
+        if self._live:
+            self._link.send(["done", self.cid, n])
+
+    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
+        prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
+        self._usage = (prompt if prompt is not None else self._usage[0],
+                       completion if completion is not None else self._usage[1])
+        if self._live:
+            self._link.send(["use", self.cid, prompt, completion])
+
+    def end(self, status: Status) -> None:
+        if self._ended is not None:
+            return
+        t = time.monotonic()
+        self._ended = (status, t)
+        if self._live:
+            self._reply = self._link.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at])
+
+    async def energy(self) -> dict[str, Any]:
+        if self._energy is not None:
+            return self._energy
+        reply = None
+        if self._reply is not None:
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(self._reply), REPLY_TIMEOUT_S)
+            except TimeoutError:  # a slow hub: it still records the call; the client gets an estimate now
+                self._energy = self._estimate()
+                return self._energy
+        if reply is None:  # the hub was away, or its connection closed during the call: kept for it
+            self._energy = self._estimate(keep=True)
+        else:
+            self._energy = reply[2]
+        return self._energy
+
+    def _estimate(self, keep: bool = False) -> dict[str, Any]:
+        """The call's figure estimated here (the hub did not answer); ``keep``: for the hub to record."""
+        assert self._ended is not None
+        status, end = self._ended
+        prompt, completion = self._usage
+        window = Window(self.key, tuple(self.model.gpus), self.opened_at, self.model.prefill_weight,
+                        self.model.estimate.active_params_b, prompt if prompt is not None else self.prompt_tokens,
+                        completion_tokens=completion if completion is not None else self._completed or int(self._seen),
+                        end=end, status=status, fault=Fault.UNREACHABLE)
+        m = measurement(window, Method.ESTIMATE, {}, True, 0.0, end)
+        if keep:
+            self._link.keep(["rec", self.name, self.team, self.request_id, end - self.opened_at,
+                             measurement_fields(m)])
+        # Final for the worker, but the API calls a figure settled only once the hub has it.
+        return {**energy_object(m, self._link.site, self.request_id), "settled": False}
