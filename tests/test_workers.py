@@ -140,11 +140,11 @@ def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway
     async def long_stream() -> str:
         body = {**BODY, "max_tokens": 2000, "stream": True}
         try:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as c:
-                async with c.stream("POST", "/v1/chat/completions", json=body,
-                                    headers={"x-request-id": "killed-worker-1"}) as r:
-                    async for _ in r.aiter_bytes():
-                        pass
+            async with (httpx.AsyncClient(base_url=gateway.url, timeout=30) as c,
+                        c.stream("POST", "/v1/chat/completions", json=body,
+                                 headers={"x-request-id": "killed-worker-1"}) as r):
+                async for _ in r.aiter_bytes():
+                    pass
         except httpx.HTTPError as exc:
             return type(exc).__name__
         return "ended"
@@ -234,5 +234,6 @@ def test_the_supervisor_refuses_a_port_in_use(tmp_path: Path):
     with ServerThread(SimulatedUpstream()) as taken:
         cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(registry),
                "--port", str(taken.port), "--workers", "2"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                              check=False)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{taken.port}" in done.stderr
