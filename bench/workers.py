@@ -53,8 +53,11 @@ async def _client(url: str, models: list[str], concurrency: int, n: int) -> int:
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def one(i: int) -> int:
+            chunks = 0
             async with sem, session.post(url, json={**body, "model": models[i % len(models)]}) as r:
-                return sum(line.startswith(b"data: {") async for line in r.content)
+                async for line in r.content:
+                    chunks += line.startswith(b"data: {")
+            return chunks
 
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
@@ -74,7 +77,7 @@ def _load(url: str, models: list[str], concurrency: int, n: int, clients: int, c
     t0 = time.monotonic()
     for p in procs:
         p.start()
-    chunks = sum(out.get() for _ in procs)
+    chunks = sum(out.get(timeout=600) for _ in procs)  # a client that failed raised in its own process
     wall = time.monotonic() - t0
     for p in procs:
         p.join()

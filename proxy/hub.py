@@ -5,13 +5,17 @@ hub. Every call on a GPU must reach one meter for a fair split, so the workers
 send their calls' windows here and the hub answers ``/metrics``, ``/readyz`` and
 ``/v1/energy/{id}`` for all of them.
 
-The workers' events come over a Unix socket, one JSON array of events per line
-(events batched by the worker; times on CLOCK_MONOTONIC, which every process on
-the host shares)::
+The workers' events come over a Unix socket, one batch per line: a JSON array
+``[tokens, events]``. ``tokens`` is flat, ``cid, n, t`` for every ``n`` tokens of a
+stream that arrived at ``t`` (the one event per relayed chunk, so the cheapest to
+read); ``events`` are the others, in order. Times are on CLOCK_MONOTONIC, which
+every process on the host shares. A worker flushes its batch at once after an
+event that needs a reply (``open``, ``end``), so a batch holds at most one, last:
+the hub applies the tokens first, then the events, and a call's tokens are never
+in a batch before its opening::
 
     ["hello", worker_index, pid]
     ["open", cid, request_id, client_chose, model_name, team, prompt_tokens, t]
-    ["tok", cid, n, t]                         tokens that arrived at t (streams)
     ["done", cid, n]                           a plain response's token count
     ["use", cid, prompt_tokens, completion_tokens]
     ["end", cid, status, t, latency_s]
@@ -111,7 +115,13 @@ class HubServer:
         try:
             while line := await reader.readline():
                 replies: list[bytes] = []
-                for event in orjson.loads(line):
+                tokens, events = orjson.loads(line)
+                calls = worker.calls
+                it = iter(tokens)
+                for cid, n, t in zip(it, it, it, strict=True):
+                    if (call := calls.get(cid)) is not None:  # None: ended as the worker's connection broke
+                        call.tokens(n, t)
+                for event in events:
                     try:
                         await self._apply(worker, event, replies)
                     except Exception:  # one bad event must not end the worker's connection
@@ -136,11 +146,8 @@ class HubServer:
 
     async def _apply(self, worker: Worker, event: list[Any], replies: list[bytes]) -> None:
         kind = event[0]
-        if kind == "tok":
-            call = worker.calls.get(event[1])
-            if call is not None:
-                call.tokens(event[2], event[3])
-        elif kind == "open":
+        call: LocalCall | None
+        if kind == "open":
             _, cid, request_id, client_chose, name, team, prompt_tokens, t = event
             call = await self.books.open(request_id, client_chose, name, team, prompt_tokens, t)
             worker.calls[cid] = call
