@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import heapq
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,28 +145,34 @@ def _settled(url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, flo
     return found
 
 
-def run_gateway(spaced_json: bool = False) -> list[tuple[bool, float, float]]:
-    """The workload through ``wattgate serve`` in front of ``wattgate simulate-upstream``, each in its
-    own process as a user would run them; ``(stream, inline J, settled J)`` per request."""
+def run_gateway(spaced_json: bool = False, workers: int = 1) -> list[tuple[bool, float, float]]:
+    """The workload through ``wattgate serve`` (with ``--workers``) in front of ``wattgate
+    simulate-upstream``, each in its own process as a user would run them; ``(stream, inline J,
+    settled J)`` per request."""
     up_port, gw_port = free_port(), free_port()
-    registry = Path(tempfile.mkdtemp(prefix="wattgate-inline-")) / "registry.yaml"
+    home = Path(tempfile.mkdtemp(prefix="wattgate-inline-"))
+    registry = home / "registry.yaml"
     registry.write_text(
         f"models:\n  {MODEL}:\n    served_name: {SERVED}\n    upstream: http://127.0.0.1:{up_port}/v1\n"
         f"    gpus: [0]\nmeter: {{source: simulated}}\nledger: {{path: {registry.parent / 'ledger.db'}}}\n"
     )
     cli = [sys.executable, "-m", "wattgate.proxy.cli"]
     upstream_cmd = [*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", str(PROFILE.itl_1_s * 1000)]
-    gateway_cmd = [*cli, "serve", "--config", str(registry), "--port", str(gw_port), "--log-level", "warning"]
+    gateway_cmd = [*cli, "serve", "--config", str(registry), "--port", str(gw_port), "--log-level", "warning",
+                   "--workers", str(workers)]
     procs = [subprocess.Popen([*upstream_cmd, *(["--spaced-json"] if spaced_json else [])]),
              subprocess.Popen(gateway_cmd)]
     url = f"http://127.0.0.1:{gw_port}"
     try:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         _wait(f"{url}/healthz")
+        while workers > 1 and len(httpx.get(f"{url}/readyz").json().get("workers", [])) < workers:
+            time.sleep(0.1)  # every worker connected to the hub, else its first calls are estimates
         inline = asyncio.run(_gateway_workload(url))
         settled = _settled(url, [rid for _, rid, _ in inline])
     finally:
         _stop(*procs)
+        shutil.rmtree(home, ignore_errors=True)
     missing = [rid for _, rid, _ in inline if rid not in settled]
     if missing:
         raise RuntimeError(f"{len(missing)} requests did not settle")
@@ -348,6 +355,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["gateway", "trace", "both"], default="both")
     parser.add_argument("--runs", type=int, default=3, help="gateway runs (the summary pools them)")
     parser.add_argument("--spaced-json", action="store_true", help="the upstream writes JSON with spaces")
+    parser.add_argument("--workers", type=int, default=1, help="gateway: wattgate serve --workers")
     parser.add_argument("--scale-tokens", type=int, default=1, help="trace: requests this many times longer")
     parser.add_argument("--arrival-gap-ms", type=float, default=ARRIVAL_GAP_S * 1000,
                         help="trace: time between a wave's requests reaching the GPU")
@@ -362,8 +370,9 @@ def main() -> None:
         style = "spaced" if args.spaced_json else "compact"
         pooled = []
         for i in range(args.runs):
-            pairs = run_gateway(args.spaced_json)
-            show(f"gateway run {i + 1} (wattgate serve, simulated meter, upstream JSON {style}):", pairs)
+            pairs = run_gateway(args.spaced_json, args.workers)
+            show(f"gateway run {i + 1} (wattgate serve --workers {args.workers}, simulated meter, upstream JSON "
+                 f"{style}):", pairs)
             pooled += pairs
         if args.runs > 1:
             show(f"gateway, {args.runs} runs pooled:", pooled)

@@ -2,6 +2,7 @@
 
     python -m bench.workers [--workers 1 2 4] [--levels 64 256] [--requests-per-level 2]
                             [--gateway-cores 0] [--upstreams 1] [--clients 1]
+    python -m bench.workers --hub-alone [--levels 64 256] [--token-gap-ms 10] [--seconds 10]
 
 For each N, one gateway (N = 1: the single process; N > 1: a hub and N relay
 workers) in front of fast simulated upstreams (``--itl-ms``, 1 ms per token by
@@ -11,8 +12,13 @@ the load generators (``--clients`` processes, aiohttp) to the other cores.
 
 Prints, per N and level: tokens (chunks) relayed per second, the CPU of all the
 gateway's processes per chunk (from /proc, their idle CPU taken off: the meter's
-sampler runs whatever the load), the hub's CPU per chunk on its own, and the
-throughput against N = 1 at the same level. Not a test; results go to
+sampler runs whatever the load), the hub's CPU per chunk on its own (its event
+loop, which reads the workers' events; its other threads, the meter's passes and
+the ledger), and the throughput against N = 1 at the same level.
+
+``--hub-alone``: the hub with no relay around it, fed the events one worker sends
+for that many streams by a synthetic worker on the other cores; its CPU per token
+event, without the noise of the relays sharing its core. Not a test; results go to
 bench/RESULTS.md.
 """
 
@@ -31,10 +37,14 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 import yaml
 
 from bench.overhead import _cpu_s, _wait
+from wattgate.proxy.hub import events_path
+from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
+from wattgate.proxy.workers import run_hub
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 TOKENS = 128
@@ -84,6 +94,15 @@ def _load(url: str, models: list[str], concurrency: int, n: int, clients: int, c
     return chunks, wall
 
 
+def _hub_cpu(hub: int | None) -> tuple[float, float]:
+    """CPU seconds of the hub's event loop (its main thread: the workers' events) and of its other
+    threads (the meter's sampler and passes, the ledger's writer)."""
+    if hub is None:
+        return 0.0, 0.0
+    loop = _cpu_s(hub, hub)
+    return loop, _cpu_s(hub) - loop
+
+
 def _gateway_pids(url: str, supervisor: int, workers: int) -> tuple[list[int], int | None]:
     """The gateway's processes (all of them) and its hub (None: one process)."""
     if workers == 1:
@@ -115,22 +134,93 @@ def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: li
         pids, hub = _gateway_pids(url, gateway.pid, workers)
         _load(f"{url}/v1/chat/completions", list(models), 8, 16, 1, other)  # warm up
         for level in args.levels:
-            cpu0, t0 = sum(_cpu_s(p) for p in pids), time.monotonic()
-            hub0 = _cpu_s(hub) if hub else 0.0
+            cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
             time.sleep(IDLE_S)
-            idle_rate = (sum(_cpu_s(p) for p in pids) - cpu0) / (time.monotonic() - t0)
-            hub_idle = ((_cpu_s(hub) if hub else 0.0) - hub0) / (time.monotonic() - t0)
-            cpu0, hub0 = sum(_cpu_s(p) for p in pids), _cpu_s(hub) if hub else 0.0
+            idle_s = time.monotonic() - t0
+            idle_rate = (sum(_cpu_s(p) for p in pids) - cpu0) / idle_s
+            hub_idle = [(b - a) / idle_s for a, b in zip(hub0, _hub_cpu(hub), strict=True)]
+            cpu0, hub0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub)
             chunks, wall = _load(f"{url}/v1/chat/completions", list(models), level,
                                  level * args.requests_per_level, args.clients, other)
             cpu = sum(_cpu_s(p) for p in pids) - cpu0 - idle_rate * wall
-            hub_cpu = (_cpu_s(hub) - hub0 - hub_idle * wall) if hub else 0.0
+            loop, meter = (b - a - idle * wall for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
             out[level] = {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
-                          "hub_us_per_chunk": hub_cpu / chunks * 1e6, "chunks": chunks}
+                          "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6}
     finally:
         gateway.terminate()
         gateway.wait(timeout=60)
     return out
+
+
+async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float) -> int:
+    """Act as one worker with ``streams`` streams of TOKENS tokens each, one every ``token_gap_s``, a new
+    stream replacing each that ends; send for ``seconds`` what a worker sends; the tokens sent."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+
+    async def drain() -> None:
+        while await reader.readline():
+            pass
+
+    drainer = asyncio.create_task(drain())
+    writer.write(orjson.dumps([[], [["hello", 1, os.getpid()]]]) + b"\n")
+    left: dict[int, int] = {}  # tokens left per open stream
+    next_cid, sent, tick = 0, 0, 0
+    per_tick = FLUSH_S / token_gap_s  # tokens per stream per flush
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        now, tokens = time.monotonic(), []
+        for cid in list(left):
+            if int((tick + 1 + cid) * per_tick) > int((tick + cid) * per_tick):
+                tokens += (cid, 1, now)
+                sent += 1
+                left[cid] -= 1
+                if not left[cid]:  # an event that needs a reply ends its batch
+                    del left[cid]
+                    writer.write(orjson.dumps([tokens, [["end", cid, "ok", now, 1.0]]]) + b"\n")
+                    tokens = []
+        while len(left) < streams:
+            left[next_cid] = TOKENS
+            writer.write(orjson.dumps([tokens, [["open", next_cid, f"r{next_cid}", False, "m0", None, 16, now]]])
+                         + b"\n")
+            tokens, next_cid = [], next_cid + 1
+        writer.write(orjson.dumps([tokens, []]) + b"\n")
+        tick += 1
+        await asyncio.sleep(FLUSH_S)
+    writer.close()
+    drainer.cancel()
+    return sent
+
+
+def _hub_alone(args: argparse.Namespace, other: list[int]) -> None:
+    """The hub on its own, fed by a synthetic worker on other cores: its CPU per token event."""
+    tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
+    registry = {"meter": {"source": "simulated", "foreign_poll_ms": 0}, "ledger": {"path": str(tmp / "ledger.db")},
+                "models": {"m0": {"upstream": "http://127.0.0.1:9/v1", "gpus": [0]}}}
+    (tmp / "registry.yaml").write_text(yaml.safe_dump(registry))
+    ctx = multiprocessing.get_context("spawn")
+    hub = ctx.Process(target=run_hub, args=(str(tmp / "registry.yaml"), str(tmp), "warning"))
+    hub.start()
+    assert hub.pid is not None
+    os.sched_setaffinity(hub.pid, args.gateway_cores)
+    try:
+        while not events_path(tmp).exists():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        print(f"hub alone on cores {args.gateway_cores}, fed by one synthetic worker: streams of {TOKENS} tokens, "
+              f"one every {args.token_gap_ms:g} ms each, events flushed every {FLUSH_S * 1000:g} ms")
+        print(f"{'streams':>8}{'tokens/s':>10}{'events':>8}{'meter':>7}{'total':>7}  (hub us CPU per token)")
+        for streams in args.levels:
+            idle0, t0 = _hub_cpu(hub.pid), time.monotonic()
+            time.sleep(IDLE_S)
+            idle = [(b - a) / (time.monotonic() - t0) for a, b in zip(idle0, _hub_cpu(hub.pid), strict=True)]
+            cpu0, t0 = _hub_cpu(hub.pid), time.monotonic()
+            sent = asyncio.run(_feed_hub(events_path(tmp), streams, args.seconds, args.token_gap_ms / 1000))
+            wall = time.monotonic() - t0
+            loop, meter = ((b - a - i * wall) / sent * 1e6 for a, b, i in zip(cpu0, _hub_cpu(hub.pid), idle, strict=True))
+            print(f"{streams:>8}{sent / wall:>10.0f}{loop:>8.1f}{meter:>7.1f}{loop + meter:>7.1f}", flush=True)
+    finally:
+        hub.terminate()
+        hub.join(30)
 
 
 def main() -> None:
@@ -143,10 +233,16 @@ def main() -> None:
     parser.add_argument("--upstreams", type=int, default=1, help="simulated upstream processes")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--itl-ms", type=float, default=1.0, help="upstream's time between two tokens")
+    parser.add_argument("--hub-alone", action="store_true", help="measure the hub alone, fed by a synthetic worker")
+    parser.add_argument("--token-gap-ms", type=float, default=10.0, help="--hub-alone: time between two tokens")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--hub-alone: seconds per level")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     other = [c for c in cores if c not in args.gateway_cores] or cores
     os.sched_setaffinity(0, other)
+    if args.hub_alone:
+        _hub_alone(args, other)
+        return
     up_ports = [free_port() for _ in range(args.upstreams)]
     exe = [sys.executable, "-m", "wattgate.proxy.cli", "simulate-upstream", "--itl-ms", str(args.itl_ms)]
     ups = [subprocess.Popen(_taskset(other, [*exe, "--port", str(p)]), stdout=subprocess.DEVNULL) for p in up_ports]
@@ -155,16 +251,16 @@ def main() -> None:
             _wait(f"http://127.0.0.1:{p}/v1/models")
         print(f"gateway on cores {args.gateway_cores}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
-        print(f"{'N':>3}{'c':>5}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'hub us/chunk':>14}")
+        print(f"{'N':>3}{'c':>5}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'hub: events':>13}{'meter':>7}"
+              "  (us per chunk)")
         base: dict[int, float] = {}
         for n in args.workers:
             for level, r in _run(args, n, up_ports, other).items():
                 if n == 1:
                     base[level] = r["tokens_per_s"]
                 ratio = r["tokens_per_s"] / base[level] if level in base else float("nan")
-                hub = f"{r['hub_us_per_chunk']:.1f}" if n > 1 else "-"
-                print(f"{n:>3}{level:>5}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}{hub:>14}",
-                      flush=True)
+                hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if n > 1 else f"{'-':>13}{'-':>7}"
+                print(f"{n:>3}{level:>5}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}{hub}", flush=True)
     finally:
         for u in ups:
             u.terminate()

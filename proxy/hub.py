@@ -25,11 +25,13 @@ in a batch before its opening::
     ["lost", n]                                such calls it could not keep
 
 ``cid`` numbers a call within its worker's connection. The hub answers ``hello``
-with ``["methods", {model_name: method}]`` (how each model's calls are metered now), ``open``
-with ``["opened", cid, request_id, key, method]`` (the id changes only when the
-client chose one the team already used) and ``end`` with ``["energy", cid,
-energy_object]``. A worker whose connection closes (it died) has its open calls
-ended as ``client_closed``, settled and recorded like any other.
+with ``["methods", {model_name: method}]`` (how each model's calls are metered
+now), ``open`` with ``["opened", cid, request_id, key, method]`` (the id changes
+only when the client chose one the team already used) and ``end`` with
+``["energy", cid, energy_object]`` (null for a call it does not have: the worker
+then estimates it and sends it as ``rec``). A worker whose connection closes (it
+died) has its open calls ended as ``client_closed``, settled and recorded like
+any other.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class HubServer:
     def __init__(self, books: Books) -> None:
         self.books = books
         self.workers: dict[asyncio.StreamWriter, Worker] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def serving(self, path: Path) -> AsyncIterator[None]:
@@ -106,12 +109,19 @@ class HubServer:
             for writer in list(self.workers):
                 writer.close()
                 self._closed(self.workers.pop(writer))
+            # Let each connection's handler see its end, rather than be cancelled with the loop.
+            if self._handlers:
+                await asyncio.wait(self._handlers, timeout=5)
 
     def state(self) -> list[dict[str, Any]]:
         return sorted((w.state() for w in self.workers.values()), key=lambda s: (s["index"] is None, s["index"]))
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         worker = self.workers[writer] = Worker()
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
             while line := await reader.readline():
                 replies: list[bytes] = []
@@ -156,9 +166,11 @@ class HubServer:
         elif kind == "end":
             _, cid, status, t, latency_s = event
             call = worker.calls.pop(cid, None)
+            energy = None  # a call the hub never opened (its opening failed): the worker records an estimate
             if call is not None:
                 call.end(Status(status), t, latency_s)
-                replies.append(orjson.dumps(["energy", cid, await call.energy()]) + b"\n")
+                energy = await call.energy()
+            replies.append(orjson.dumps(["energy", cid, energy]) + b"\n")
         elif kind == "done":
             if (call := worker.calls.get(event[1])) is not None:
                 call.completed(event[2])

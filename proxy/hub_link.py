@@ -344,7 +344,7 @@ class HubCall:
             except TimeoutError:  # a slow hub: it still records the call; the client gets an estimate now
                 self._energy = self._estimate()
                 return self._energy
-        if reply is None:  # the hub was away, or its connection closed during the call: kept for it
+        if reply is None or reply[2] is None:  # the hub was away, lost its connection, or never opened the call
             self._energy = self._estimate(keep=True)
         else:
             self._energy = reply[2]
