@@ -50,13 +50,15 @@ def scenario(body: dict[str, Any]) -> Scenario:
     return FAULTS.get(text if isinstance(text, str) else "", Scenario())
 
 
-def settled_records(url: str, ids: list[str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-    """The settled records of ``ids`` from a gateway at ``url``, as many as settle within ``timeout``."""
+def settled_records(url: str, ids: list[str], timeout: float = 10.0, key: str | None = None) -> dict[str, dict[str, Any]]:
+    """The settled records of ``ids`` from a gateway at ``url`` (read with gateway ``key``), as many as
+    settle within ``timeout``."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     records: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(records) < len(ids) and time.monotonic() < deadline:
         for rid in ids:
-            r = httpx.get(f"{url}/v1/energy/{rid}").json()
+            r = httpx.get(f"{url}/v1/energy/{rid}", headers=headers).json()
             if r.get("settled"):
                 records[rid] = r
         time.sleep(0.1)

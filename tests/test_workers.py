@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,28 +64,39 @@ class Gateway:
         return out
 
 
+@contextmanager
+def _serving(home: Path, registry: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """``wattgate serve --workers 2`` with ``registry``, as a user starts it; stopped with SIGTERM."""
+    (home / "registry.yaml").write_text(yaml.safe_dump(registry))
+    port = free_port()
+    cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(home / "registry.yaml"),
+           "--port", str(port), "--workers", str(WORKERS), "--log-level", "warning"]
+    process = subprocess.Popen(cmd, cwd=home, env={**os.environ, **(env or {})})
+    gw = Gateway(f"http://127.0.0.1:{port}", process)
+    try:
+        gw.all_workers_connected()
+        yield gw
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    upstream = SimulatedUpstream(served_name=SERVED)
-    with ServerThread(upstream) as up:
-        home = tmp_path_factory.mktemp("workers")
-        registry = {
-            "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
-            "ledger": {"path": str(home / "ledger.db")},
-            "models": {"llama": {"served_name": SERVED, "upstream": f"{up.url}/v1", "gpus": [0]}},
-        }
-        (home / "registry.yaml").write_text(yaml.safe_dump(registry))
-        port = free_port()
-        cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(home / "registry.yaml"),
-               "--port", str(port), "--workers", str(WORKERS), "--log-level", "warning"]
-        process = subprocess.Popen(cmd, cwd=home)
-        gw = Gateway(f"http://127.0.0.1:{port}", process)
-        try:
-            gw.all_workers_connected()
-            yield gw
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=30) == 0
+def upstream_url() -> Iterator[str]:
+    with ServerThread(SimulatedUpstream(served_name=SERVED)) as up:
+        yield f"{up.url}/v1"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[Gateway]:
+    home = tmp_path_factory.mktemp("workers")
+    registry = {
+        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
+        "ledger": {"path": str(home / "ledger.db")},
+        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
+    }
+    with _serving(home, registry) as gw:
+        yield gw
 
 
 async def _call(url: str, stream: bool, request_id: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -237,3 +249,57 @@ def test_the_supervisor_refuses_a_port_in_use(tmp_path: Path):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=tmp_path,
                               check=False)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{taken.port}" in done.stderr
+
+
+def test_keys_teams_ids_and_cors_behave_as_with_one_process(tmp_path: Path, upstream_url: str):
+    """Calls are checked by the worker that takes them; records, ids and metrics by the hub, whichever
+    worker asks (tests/test_gateway_modes.py holds one process to the same)."""
+    registry = {
+        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "gateway": {"auth": {"keys_env": "WG_TEST_KEYS", "metrics_aliases": ["prometheus"]},
+                    "cors_allow_origins": ["https://app.example"]},
+        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
+    }
+    keys = {"WG_TEST_KEYS": "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape"}
+    with _serving(tmp_path, registry, keys) as gw:
+        def call(key: str, rid: str, tokens: int) -> httpx.Response:
+            body = {**BODY, "max_tokens": tokens}
+            return httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {key}", "x-request-id": rid})
+
+        def get(path: str, key: str | None = None) -> httpx.Response:
+            headers = {"origin": "https://app.example"} | ({"authorization": f"Bearer {key}"} if key else {})
+            return httpx.get(f"{gw.url}{path}", headers=headers)
+
+        assert call("sk-wrong", "x-1", 2).status_code == 401
+        for path in ("/metrics", "/v1/energy/x-1", "/v1/models"):
+            assert get(path).status_code == 401, path
+        # Several calls, so that both workers take some: the ids are checked by the hub all the same.
+        a = [call("sk-a", f"shared-{i}", 2) for i in range(6)]
+        b = [call("sk-b", f"shared-{i}", 5) for i in range(6)]
+        assert all(r.headers["x-request-id"] == f"shared-{i}" for rs in (a, b) for i, r in enumerate(rs))
+        assert all(w["calls"] for w in gw.ready()["workers"])  # both workers took some
+        again = call("sk-a", "shared-0", 1)
+        assert again.headers["x-request-id"].startswith("wg-")  # a team's reused id gets a fresh one
+        settled_a = settled_records(gw.url, [f"shared-{i}" for i in range(6)], key="sk-a")
+        assert {r["completion_tokens"] for r in settled_a.values()} == {2}
+        assert get("/v1/energy/shared-0", "sk-b").json()["completion_tokens"] == 5
+        assert get("/v1/energy/never-sent", "sk-b").status_code == 404
+
+        energy = get(f"/v1/energy/{again.headers['x-request-id']}", "sk-b")
+        assert energy.status_code == 404  # another team's id: not found, as if it did not exist
+        # CORS on the API, whoever answers: the figures' headers are exposed to the page.
+        assert again.headers.get("access-control-allow-origin") is None  # no origin sent
+        cors = get("/v1/energy/shared-0", "sk-a")
+        assert cors.headers["access-control-allow-origin"] == "https://app.example"
+        preflight = httpx.options(f"{gw.url}/v1/chat/completions", headers={
+            "origin": "https://app.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        # Teams see their own series only; the scrape key sees every team's.
+        team_series = [line for line in get("/metrics", "sk-a").text.splitlines()
+                       if line.startswith("wattgate_team_energy_joules_total")]
+        assert team_series and all('team="team-a"' in line for line in team_series)
+        assert 'team="team-b"' in get("/metrics", "sk-scrape").text
+
