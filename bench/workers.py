@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ IDLE_S = 2.0
 
 
 def _taskset(cores: list[int], cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+    return ["taskset", "-c", ",".join(map(str, cores)), *cmd] if shutil.which("taskset") else cmd
 
 
 async def _client(url: str, models: list[str], concurrency: int, n: int) -> int:
@@ -72,26 +73,31 @@ async def _client(url: str, models: list[str], concurrency: int, n: int) -> int:
         return sum(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-def _client_process(url: str, models: list[str], concurrency: int, n: int, cores: list[int],
+def _client_process(url: str, models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
                     out: Any) -> None:
     os.sched_setaffinity(0, cores)
-    out.put(asyncio.run(_client(url, models, concurrency, n)))
+    go.wait()  # every client imported and ready: the load starts together
+    t0 = time.monotonic()
+    chunks = asyncio.run(_client(url, models, concurrency, n))
+    out.put((chunks, t0, time.monotonic()))
 
 
 def _load(url: str, models: list[str], concurrency: int, n: int, clients: int, cores: list[int]) -> tuple[int, float]:
-    """Chunks relayed and seconds taken, the load split over ``clients`` processes."""
+    """Chunks relayed and seconds taken (from the first client's start to the last one's end: the
+    processes' own start-up left out), the load split over ``clients`` processes."""
     ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_client_process, args=(url, models, concurrency // clients, n // clients, cores, out))
+    out, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_client_process,
+                         args=(url, models, concurrency // clients, n // clients, cores, go, out))
              for _ in range(clients)]
-    t0 = time.monotonic()
     for p in procs:
         p.start()
-    chunks = sum(out.get(timeout=600) for _ in procs)  # a client that failed raised in its own process
-    wall = time.monotonic() - t0
+    time.sleep(0.5 + 0.2 * clients)  # let them import
+    go.set()
+    results = [out.get(timeout=600) for _ in procs]  # a client that failed raised in its own process
     for p in procs:
         p.join()
-    return chunks, wall
+    return sum(r[0] for r in results), max(r[2] for r in results) - min(r[1] for r in results)
 
 
 def _hub_cpu(hub: int | None) -> tuple[float, float]:
@@ -139,11 +145,12 @@ def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: li
             idle_s = time.monotonic() - t0
             idle_rate = (sum(_cpu_s(p) for p in pids) - cpu0) / idle_s
             hub_idle = [(b - a) / idle_s for a, b in zip(hub0, _hub_cpu(hub), strict=True)]
-            cpu0, hub0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub)
+            cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
             chunks, wall = _load(f"{url}/v1/chat/completions", list(models), level,
                                  level * args.requests_per_level, args.clients, other)
-            cpu = sum(_cpu_s(p) for p in pids) - cpu0 - idle_rate * wall
-            loop, meter = (b - a - idle * wall for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
+            spent = time.monotonic() - t0  # the clients' start-up too: idle CPU comes off over all of it
+            cpu = sum(_cpu_s(p) for p in pids) - cpu0 - idle_rate * spent
+            loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
             out[level] = {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
                           "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6}
     finally:
@@ -170,14 +177,15 @@ async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float
     while time.monotonic() < deadline:
         now, tokens = time.monotonic(), []
         for cid in list(left):
-            if int((tick + 1 + cid) * per_tick) > int((tick + cid) * per_tick):
+            due = min(int((tick + 1 + cid) * per_tick) - int((tick + cid) * per_tick), left[cid])
+            for _ in range(due):  # one event per token, as a worker reading them one by one sends
                 tokens += (cid, 1, now)
-                sent += 1
-                left[cid] -= 1
-                if not left[cid]:  # an event that needs a reply ends its batch
-                    del left[cid]
-                    writer.write(orjson.dumps([tokens, [["end", cid, "ok", now, 1.0]]]) + b"\n")
-                    tokens = []
+            sent += due
+            left[cid] -= due
+            if due and not left[cid]:  # an event that needs a reply ends its batch
+                del left[cid]
+                writer.write(orjson.dumps([tokens, [["end", cid, "ok", now, 1.0]]]) + b"\n")
+                tokens = []
         while len(left) < streams:
             left[next_cid] = TOKENS
             writer.write(orjson.dumps([tokens, [["open", next_cid, f"r{next_cid}", False, "m0", None, 16, now]]])

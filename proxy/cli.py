@@ -10,10 +10,17 @@ import sys
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("wattgate")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="wattgate", description="Energy-metering gateway for OpenAI-compatible APIs")
-    parser.add_argument("--version", action="version", version=f"wattgate {importlib.metadata.version('wattgate')}")
+    parser.add_argument("--version", action="version", version=f"wattgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway", formatter_class=defaults,
                            description="Run the gateway in front of the registry's upstreams, metering every request.")

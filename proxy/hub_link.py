@@ -41,7 +41,7 @@ from wattgate.proxy.settings import Model, Settings
 
 log = logging.getLogger("wattgate.worker")
 
-FLUSH_S = 0.005  # token events wait at most this long, to go to the hub together
+FLUSH_S = 0.005  # token events wait at most this long, to go to the hub together (their times go with them)
 # A reply the hub owes waits this long, then the worker goes on without it: a client-chosen id is used
 # unchecked (the hub checks it when it catches up), an ended call's figure is estimated here.
 REPLY_TIMEOUT_S = 0.5
@@ -228,8 +228,9 @@ class HubLink:
         """``/metrics``, ``/readyz`` and ``/v1/energy/{id}``, answered by the hub."""
         assert self._http is not None
         headers = {k: v for k, v in request.headers.items() if k in ("authorization", "accept")}
+        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")  # as the client sent it
         try:
-            async with self._http.get(f"http://hub{request.url.path}", headers=headers,
+            async with self._http.get(f"http://hub{path}", headers=headers,
                                       timeout=aiohttp.ClientTimeout(total=10)) as r:
                 body = await r.read()
                 return Response(body, r.status, media_type=r.headers.get("content-type"))
