@@ -7,6 +7,7 @@ then three overlapping ones, while the meter samples NVML in its thread.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 
@@ -20,6 +21,9 @@ pytestmark = [
     pytest.mark.skipif(visible_gpu_count() == 0, reason="no NVIDIA GPU visible to NVML"),
 ]
 GPU = 0
+# How late this GPU's instantaneous power reports a load change (`python -m bench.sensor_lag`); the meter's
+# `meter.power_lag_ms`. Set WATTGATE_TEST_POWER_LAG_MS to run the checks with a measured delay.
+POWER_LAG_MS = float(os.environ.get("WATTGATE_TEST_POWER_LAG_MS", "0"))
 
 
 def counter_j() -> float:
@@ -64,6 +68,7 @@ def meter(request):
         counter_cpu_budget=0.004 if request.param == "auto" else None,
         stale_after_s=3.0,
         on_settled=on_settled,
+        power_lag_s=POWER_LAG_MS / 1000,
     )
     m.start()
     time.sleep(0.5)

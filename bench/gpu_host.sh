@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The checks that need a GPU host (issue 19) and its cores (issue 16's curve), as one device run.
+#
+#   bash bench/gpu_host.sh prepare   # here, with network: wheels the GPU host lacks, into .whl/ (ignored)
+#   bash bench/gpu_host.sh run       # there (the device tool: carry .whl), results into $OUT (or ./gpu-out)
+#
+# The GPU host's image has Python 3.12 with PyTorch, NumPy, aiohttp, httpx, nvidia-ml-py and pytest, but
+# not the gateway's web stack: `prepare` downloads those wheels (no dependencies resolved: the list is
+# what the image lacks, as seen on 2026-11-27) and builds one of wattgate itself (19 MB in all). Each
+# step of `run` has its own timeout and writes its output as it goes, so one that fails leaves the
+# others' results. About 6 minutes on an H200 host; figures go to bench/RESULTS.md by hand.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MISSING=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection annotated-doc opentelemetry-api
+         orjson uvicorn ecologits openai httpx2 httpcore2 truststore jiter distro sniffio typing-extensions
+         codecarbon arrow authlib joserfc questionary prompt-toolkit wcwidth pycountry rapidfuzz types-python-dateutil)
+
+prepare() {
+  rm -rf .whl && mkdir -p .whl
+  for name in "${MISSING[@]}"; do
+    version=$(python3 -m pip show "$name" 2>/dev/null | awk '/^Version/{print $2}')  # this checkout's version
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d .whl "$name${version:+==$version}" || exit 1
+  done
+  python3 -m pip wheel -q --no-deps -w .whl . || exit 1
+  du -sh .whl
+}
+
+run() {
+  local out=${OUT:-gpu-out}
+  mkdir -p "$out"
+  export PYTHONUNBUFFERED=1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  step() { echo "=== $1 ($(date +%T))"; }
+  step env; { nproc; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } | tee "$out/env.txt"
+  step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
+  lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
+  step nvml_cost; timeout 20 python3 - <<'PY' 2>&1 | tee "$out/nvml_cost.txt"
+import time
+
+import pynvml
+
+pynvml.nvmlInit()
+h = pynvml.nvmlDeviceGetHandleByIndex(0)
+reads = {
+    "total energy counter": lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h),
+    "power usage (averaged)": lambda: pynvml.nvmlDeviceGetPowerUsage(h),
+    "power instant (field)": lambda: pynvml.nvmlDeviceGetFieldValues(h, [pynvml.NVML_FI_DEV_POWER_INSTANT]),
+}
+for name, read in reads.items():
+    read()
+    c0, t0 = time.thread_time(), time.perf_counter()
+    for _ in range(200):
+        read()
+    print(f"{name}: {(time.thread_time() - c0) / 200 * 1e6:.1f} us CPU, {(time.perf_counter() - t0) / 200 * 1e6:.1f} us wall")
+try:
+    print("MIG mode (current, pending):", pynvml.nvmlDeviceGetMigMode(h))
+except pynvml.NVMLError as exc:
+    print("MIG mode: NVMLError", exc)
+PY
+  for ms in 0 ${lag:-}; do
+    step "test_gpu, power_lag_ms $ms"
+    WATTGATE_TEST_POWER_LAG_MS=$ms timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 \
+      | tail -60 | tee "$out/test_gpu_lag$ms.txt"
+  done
+  step sampler; timeout 60 python3 -m bench.meter --only sampler --seconds 4 2>&1 | tee "$out/sampler.txt"
+  step workers; timeout 150 python3 -m bench.workers --workers 1 2 --levels 256 512 --gateway-cores 0,1,2 \
+    --upstreams 7 --clients 6 --requests-per-level 4 2>&1 | grep -v WARNING | tee "$out/workers.txt"
+  step done
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: bash bench/gpu_host.sh prepare|run" >&2; exit 2 ;;
+esac
