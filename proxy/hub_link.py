@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,14 +51,12 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024  # events the hub has not read: beyond this,
 OUTBOX_SIZE = 10_000  # calls estimated while the hub was away, kept for it
 
 
-class HubLink:
-    """A worker's connection to the hub; opens :class:`HubCall` windows (a :class:`~proxy.app.CallOpener`)."""
+class HubConnection:
+    """A worker's end of the hub's event socket: events batched out, replies in, reconnection, and an
+    outbox for what was estimated while the hub was away."""
 
-    def __init__(self, settings: Settings, runtime_dir: str | os.PathLike[str], index: int) -> None:
-        self.settings = settings
-        self.site = site_factors(settings)
-        self.events = events_path(runtime_dir)
-        self.api = api_path(runtime_dir)
+    def __init__(self, path: Path, index: int) -> None:
+        self.path = path
         self.index = index
         self.generation = 0  # counts connections: a call opened on an earlier one is the hub's no more
         self._writer: asyncio.StreamWriter | None = None
@@ -65,22 +64,17 @@ class HubLink:
         self._tokens: list[float] = []  # token events, flat: cid, n, t, cid, n, t, ...
         self._flush_at: asyncio.TimerHandle | None = None
         self._waiting: dict[tuple[str, int], asyncio.Future[list[Any] | None]] = {}
-        self._next_cid = 0
         self._outbox: deque[list[Any]] = deque()
         self._lost = 0  # estimated calls the outbox could not keep
         self.methods: dict[str, Method] = {}  # the hub's latest word on how each model's calls are metered
-        self._http: aiohttp.ClientSession | None = None
 
     @property
     def up(self) -> bool:
         return self._writer is not None
 
-    # -- the connection ------------------------------------------------------------
-
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Keep connected to the hub while the worker's app runs."""
-        self._http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.api)))
         task = asyncio.create_task(self._keep_connected())
         try:
             yield
@@ -90,13 +84,12 @@ class HubLink:
             task.cancel()
             if writer is not None:
                 writer.close()
-            await self._http.close()
 
     async def _keep_connected(self) -> None:
         wait = RECONNECT_S[0]
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.events, limit=MAX_LINE_BYTES)
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE_BYTES)
             except OSError:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RECONNECT_S[1])
@@ -197,15 +190,37 @@ class HubLink:
         else:
             self._lost += 1
 
-    # -- CallOpener ------------------------------------------------------------------
+
+class HubLink:
+    """A worker's link to the hub: opens :class:`HubCall` windows there (a :class:`~proxy.app.CallOpener`)
+    and passes it the routes it answers."""
+
+    def __init__(self, settings: Settings, runtime_dir: str | os.PathLike[str], index: int) -> None:
+        self.settings = settings
+        self.site = site_factors(settings)
+        self.index = index
+        self.conn = HubConnection(events_path(runtime_dir), index)
+        self.api = api_path(runtime_dir)
+        self._next_cid = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The connection to the hub and the client for its routes, while the worker's app runs."""
+        self._http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.api)))
+        try:
+            async with self.conn.running():
+                yield
+        finally:
+            await self._http.close()
 
     async def open(self, request_id: str, client_chose: bool, name: str, team: str | None,
                    prompt_tokens: int) -> HubCall:
         cid, self._next_cid = self._next_cid, self._next_cid + 1
         call = HubCall(self, cid, request_id, team, name, self.settings.models[name], prompt_tokens)
-        if not self.up:
+        if not self.conn.up:
             return call
-        opened = self.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
+        opened = self.conn.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
                                                call.opened_at])
         if not client_chose:  # a fresh id names no record yet: no need to wait for the hub
             opened.add_done_callback(call.opened)
@@ -220,9 +235,7 @@ class HubLink:
         return call
 
     def observe_loop_lag(self, seconds: float) -> None:
-        self.send(["lag", seconds])
-
-    # -- the routes the hub answers ----------------------------------------------------
+        self.conn.send(["lag", seconds])
 
     async def ask_hub(self, request: Request) -> Response:
         """``/metrics``, ``/readyz`` and ``/v1/energy/{id}``, answered by the hub."""
@@ -253,6 +266,7 @@ class HubCall:
 
     __slots__ = (
         "_completed",
+        "_conn",
         "_ended",
         "_energy",
         "_link",
@@ -283,8 +297,9 @@ class HubCall:
         self.prompt_tokens = prompt_tokens
         self.opened_at = time.monotonic()
         # Its events go to the connection it was opened on; -1: opened while the hub was away.
-        self.generation = link.generation if link.up else -1
-        self._method = link.methods.get(name, Method.ESTIMATE) if link.up else Method.ESTIMATE
+        self._conn = link.conn
+        self.generation = self._conn.generation if self._conn.up else -1
+        self._method = self._conn.methods.get(name, Method.ESTIMATE) if self._conn.up else Method.ESTIMATE
         self._seen = 0.0
         self._completed = 0
         self._usage: tuple[int | None, int | None] = (None, None)
@@ -304,28 +319,28 @@ class HubCall:
             self._method = Method.ESTIMATE
             return
         _, _, self.request_id, self.key, method = reply
-        self._method = self._link.methods[self.name] = Method(method)
+        self._method = self._conn.methods[self.name] = Method(method)
 
     @property
     def _live(self) -> bool:
-        return self.generation == self._link.generation and self._link.up
+        return self.generation == self._conn.generation and self._conn.up
 
     def tokens(self, n: float = 1) -> None:
         self._seen += n
         if self._live:
-            self._link.tokens(self.cid, n, time.monotonic())
+            self._conn.tokens(self.cid, n, time.monotonic())
 
     def completed(self, n: int) -> None:
         self._completed += n
         if self._live:
-            self._link.send(["done", self.cid, n])
+            self._conn.send(["done", self.cid, n])
 
     def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
         prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
         self._usage = (prompt if prompt is not None else self._usage[0],
                        completion if completion is not None else self._usage[1])
         if self._live:
-            self._link.send(["use", self.cid, prompt, completion])
+            self._conn.send(["use", self.cid, prompt, completion])
 
     def end(self, status: Status) -> None:
         if self._ended is not None:
@@ -333,7 +348,7 @@ class HubCall:
         t = time.monotonic()
         self._ended = (status, t)
         if self._live:
-            self._reply = self._link.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at])
+            self._reply = self._conn.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at])
 
     async def energy(self) -> dict[str, Any]:
         if self._energy is not None:
@@ -362,7 +377,7 @@ class HubCall:
                         end=end, status=status, fault=Fault.UNREACHABLE)
         m = measurement(window, Method.ESTIMATE, {}, True, 0.0, end)
         if keep:
-            self._link.keep(["rec", self.name, self.team, self.request_id, end - self.opened_at,
+            self._conn.keep(["rec", self.name, self.team, self.request_id, end - self.opened_at,
                              measurement_fields(m)])
         # Final for the worker, but the API calls a figure settled only once the hub has it.
         return {**energy_object(m, self._link.site, self.request_id), "settled": False}
