@@ -269,7 +269,6 @@ def add_book_routes(
 ) -> None:
     """``/v1/energy/{id}``, ``/metrics`` and ``/readyz``: answered by whoever keeps the books
     (``more_ready``: what else ``/readyz`` says, e.g. a hub's workers)."""
-    settings = gw.settings
 
     @app.get("/v1/energy/{request_id}")
     async def energy(request_id: str, request: Request) -> Response:
@@ -288,17 +287,22 @@ def add_book_routes(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        upstreams: dict[str, bool] = {}
-        for name, model in settings.models.items():
-            try:
-                status, _ = await gw.client.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
-                upstreams[name] = status < 500
-            except UPSTREAM_ERRORS:
-                upstreams[name] = False
-        meter_state = books.meter.state()
-        ready = all(upstreams.values())
-        body = {"ready": ready, "upstreams": upstreams, "meter": meter_state, **(more_ready() if more_ready else {})}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return await readiness(gw, books.meter.state(), more_ready() if more_ready else {})
+
+
+async def readiness(gw: GatewayState, meter_state: dict[str, Any], more: dict[str, Any]) -> Response:
+    """``/readyz``: ready when every upstream answers; the meter's state is reported, not required (a
+    meter fault never fails a request: figures fall back to estimates)."""
+    upstreams: dict[str, bool] = {}
+    for name, model in gw.settings.models.items():
+        try:
+            status, _ = await gw.client.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
+            upstreams[name] = status < 500
+        except UPSTREAM_ERRORS:
+            upstreams[name] = False
+    ready = all(upstreams.values())
+    body = {"ready": ready, "upstreams": upstreams, "meter": meter_state, **more}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 def create_app(

@@ -28,11 +28,12 @@ from typing import Any
 import aiohttp
 import orjson
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from wattgate.meter import Fault, Method, Status
 from wattgate.meter.window import Request as Window
 from wattgate.meter.window import measurement, token_count
+from wattgate.proxy.app import readiness
 from wattgate.proxy.books import site_factors
 from wattgate.proxy.errors import GatewayError
 from wattgate.proxy.figures import energy_object
@@ -248,8 +249,9 @@ class HubLink:
                 body = await r.read()
                 return Response(body, r.status, media_type=r.headers.get("content-type"))
         except (aiohttp.ClientError, TimeoutError):
-            if request.url.path == "/readyz":
-                return JSONResponse({"ready": False, "hub": "unreachable"}, status_code=503)
+            if request.url.path == "/readyz":  # the worker still serves calls, with estimates: ready if the upstreams are
+                meter = {"method": Method.ESTIMATE, "ok": False, "hub": "unreachable"}
+                return await readiness(request.app.state.gateway, meter, {})
             err = GatewayError("the gateway's hub, which keeps records and metrics, is not reachable; try again shortly")
             err.status, err.type = 503, "service_unavailable"
             return err.response()
