@@ -35,7 +35,8 @@ run() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
   step() { echo "=== $1 ($(date +%T))"; }
-  step env; { nproc; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } | tee "$out/env.txt"
+  step env; { nproc; lscpu -e 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } \
+    | tee "$out/env.txt"
   step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
   lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
   step nvml_cost; timeout 20 python3 - <<'PY' 2>&1 | tee "$out/nvml_cost.txt"
@@ -67,7 +68,19 @@ PY
       | tail -60 | tee "$out/test_gpu_lag$ms.txt"
   done
   step sampler; timeout 60 python3 -m bench.meter --only sampler --seconds 4 2>&1 | tee "$out/sampler.txt"
-  step workers; timeout 150 python3 -m bench.workers --workers 1 2 --levels 256 512 --gateway-cores 0,1,2 \
+  # The gateway on one thread of each of three physical cores (two workers sharing one core's two threads
+  # would each run at a fraction of its speed).
+  cores=$(python3 -c '
+import pathlib
+seen, first = set(), []
+for cpu in sorted(int(p.name[3:]) for p in pathlib.Path("/sys/devices/system/cpu").glob("cpu[0-9]*")):
+    f = pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    core = f.read_text().strip() if f.exists() else str(cpu)
+    if core not in seen:
+        seen.add(core)
+        first.append(cpu)
+print(",".join(map(str, first[:3])))')
+  step "workers, gateway on cores $cores"; timeout 150 python3 -m bench.workers --workers 1 2 --levels 256 512 --gateway-cores "$cores" \
     --upstreams 7 --clients 6 --requests-per-level 4 2>&1 | grep -v WARNING | tee "$out/workers.txt"
   step done
 }

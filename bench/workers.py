@@ -7,7 +7,8 @@
 For each N, one gateway (N = 1: the single process; N > 1: a hub and N relay
 workers) in front of fast simulated upstreams (``--itl-ms``, 1 ms per token by
 default, so that the gateway is the bottleneck), streamed 128-token answers at
-each concurrency. The gateway is pinned to ``--gateway-cores``; the upstreams and
+each concurrency. The gateway is pinned to ``--gateway-cores`` (give it one thread of
+each physical core: the bench prints which of them share one); the upstreams and
 the load generators (``--clients`` processes, aiohttp) to the other cores.
 
 Prints, per N and level: tokens (chunks) relayed per second, the CPU of all the
@@ -231,6 +232,14 @@ def _hub_alone(args: argparse.Namespace, other: list[int]) -> None:
         hub.join(30)
 
 
+def _siblings(cpu: int) -> str:
+    """The CPUs that share ``cpu``'s physical core (SMT), as Linux lists them."""
+    try:
+        return Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -257,6 +266,10 @@ def main() -> None:
     try:
         for p in up_ports:
             _wait(f"http://127.0.0.1:{p}/v1/models")
+        # Two processes on the two threads of one physical core each run at a fraction of its speed, so
+        # their CPU per chunk looks higher: say which cores share one.
+        shared = sorted({_siblings(c) for c in args.gateway_cores if "," in _siblings(c) or "-" in _siblings(c)})
+        print(f"gateway cores' SMT siblings: {', '.join(shared) if shared else 'none (one thread per core)'}")
         print(f"gateway on cores {args.gateway_cores}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
         print(f"{'N':>3}{'c':>5}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'hub: events':>13}{'meter':>7}"
