@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -34,8 +35,10 @@ SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 TOKENS = 128
 
 
-def _pinned(core: int, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else cmd
+def _pinned(cores: Sequence[int], cmd: list[str]) -> list[str]:
+    """``cmd`` run on ``cores`` (taskset), where there is more than one core to choose from."""
+    multi = shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+    return ["taskset", "-c", ",".join(map(str, cores)), *cmd] if multi else cmd
 
 
 def _wait(url: str) -> None:
@@ -124,9 +127,9 @@ def main() -> None:
     )
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
     exe = [sys.executable, "-m", "wattgate.proxy.cli"]
-    upstream = subprocess.Popen(_pinned(1, [*exe, "simulate-upstream", "--port", str(up_port)]))
+    upstream = subprocess.Popen(_pinned([1], [*exe, "simulate-upstream", "--port", str(up_port)]))
     gateway = subprocess.Popen(
-        _pinned(0, [*exe, "serve", "--config", str(tmp / "registry.yaml"), "--port", str(gw_port), "--log-level", "warning"])
+        _pinned([0], [*exe, "serve", "--config", str(tmp / "registry.yaml"), "--port", str(gw_port), "--log-level", "warning"])
     )
     try:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")

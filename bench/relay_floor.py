@@ -151,7 +151,7 @@ def main() -> None:
     )
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
     exe = [sys.executable, "-m"]
-    upstream = subprocess.Popen(_pinned(1, [*exe, "wattgate.proxy.cli", "simulate-upstream", "--port", str(up_port)]))
+    upstream = subprocess.Popen(_pinned([1], [*exe, "wattgate.proxy.cli", "simulate-upstream", "--port", str(up_port)]))
     try:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         n = args.concurrency * args.requests_per_stream
@@ -164,7 +164,7 @@ def main() -> None:
             else:
                 cmd = [*exe, "bench.relay_floor", "--serve", kind, str(port), str(up_port)]
                 model, health = SERVED, "/v1/models"
-            relay = subprocess.Popen(_pinned(0, cmd))
+            relay = subprocess.Popen(_pinned([0], cmd))
             try:
                 _wait(f"http://127.0.0.1:{port}{health}")
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"

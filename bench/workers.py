@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import httpx
 import orjson
 import yaml
 
-from bench.overhead import _cpu_s, _wait
+from bench.overhead import _cpu_s, _pinned, _wait
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -51,10 +50,6 @@ from wattgate.proxy.workers import run_hub
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 TOKENS = 128
 IDLE_S = 2.0
-
-
-def _taskset(cores: list[int], cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, cores)), *cmd] if shutil.which("taskset") else cmd
 
 
 async def _client(url: str, models: list[str], concurrency: int, n: int) -> int:
@@ -118,17 +113,23 @@ def _gateway_pids(url: str, supervisor: int, workers: int) -> tuple[list[int], i
     return [ready["hub_pid"], *(w["pid"] for w in ready["workers"])], ready["hub_pid"]
 
 
-def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: list[int]) -> dict[int, dict[str, float]]:
-    port = free_port()
+def _registry(models: dict[str, Any]) -> Path:
+    """A scratch folder holding a registry for ``models`` on the simulated meter (its ledger there too)."""
     tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
-    models = {f"m{i}": {"served_name": SERVED, "upstream": f"http://127.0.0.1:{p}/v1", "gpus": [0]}
-              for i, p in enumerate(upstreams)}
     registry = {"meter": {"source": "simulated", "foreign_poll_ms": 0}, "ledger": {"path": str(tmp / "ledger.db")},
                 "models": models}
     (tmp / "registry.yaml").write_text(yaml.safe_dump(registry))
+    return tmp
+
+
+def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: list[int]) -> dict[int, dict[str, float]]:
+    port = free_port()
+    models = {f"m{i}": {"served_name": SERVED, "upstream": f"http://127.0.0.1:{p}/v1", "gpus": [0]}
+              for i, p in enumerate(upstreams)}
+    tmp = _registry(models)
     cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(tmp / "registry.yaml"),
            "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    gateway = subprocess.Popen(_taskset(args.gateway_cores, cmd))
+    gateway = subprocess.Popen(_pinned(args.gateway_cores, cmd))
     url = f"http://127.0.0.1:{port}"
     out: dict[int, dict[str, float]] = {}
     try:
@@ -202,10 +203,7 @@ async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float
 
 def _hub_alone(args: argparse.Namespace, other: list[int]) -> None:
     """The hub on its own, fed by a synthetic worker on other cores: its CPU per token event."""
-    tmp = Path(tempfile.mkdtemp(prefix="wattgate-bench-"))
-    registry = {"meter": {"source": "simulated", "foreign_poll_ms": 0}, "ledger": {"path": str(tmp / "ledger.db")},
-                "models": {"m0": {"upstream": "http://127.0.0.1:9/v1", "gpus": [0]}}}
-    (tmp / "registry.yaml").write_text(yaml.safe_dump(registry))
+    tmp = _registry({"m0": {"upstream": "http://127.0.0.1:9/v1", "gpus": [0]}})
     ctx = multiprocessing.get_context("spawn")
     hub = ctx.Process(target=run_hub, args=(str(tmp / "registry.yaml"), str(tmp), "warning"))
     hub.start()
@@ -262,7 +260,7 @@ def main() -> None:
         return
     up_ports = [free_port() for _ in range(args.upstreams)]
     exe = [sys.executable, "-m", "wattgate.proxy.cli", "simulate-upstream", "--itl-ms", str(args.itl_ms)]
-    ups = [subprocess.Popen(_taskset(other, [*exe, "--port", str(p)]), stdout=subprocess.DEVNULL) for p in up_ports]
+    ups = [subprocess.Popen(_pinned(other, [*exe, "--port", str(p)]), stdout=subprocess.DEVNULL) for p in up_ports]
     try:
         for p in up_ports:
             _wait(f"http://127.0.0.1:{p}/v1/models")

@@ -62,11 +62,12 @@ class GatewayState:
     """What the routes of one app share: the caller's checks, the upstream client, and where calls are
     metered (``calls``: this process's books, or a multi-worker gateway's hub)."""
 
-    def __init__(self, settings: Settings, calls: CallOpener, books: Books | None = None) -> None:
+    def __init__(self, settings: Settings, calls: CallOpener, books: Books | None = None,
+                 keys: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.calls = calls
         self.books = books  # None in a worker: the hub keeps them
-        self.keys = load_keys(settings.gateway.auth)
+        self.keys = load_keys(settings.gateway.auth) if keys is None else keys  # read once: a file may be given
         self.metrics_aliases = frozenset(settings.gateway.auth.metrics_aliases)
         if unknown := self.metrics_aliases - set(self.keys.values()):
             raise ConfigError(f"gateway.auth.metrics_aliases: no key has the alias {', '.join(sorted(unknown))}")
@@ -82,7 +83,7 @@ class GatewayState:
         for name, model in settings.models.items():
             if model.api_key_env and not os.environ.get(model.api_key_env):
                 log.warning("model '%s': $%s is not set, so its upstream gets no key", name, model.api_key_env)
-        return cls(settings, books, books)
+        return cls(settings, books, books, keys)
 
     def authenticate(self, request: Request) -> str | None:
         """The caller's team alias; None when auth is off."""

@@ -254,12 +254,20 @@ class Books:
         return self.meter.method_for(model.gpus)
 
     def finish(self, name: str, model: Model, m: Measurement, status: Status, latency_s: float) -> dict[str, Any]:
-        """Count an ended call and store its figure in its record; its energy object."""
+        """An ended call's window leaves the gateway's load; the call is recorded (:meth:`record`)."""
         self.in_flight[name] -= 1
         for g in model.gpus:
             if g in self.drive:
                 self.drive[g].end_sequence()
-        self.count(name, m, status, latency_s)
+        return self.record(name, m, status, latency_s)
+
+    def record(self, name: str, m: Measurement, status: Status, latency_s: float) -> dict[str, Any]:
+        """Count an ended call and store its figure in its record; its energy object."""
+        mx = self.metrics
+        mx.requests.labels(name, status).inc()
+        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
+        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
+        mx.latency.labels(name).observe(latency_s)
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         energy = energy_object(m, self.site, None if rec is None else rec.request_id)
         if m.settled and self.ledger is not None:
@@ -268,13 +276,6 @@ class Books:
             return energy
         rec = self.records.update(m.request_id, energy)
         return rec.energy if rec is not None and rec.energy else energy
-
-    def count(self, name: str, m: Measurement, status: Status, latency_s: float) -> None:
-        mx = self.metrics
-        mx.requests.labels(name, status).inc()
-        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
-        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
-        mx.latency.labels(name).observe(latency_s)
 
 
 class LocalCall:

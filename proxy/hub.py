@@ -49,7 +49,6 @@ import orjson
 
 from wattgate.meter import Fault, Measurement, Method, Status
 from wattgate.proxy.books import Books, LocalCall
-from wattgate.proxy.figures import energy_object
 
 log = logging.getLogger("wattgate.hub")
 
@@ -199,7 +198,5 @@ class HubServer:
             return
         m = replace(m, request_id=key)
         books.metrics.meter_errors.labels(Fault.UNREACHABLE).inc()
-        books.count(name, m, m.status, latency_s)
-        if books.ledger is not None:  # settled once the ledger has it, as for the hub's own estimates
-            books.records.update(key, {**energy_object(m, books.site, request_id), "settled": False})
+        books.record(name, m, m.status, latency_s)
         books.settled(m)

@@ -145,14 +145,16 @@ class HubConnection:
         if self._writer is None:
             return
         self._batch.append(event)
-        if self._flush_at is None:
-            self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
+        self._flush_soon()
 
     def tokens(self, cid: int, n: float, t: float) -> None:
         """Queue a token event: the one event sent per streamed chunk, kept flat to cost the hub less."""
         if self._writer is None:
             return
         self._tokens += (cid, n, t)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if self._flush_at is None:
             self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
 
@@ -223,16 +225,15 @@ class HubLink:
             return call
         opened = self.conn.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
                                                call.opened_at])
-        if not client_chose:  # a fresh id names no record yet: no need to wait for the hub
+        if client_chose:  # the hub checks the team has not used it (a fresh id names no record: no wait)
+            try:
+                await asyncio.wait_for(asyncio.shield(opened), REPLY_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("worker %d: the hub did not check a call's id within %g s", self.index, REPLY_TIMEOUT_S)
+        if opened.done():
+            call.opened(opened)
+        else:
             opened.add_done_callback(call.opened)
-            return call
-        try:
-            await asyncio.wait_for(asyncio.shield(opened), REPLY_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("worker %d: the hub did not check a call's id within %g s", self.index, REPLY_TIMEOUT_S)
-            opened.add_done_callback(call.opened)
-            return call
-        call.opened(opened)
         return call
 
     def observe_loop_lag(self, seconds: float) -> None:
