@@ -39,7 +39,9 @@ from wattgate.proxy.exchange import Exchange, parse
 from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
 from wattgate.proxy.metrics import TeamView
+from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.records import record_key
+from wattgate.proxy.report import parse_duration
 from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient
@@ -47,6 +49,8 @@ from wattgate.proxy.upstream import UpstreamClient
 log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: What ``GET /v1/energy`` totals by: no ``team`` (a caller sees its own team's records only).
+SUMMARY_GROUPS = ("model", "day", "method")
 
 
 class CallOpener(Protocol):
@@ -230,7 +234,7 @@ def new_app(gw: GatewayState, running: Callable[[], AbstractAsyncContextManager[
 
 
 def add_call_routes(app: FastAPI, gw: GatewayState) -> None:
-    """The proxied calls, ``/v1/models`` and ``/healthz``: what a relay worker answers itself."""
+    """The proxied calls, ``/v1/models``, ``/healthz`` and the chat page: what a relay worker answers itself."""
     settings = gw.settings
 
     async def forward(request: Request, path: str) -> Response:
@@ -264,6 +268,9 @@ def add_call_routes(app: FastAPI, gw: GatewayState) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if settings.gateway.chat_page:
+        add_page_routes(app)
+
 
 def add_book_routes(
     app: FastAPI, gw: GatewayState, books: Books, more_ready: Callable[[], dict[str, Any]] | None = None
@@ -280,6 +287,18 @@ def add_book_routes(
         if not found:
             raise NotFound(f"no energy record for request '{request_id}'")
         return JSONResponse(found)
+
+    @app.get("/v1/energy")
+    async def summary(request: Request, by: str = "model", since: str | None = None) -> Response:
+        team = gw.authenticate(request)
+        if by not in SUMMARY_GROUPS:
+            raise InvalidRequest(f"by must be one of {', '.join(SUMMARY_GROUPS)}", param="by")
+        try:
+            since_s = parse_duration(since) if since else None
+        except ValueError as e:
+            raise InvalidRequest(str(e), param="since") from None
+        rows = await books.summary(by, team, since_s)
+        return JSONResponse({"object": "list", "by": by, "since": since, "data": rows})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

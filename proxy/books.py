@@ -25,6 +25,7 @@ from wattgate.proxy.figures import energy_object
 from wattgate.proxy.ledger import Ledger, default_path, to_row
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records
+from wattgate.proxy.report import totals
 from wattgate.proxy.settings import ConfigError, Model, Settings
 
 log = logging.getLogger("wattgate")
@@ -230,6 +231,22 @@ class Books:
         if self.ledger is None:
             return None
         return await asyncio.to_thread(self.ledger.get, request_id, team, any_team=any_team)
+
+    async def summary(self, by: str, team: str | None, since_s: float | None) -> list[dict[str, Any]]:
+        """``wattgate report``'s totals of the ledger by ``by`` (``team``'s records only, when given),
+        read on a connection of its own off the event loop; [] without a ledger."""
+        ledger = self.ledger
+        if ledger is None:
+            return []
+
+        def read() -> list[dict[str, Any]]:
+            db = ledger.reader()
+            try:
+                return totals(db, by, since_s, team=team)
+            finally:
+                db.close()
+
+        return await asyncio.to_thread(read)
 
     def begin(self, key: str, name: str, model: Model, prompt_tokens: int, t: float | None = None) -> RequestWindow:
         self.in_flight[name] += 1

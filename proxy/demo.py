@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,10 @@ def demo_ledger() -> Path:
     return data_dir() / "demo-ledger.db"
 
 
-def demo_settings(upstream_url: str) -> Settings:
+def demo_settings(upstream_url: str, ledger: Path | None = None) -> Settings:
     return Settings(
         site=Site(grid_zone="USA"),
-        ledger=LedgerSettings(path=demo_ledger()),
+        ledger=LedgerSettings(path=ledger or demo_ledger()),
         meter=MeterSettings(source="simulated", interval_ms=50, settle_lag_ms=500),
         models={MODEL: Model(served_name=SERVED, upstream=HttpUrl(f"{upstream_url}/v1"), gpus=[0])},
     )
@@ -112,27 +114,33 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(keep_serving: bool = False, port: int = 0) -> int:
+@contextmanager
+def demo_stack(port: int = 0, ledger: Path | None = None) -> Iterator[tuple[str, Meter]]:
+    """The demo's gateway (its URL, its meter) in front of a simulated vLLM on a simulated H100."""
     gpu = SimulatedGpu()
     upstream = SimulatedUpstream(gpu, served_name=SERVED)
     with ServerThread(upstream) as up:
-        settings = demo_settings(up.url)
+        settings = demo_settings(up.url, ledger)
         # The registry's wiring, with the upstream's simulated GPU as the one metered.
         meter, drive = build_meter(settings, simulated_gpus={0: gpu})
-        app = create_app(settings, meter=meter, drive=drive)
-        with ServerThread(app, port=port or None) as gw:
+        with ServerThread(create_app(settings, meter=meter, drive=drive), port=port or None) as gw:
             print(f"wattgate demo: gateway {gw.url} -> simulated vLLM {up.url} on a simulated H100 (method=simulated)")
-            print("sending 69 chat requests (streamed and not) in waves of 1, 4, 16 and 48 concurrent...\n")
-            rows = _settled(gw.url, asyncio.run(_workload(gw.url)))
-            print(_table(rows))
-            _totals(rows, meter)
-            if keep_serving:
-                _snippets(gw.url)
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+            yield gw.url, meter
+
+
+def run_demo(keep_serving: bool = False, port: int = 0) -> int:
+    with demo_stack(port) as (url, meter):
+        print("sending 69 chat requests (streamed and not) in waves of 1, 4, 16 and 48 concurrent...\n")
+        rows = _settled(url, asyncio.run(_workload(url)))
+        print(_table(rows))
+        _totals(rows, meter)
+        if keep_serving:
+            _snippets(url)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     return 0
 
 
@@ -164,7 +172,11 @@ def _totals(rows: list[dict[str, Any]], meter: Meter) -> None:
 def _snippets(url: str) -> None:
     print(
         f"""
-The gateway stays up at {url} (Ctrl+C to stop). Try:
+The gateway stays up at {url} (Ctrl+C to stop).
+
+  Chat in a browser, with each reply's energy under it:  {url}/chat
+
+Or try:
 
   curl -si {url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}]}}' | grep -i '^x-\\|energy'

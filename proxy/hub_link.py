@@ -240,10 +240,12 @@ class HubLink:
         self.conn.send(["lag", seconds])
 
     async def ask_hub(self, request: Request) -> Response:
-        """``/metrics``, ``/readyz`` and ``/v1/energy/{id}``, answered by the hub."""
+        """``/metrics``, ``/readyz``, ``/v1/energy`` and ``/v1/energy/{id}``, answered by the hub."""
         assert self._http is not None
         headers = {k: v for k, v in request.headers.items() if k in ("authorization", "accept")}
         path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")  # as the client sent it
+        if query := request.scope.get("query_string"):
+            path += "?" + query.decode("latin-1")
         try:
             async with self._http.get(f"http://hub{path}", headers=headers,
                                       timeout=aiohttp.ClientTimeout(total=10)) as r:
@@ -260,7 +262,7 @@ class HubLink:
 
 def add_hub_routes(app: FastAPI, link: HubLink) -> None:
     """The routes a worker passes to the hub."""
-    for path in ("/metrics", "/readyz", "/v1/energy/{request_id}"):
+    for path in ("/metrics", "/readyz", "/v1/energy", "/v1/energy/{request_id}"):
         app.add_route(path, link.ask_hub, methods=["GET"])
 
 

@@ -215,6 +215,10 @@ class Ledger:
             ).fetchone()
         return from_row(row) if row else None
 
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection of its own, for long reads that must not hold up the writer (WAL)."""
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+
     def close(self) -> None:
         """Write what is queued, then close."""
         self._queue.put(None)

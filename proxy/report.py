@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,10 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
-#: Everyday equivalents: (label, figure it divides, amount of that figure per unit, source).
-EQUIVALENTS = (
-    ("smartphone charges", "wh", 15.0, "a 15 Wh phone battery (3.85 V x 3900 mAh) filled once, charger losses left out"),
-    ("hours of a 10 W LED bulb", "wh", 10.0, "a 10 W LED bulb, the usual replacement for a 60 W incandescent"),
-    ("km by car", "gco2e", 248.5, "US EPA, 'Greenhouse Gas Emissions from a Typical Passenger Vehicle': ~400 g CO2/mile"),
-    ("0.5 L bottles of water", "water_ml", 500.0, "a 0.5 L bottle"),
-)
+#: Everyday equivalents, shared with the chat page and the widget (``static/equivalents.json``).
+EQUIVALENTS: list[dict[str, Any]] = json.loads(
+    resources.files("wattgate.proxy").joinpath("static/equivalents.json").read_text("utf-8")
+)["equivalents"]
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules")
@@ -63,13 +61,18 @@ def _methods(counts: list[float]) -> str:
 
 
 def totals(
-    db: sqlite3.Connection, by: str = "model", since_s: float | None = None, progress: bool = False
+    db: sqlite3.Connection, by: str = "model", since_s: float | None = None, progress: bool = False,
+    team: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per group: sums of the settled records, Wh per 1000 queries, measured share of energy."""
-    where, args = "WHERE settled = 1", []
+    """One row per group: sums of the settled records (``team``'s only, when given), Wh per 1000 queries,
+    measured share of energy."""
+    where, args = "WHERE settled = 1", list[Any]()
     if since_s is not None:
         where += " AND ts_end >= ?"
         args.append(time.time() - since_s)
+    if team is not None:
+        where += " AND team = ?"
+        args.append(team)
     n, lo, hi = db.execute(f"SELECT COUNT(*), MIN(ts_end), MAX(ts_end) FROM requests {where}", args).fetchone()
     if not progress or n < PROGRESS_ROWS:
         sums = _sums(db, by, where, args)
@@ -99,13 +102,29 @@ def totals(
     return out
 
 
+def _duration(hours: float) -> str:
+    for unit, per_hour in (("hours", 1.0), ("minutes", 60.0), ("seconds", 3600.0)):
+        if hours * per_hour >= 1 or unit == "seconds":
+            return f"{hours * per_hour:,.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
+def equivalent(entry: dict[str, Any], totals: dict[str, float]) -> str:
+    """One everyday equivalent of ``totals`` (``wh``, ``gco2e``, ``water_ml``), as the chat page words it."""
+    value = totals[entry["figure"]]
+    if entry["kind"] == "duration":
+        return f"{entry['what']} for {_duration(value / entry['watts'])}"
+    if entry["kind"] == "distance":
+        km = value / entry["g_per_km"]
+        return f"{entry['what']} driven {km:,.3g} km" if km >= 1 else f"{entry['what']} driven {km * 1000:,.3g} m"
+    n = value / entry["per_unit"]
+    return f"{n:,.3g} {entry['unit']}" if n >= 1 else f"{n * 100:,.3g} % of {entry['one']}"
+
+
 def equivalents(rows: list[dict[str, Any]]) -> list[str]:
-    """The totals of ``rows`` as everyday equivalents, each with its source."""
-    lines = []
-    for label, key, per_unit, source in EQUIVALENTS:
-        total = sum(r[key] for r in rows)
-        lines.append(f"{total / per_unit:,.3g} {label}  ({source})")
-    return lines
+    """The totals of ``rows`` as everyday equivalents, each with its basis."""
+    totals = {key: sum(r[key] for r in rows) for key in ("wh", "gco2e", "water_ml")}
+    return [f"{equivalent(e, totals)}  ({e['basis']})" for e in EQUIVALENTS]
 
 
 def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:

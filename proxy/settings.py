@@ -130,6 +130,9 @@ class GatewaySettings(_Strict):
     recent_records: int = Field(default=100_000, ge=100)
     # Browser origins allowed to call the API (CORS), as vLLM's server allows by default; [] = off.
     cors_allow_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # GET /chat (the per-chat energy page) and GET /widget.js (the drop-in badge for other front ends):
+    # static files that call the API with the user's own key, so they open nothing the API does not.
+    chat_page: bool = True
 
 
 class LedgerSettings(_Strict):

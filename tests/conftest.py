@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,8 @@ os.environ["WATTGATE_DATA_DIR"] = tempfile.mkdtemp(prefix="wattgate-test-")
 atexit.register(shutil.rmtree, os.environ["WATTGATE_DATA_DIR"], ignore_errors=True)
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
+#: Files a test keeps for people to look at (screenshots); the run's summary lists them.
+ARTIFACTS: list[Path] = []
 FAULTS = {
     "fault:slow": Scenario(first_token_delay_s=0.3),
     "fault:very-slow": Scenario(first_token_delay_s=30.0),
@@ -101,3 +104,16 @@ def stack():
         meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
         with ServerThread(create_app(settings, meter=meter)) as gw:
             yield Stack(gw.url, up.url, upstream, gpu, meter)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> list[Path]:
+    """Where a test lists the files it keeps (the same list the summary prints: import would copy it)."""
+    return ARTIFACTS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if ARTIFACTS:
+        terminalreporter.write_sep("-", "artifacts kept by the tests")
+        for path in ARTIFACTS:
+            terminalreporter.write_line(str(path))

@@ -298,6 +298,18 @@ def test_equivalents_state_their_sources():
 
     lines = equivalents([{"wh": 30.0, "gco2e": 497.0, "water_ml": 1000.0}])
     assert lines[0].startswith("2 smartphone charges") and "15 Wh" in lines[0]
-    assert lines[1].startswith("3 hours of a 10 W LED bulb")
-    assert lines[2].startswith("2 km by car") and "EPA" in lines[2]
-    assert lines[3].startswith("2 0.5 L bottles")
+    assert lines[1].startswith("a 10 W LED bulb for 3 hours")
+    assert lines[2].startswith("a 1000 W microwave for 1.8 minutes")  # 30 Wh / 1000 W = 108 s
+    assert lines[3].startswith("a petrol car driven 2 km") and "EPA" in lines[3]
+    assert lines[4].startswith("2 0.5 L bottles")
+
+
+def test_small_equivalents_read_as_shares_and_short_spans():
+    from wattgate.proxy.report import equivalents
+
+    lines = equivalents([{"wh": 0.03, "gco2e": 1.0, "water_ml": 5.0}])
+    assert lines[0].startswith("0.2 % of a smartphone charge")
+    assert lines[1].startswith("a 10 W LED bulb for 10.8 seconds")
+    assert lines[2].startswith("a 1000 W microwave for 0.108 seconds")
+    assert lines[3].startswith("a petrol car driven 4.02 m")
+    assert lines[4].startswith("1 % of a 0.5 L bottle of water")

@@ -297,6 +297,14 @@ def test_keys_teams_ids_and_cors_behave_as_with_one_process(tmp_path: Path, upst
         assert get("/v1/energy/shared-0", "sk-b").json()["completion_tokens"] == 5
         assert get("/v1/energy/never-sent", "sk-b").status_code == 404
 
+        # The ledger's totals, from the hub with the query string: the caller's team only.
+        def totals() -> list[tuple[str, int, int]]:
+            rows = get("/v1/energy?by=model&since=1d", "sk-b").json()["data"]
+            return [(t["model"], t["requests"], t["completion_tokens"]) for t in rows]
+
+        wait_until(lambda: totals() == [("llama", 6, 30)], timeout=10, what="team-b's six calls in its ledger totals")
+        assert get("/v1/energy?by=team", "sk-b").json()["error"]["param"] == "by"
+
         energy = get(f"/v1/energy/{again.headers['x-request-id']}", "sk-b")
         assert energy.status_code == 404  # another team's id: not found, as if it did not exist
         # CORS on the API, whoever answers: the figures' headers are exposed to the page.

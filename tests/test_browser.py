@@ -1,0 +1,191 @@
+"""The chat page and the widget in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Skipped, saying why, where no Chromium is installed (``apt-get install chromium``; `.ci/run` installs it).
+Screenshots go to $WATTGATE_TEST_ARTIFACTS (default: wattgate-test-artifacts in the system's temporary
+folder); the run's summary prints their paths.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from tests.conftest import settled_records
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.app import create_app
+from wattgate.proxy.demo import MODEL, SERVED, demo_stack
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import Auth, GatewaySettings, LedgerSettings, MeterSettings, Model, Settings
+from wattgate.proxy.simulated_upstream import SimulatedUpstream
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+CHROMIUM = os.environ.get("WATTGATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (as .ci/run does)")
+# As root in a container, on a machine with no route out: no sandbox, and no calls home at start.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+APP = Path(__file__).parent / "browser_app"
+FIGURES = ("joules", "wh", "gco2e", "water_ml")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with demo_stack(ledger=tmp_path_factory.mktemp("ledger") / "ledger.db") as (url, _):
+        yield url
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh tab (its own session storage) whose script errors fail the test."""
+    context = browser.new_context(viewport={"width": 1000, "height": 1100})
+    tab = context.new_page()
+    problems: list[str] = []
+    # Statuses the page meets (a 401 before a key is given) are the tests' to check; any other error,
+    # a CSP refusal included, is a problem.
+    tab.on("console", lambda m: problems.append(m.text)
+           if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    tab.on("pageerror", lambda e: problems.append(str(e)))
+    yield tab
+    context.close()
+    assert not problems, problems
+
+
+def screenshot(tab: Any, name: str, artifacts: list[Path]) -> None:
+    folder = Path(os.environ.get("WATTGATE_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "wattgate-test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    tab.screenshot(path=str(path), full_page=True)
+    artifacts.append(path)
+
+
+def badges(tab: Any) -> list[dict[str, Any]]:
+    """What each badge shows, as numbers (its data- attributes carry the figures it renders)."""
+    data = tab.eval_on_selector_all("wattgate-badge", "els => els.map(e => ({...e.dataset}))")
+    return [{**d, **{k: float(d[k.replace("_ml", "Ml")]) for k in FIGURES}} for d in data]
+
+
+def ask(tab: Any, text: str, replies: int) -> None:
+    tab.locator("#message").fill(text)
+    tab.locator("#message").press("Enter")  # the keyboard sends
+    playwright_api.expect(tab.locator("#log wattgate-badge")).to_have_count(replies, timeout=20_000)
+
+
+def test_each_reply_streams_in_with_a_badge_that_settles_to_its_record(demo, page, artifacts):
+    page.goto(f"{demo}/chat")
+    playwright_api.expect(page.locator("#chat")).to_be_visible()
+    page.evaluate("window.firstFigures = []; addEventListener('wattgate:reply', e => firstFigures.push(e.detail.energy))")
+    hostile = "<img src=x onerror=alert(1)><b>not bold</b>"
+    ask(page, hostile, 1)
+    ask(page, "What is PUE?", 2)
+
+    user = page.locator(".message.user .text")
+    assert user.first.text_content() == hostile  # shown as text
+    assert page.locator("#log img, #log b").count() == 0
+    assert all(t.strip() for t in page.locator(".message.assistant .text").all_text_contents())  # streamed in
+
+    first = page.evaluate("firstFigures")
+    assert [f["settled"] for f in first] == [False, False]  # provisional when the reply ended...
+    playwright_api.expect(page.locator("wattgate-badge[data-settled=false]")).to_have_count(0, timeout=20_000)
+    shown = badges(page)  # ...then settled, in place
+    records = settled_records(demo, [b["requestId"] for b in shown])
+    for b in shown:
+        assert b["method"] == "simulated" and b["settled"] == "true"
+        for k in FIGURES:
+            assert b[k] == pytest.approx(records[b["requestId"]][k], rel=1e-12), k
+    badge_text = page.locator("wattgate-badge .badge").first.text_content()  # (in its shadow root)
+    assert "J" in badge_text and "gCO2e" in badge_text and "mL water" in badge_text and "simulated" in badge_text
+
+    total = page.locator("#total")
+    assert float(total.get_attribute("data-joules")) == pytest.approx(sum(b["joules"] for b in shown), rel=1e-9)
+    text = page.locator("#total .total").text_content()
+    assert "2 replies" in text and "smartphone charge" in text and "1000 W microwave" in text
+    playwright_api.expect(page.locator("#model option").first).to_contain_text("J per 1,000 tokens")
+    screenshot(page, "chat-page", artifacts)
+
+    page.locator("#new").click()
+    playwright_api.expect(page.locator("#log .message")).to_have_count(0)
+    assert total.get_attribute("data-joules") == "0"
+
+
+def test_the_page_fits_a_phone_and_every_control_has_a_label(demo, browser, artifacts):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
+    tab = context.new_page()
+    tab.goto(f"{demo}/chat")
+    playwright_api.expect(tab.locator("#chat")).to_be_visible()
+    ask(tab, "hi", 1)
+    assert tab.evaluate("document.documentElement.scrollWidth") <= 360  # nothing wider than the screen
+    assert tab.evaluate("[...document.querySelectorAll('input, select, textarea')].every(e => e.labels.length)")
+    assert tab.evaluate("[...document.querySelectorAll('button')].every(b => b.textContent.trim())")
+    screenshot(tab, "chat-page-phone", artifacts)
+    context.close()
+
+
+def test_with_keys_the_page_asks_for_one_and_shows_only_its_teams_figures(browser, page, tmp_path, monkeypatch):
+    monkeypatch.setenv("WG_BROWSER_KEYS", "team-a:sk-a,team-b:sk-b")
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=16)) as up:
+        settings = Settings(
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            ledger=LedgerSettings(path=tmp_path / "ledger.db"),
+            gateway=GatewaySettings(auth=Auth(keys_env="WG_BROWSER_KEYS")),
+            models={MODEL: Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
+        )
+        with ServerThread(create_app(settings)) as gw:
+            other = httpx.post(f"{gw.url}/v1/chat/completions", headers={"authorization": "Bearer sk-b"},
+                               json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+            settled_records(gw.url, [other.headers["x-request-id"]], key="sk-b")
+
+            page.goto(f"{gw.url}/chat")
+            playwright_api.expect(page.locator("#key-form")).to_be_visible()
+            page.locator("#key").fill("sk-wrong")
+            page.locator("#key").press("Enter")
+            playwright_api.expect(page.locator("#error")).to_have_text("That key was refused.")
+            page.locator("#key").fill("sk-a")
+            page.locator("#key").press("Enter")
+            playwright_api.expect(page.locator("#chat")).to_be_visible()
+            # team-b's settled reply is not team-a's to see
+            playwright_api.expect(page.locator("#model-energy")).to_contain_text("No settled replies")
+            assert page.evaluate("sessionStorage.getItem('wattgate-key')") == "sk-a"
+            assert page.evaluate("localStorage.length") == 0
+            ask(page, "hi", 1)
+            playwright_api.expect(page.locator("#model-energy")).to_contain_text("over 1 settled reply", timeout=20_000)
+            mine = badges(page)[0]
+            assert mine["requestId"] != other.headers["x-request-id"]
+            page.locator("#forget-key").click()
+            playwright_api.expect(page.locator("#key-form")).to_be_visible()
+            assert page.evaluate("sessionStorage.getItem('wattgate-key')") is None
+
+
+def test_the_widget_on_another_origin_shows_each_reply_and_the_total(demo, page, artifacts):
+    with ServerThread(Starlette(routes=[Mount("/", StaticFiles(directory=APP, html=True))])) as other:
+        page.goto(f"{other.url}/?gateway={demo}")
+        playwright_api.expect(page.locator("body[data-done=true]")).to_have_count(1, timeout=20_000)
+        playwright_api.expect(page.locator("wattgate-panel wattgate-badge")).to_have_count(2, timeout=20_000)
+        playwright_api.expect(page.locator("wattgate-badge[data-settled=false]")).to_have_count(0, timeout=20_000)
+        shown = badges(page)
+        records = settled_records(demo, [b["requestId"] for b in shown])
+        assert len(records) == 2
+        for b in shown:
+            for k in FIGURES:
+                assert b[k] == pytest.approx(records[b["requestId"]][k], rel=1e-12), k
+        total = page.locator("wattgate-total")
+        assert float(total.get_attribute("data-joules")) == pytest.approx(sum(b["joules"] for b in shown), rel=1e-9)
+        assert "2 replies" in page.locator("wattgate-total .total").text_content()
+        screenshot(page, "widget-on-another-origin", artifacts)
