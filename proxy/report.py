@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -102,10 +103,21 @@ def totals(
     return out
 
 
+def sig3(x: float) -> str:
+    """``x`` to three significant figures, with thousands separators and no exponent: as the widget
+    shows it (``Intl.NumberFormat`` with ``maximumSignificantDigits: 3`` in an English locale)."""
+    if x == 0:
+        return "0"
+    places = 2 - math.floor(math.log10(abs(x)))  # negative for 1,000 and up: 123,456 -> 123,000
+    decimals = max(0, places)
+    text = f"{round(x, places):,.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if decimals else text
+
+
 def _duration(hours: float) -> str:
     for unit, per_hour in (("hours", 1.0), ("minutes", 60.0), ("seconds", 3600.0)):
         if hours * per_hour >= 1 or unit == "seconds":
-            return f"{hours * per_hour:,.3g} {unit}"
+            return f"{sig3(hours * per_hour)} {unit}"
     raise AssertionError("unreachable")
 
 
@@ -116,9 +128,9 @@ def equivalent(entry: dict[str, Any], totals: dict[str, float]) -> str:
         return f"{entry['what']} for {_duration(value / entry['watts'])}"
     if entry["kind"] == "distance":
         km = value / entry["g_per_km"]
-        return f"{entry['what']} driven {km:,.3g} km" if km >= 1 else f"{entry['what']} driven {km * 1000:,.3g} m"
+        return f"{entry['what']} driven {sig3(km)} km" if km >= 1 else f"{entry['what']} driven {sig3(km * 1000)} m"
     n = value / entry["per_unit"]
-    return f"{n:,.3g} {entry['unit']}" if n >= 1 else f"{n * 100:,.3g} % of {entry['one']}"
+    return f"{sig3(n)} {entry['unit']}" if n >= 1 else f"{sig3(n * 100)} % of {entry['one']}"
 
 
 def equivalents(rows: list[dict[str, Any]]) -> list[str]:

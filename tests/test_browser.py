@@ -36,6 +36,35 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 APP = Path(__file__).parent / "browser_app"
 FIGURES = ("joules", "wh", "gco2e", "water_ml")
+# Text whose contrast with its background is under WCAG AA's 4.5:1 (shadow roots included; disabled
+# controls are exempt): [tag, text, ratio].
+LOW_CONTRAST = """() => {
+  const rgb = (s) => s.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (c) => ((c /= 255) <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const up = (e) => e.parentElement || (e.getRootNode() instanceof ShadowRoot ? e.getRootNode().host : null);
+  const background = (el) => {
+    for (let e = el; e; e = up(e)) {
+      const v = rgb(getComputedStyle(e).backgroundColor);
+      if (v.length < 4 || v[3] > 0) return v.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const low = [];
+  const visit = (root) => {
+    for (const el of root.querySelectorAll("*")) {
+      if (el.shadowRoot) visit(el.shadowRoot);
+      const text = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+      if (!text || el.closest("button:disabled") || !el.getClientRects().length) continue;
+      const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(background(el))].sort((x, y) => y - x);
+      if ((a + 0.05) / (b + 0.05) < 4.5) low.push([el.tagName, el.textContent.slice(0, 30), (a + 0.05) / (b + 0.05)]);
+    }
+  };
+  visit(document);
+  return low;
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +154,34 @@ def test_each_reply_streams_in_with_a_badge_that_settles_to_its_record(demo, pag
     assert total.get_attribute("data-joules") == "0"
 
 
+def test_a_reply_stopped_midway_still_shows_what_it_used(demo, page):
+    page.goto(f"{demo}/chat")
+    playwright_api.expect(page.locator("#chat")).to_be_visible()
+    page.locator("#message").fill("Tell me a long story.")
+    page.locator("#send").click()
+    playwright_api.expect(page.locator(".message.assistant .text")).not_to_have_text("")  # streaming
+    page.locator("#stop").click()
+    playwright_api.expect(page.locator("#log wattgate-badge")).to_have_count(1, timeout=20_000)
+    playwright_api.expect(page.locator("wattgate-badge .status")).to_have_text("stopped")
+    playwright_api.expect(page.locator("wattgate-badge[data-settled=false]")).to_have_count(0, timeout=20_000)
+    shown = badges(page)[0]
+    record = settled_records(demo, [shown["requestId"]])[shown["requestId"]]
+    assert record["status"] == "client_closed" and 0 < record["completion_tokens"] < 64
+    assert shown["joules"] == pytest.approx(record["joules"], rel=1e-12)
+    assert float(page.locator("#total").get_attribute("data-joules")) == pytest.approx(record["joules"], rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.03, 1.0, 47.0, 12_345.0])
+def test_the_pages_equivalents_are_the_reports_word_for_word(demo, page, scale):
+    from wattgate.proxy.report import EQUIVALENTS, equivalent
+
+    totals = {"wh": 0.0502 * scale, "gco2e": 0.0289 * scale, "water_ml": 0.273 * scale}
+    page.goto(f"{demo}/chat")
+    playwright_api.expect(page.locator("#chat")).to_be_visible()
+    shown = page.evaluate("t => WattGate.equivalents.map(e => WattGate.equivalent(e, t))", totals)
+    assert shown == [equivalent(e, totals) for e in EQUIVALENTS]
+
+
 def test_the_page_fits_a_phone_and_every_control_has_a_label(demo, browser, artifacts):
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
     tab = context.new_page()
@@ -134,6 +191,8 @@ def test_the_page_fits_a_phone_and_every_control_has_a_label(demo, browser, arti
     assert tab.evaluate("document.documentElement.scrollWidth") <= 360  # nothing wider than the screen
     assert tab.evaluate("[...document.querySelectorAll('input, select, textarea')].every(e => e.labels.length)")
     assert tab.evaluate("[...document.querySelectorAll('button')].every(b => b.textContent.trim())")
+    playwright_api.expect(tab.locator("wattgate-badge[data-settled=false]")).to_have_count(0, timeout=20_000)
+    assert tab.evaluate(LOW_CONTRAST) == []
     screenshot(tab, "chat-page-phone", artifacts)
     context.close()
 

@@ -313,3 +313,13 @@ def test_small_equivalents_read_as_shares_and_short_spans():
     assert lines[2].startswith("a 1000 W microwave for 0.108 seconds")
     assert lines[3].startswith("a petrol car driven 4.02 m")
     assert lines[4].startswith("1 % of a 0.5 L bottle of water")
+
+
+@pytest.mark.parametrize(("x", "text"), [
+    (0, "0"), (1440.0, "1,440"), (999.6, "1,000"), (0.9996, "1"), (0.3344, "0.334"), (12.34, "12.3"),
+    (0.000123456, "0.000123"), (2.0, "2"), (123456.7, "123,000"), (-0.0456, "-0.0456"),
+])
+def test_figures_read_to_three_significant_digits_without_exponents(x, text):
+    from wattgate.proxy.report import sig3
+
+    assert sig3(x) == text

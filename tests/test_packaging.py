@@ -28,6 +28,12 @@ def test_the_packages_import_under_the_wattgate_namespace_from_outside_the_repo(
     assert out.stdout.strip() == "wattgate.meter.meter"
 
 
+def test_the_chat_page_ships_in_the_package(tmp_path):
+    code = "from wattgate.proxy.page import static_files; print(' '.join(sorted(static_files())))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["/chat", "/chat/chat.css", "/chat/chat.js", "/chat/icon.svg", "/widget.js"]
+
+
 def test_the_meter_imports_nothing_of_the_proxy():
     for path in (ROOT / "meter").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

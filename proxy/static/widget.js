@@ -132,9 +132,32 @@
     const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
     const response = await nativeFetch(input, init);
     if (response.ok && watched(new URL(url, location.href).href, init || (input instanceof Request ? input : null))) {
-      observe(response.clone(), requestFacts(input, init)).catch(() => {}); // aborted: no figure to show
+      const facts = requestFacts(input, init);
+      const id = response.headers.get("x-request-id");
+      // Stopped before its figure came (the app aborted): the gateway still records what it used.
+      observe(response.clone(), facts).catch(() => id && recorded(id, facts));
     }
     return response;
+  }
+
+  /** The gateway's record of `id`, once it has one that `wanted` accepts (null if it never does). */
+  async function poll(id, authorization, wanted) {
+    const headers = authorization ? { authorization } : {};
+    for (const wait of [300, 700, 1000, 2000, 4000, 8000, 15000]) {
+      await new Promise((resolve) => setTimeout(resolve, wait));
+      try {
+        const r = await nativeFetch(`${apiBase}/energy/${encodeURIComponent(id)}`, { headers });
+        if (r.status === 401 || r.status === 403) return null;
+        const record = r.ok ? await r.json() : null;
+        if (record && wanted(record)) return record;
+      } catch { /* the gateway restarting: try again */ }
+    }
+    return null;
+  }
+
+  async function recorded(id, facts) {
+    const record = await poll(id, facts.authorization, () => true);
+    if (record) add(record, facts);
   }
 
   function add(energy, facts) {
@@ -147,21 +170,10 @@
 
   /** Follows GET /v1/energy/{id} until the record is settled (about a second, more under load). */
   async function settle(reply) {
-    const id = encodeURIComponent(reply.energy.request_id);
-    const headers = reply.authorization ? { authorization: reply.authorization } : {};
-    for (const wait of [300, 700, 1000, 2000, 4000, 8000, 15000]) {
-      await new Promise((resolve) => setTimeout(resolve, wait));
-      let record = null;
-      try {
-        const r = await nativeFetch(`${apiBase}/energy/${id}`, { headers });
-        if (r.status === 401 || r.status === 403) return;
-        if (r.ok) record = await r.json();
-      } catch { /* the gateway restarting: try again */ }
-      if (record && record.settled && replies.includes(reply)) {
-        reply.energy = { ...reply.energy, ...record };
-        changed(reply, "wattgate:update");
-        return;
-      }
+    const record = await poll(reply.energy.request_id, reply.authorization, (r) => r.settled);
+    if (record && replies.includes(reply)) {
+      reply.energy = { ...reply.energy, ...record };
+      changed(reply, "wattgate:update");
     }
   }
 
@@ -214,6 +226,7 @@
                                  [METHODS[e.method] || e.method, "method"], [state, `state ${state}`]]) {
         box.append(node("span", text, cls));
       }
+      if (e.status === "client_closed") box.append(node("span", "stopped", "status"));
       if (e.method === "estimate") box.title = "estimated: the gateway could not measure this reply's GPU";
       root.replaceChildren(box);
       Object.assign(this.dataset, { requestId: e.request_id, joules: e.joules, wh: e.wh, gco2e: e.gco2e,
@@ -301,6 +314,8 @@
     readEvents,
     /** A number to three significant figures, as the badges show it. */
     format: fmt,
+    /** One everyday equivalent of totals {wh, gco2e, water_ml}, worded as `wattgate report` words it. */
+    equivalent,
     equivalents: EQUIVALENTS,
     apiBase,
   };
