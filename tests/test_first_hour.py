@@ -4,6 +4,7 @@ failures that say where, registry mistakes that say what was meant, a demo that 
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 
@@ -119,3 +120,22 @@ def test_the_demo_keeps_its_own_ledger(monkeypatch, tmp_path):
     monkeypatch.setenv("WATTGATE_DATA_DIR", str(tmp_path))
     path = demo_settings("http://127.0.0.1:1").ledger.path
     assert path == data_dir() / "demo-ledger.db" and path != data_dir() / "ledger.db"
+
+
+def test_the_demo_kept_serving_prints_the_chat_pages_url_and_serves_it():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "demo", "--keep-serving", "--port", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = f"http://127.0.0.1:{port}/chat"
+        for line in proc.stdout:  # the demo's table first, then what to try
+            if url in line:
+                break
+        else:
+            raise AssertionError(f"the demo ended without printing {url}")
+        page = httpx.get(url)
+        assert page.status_code == 200 and "wattgate chat" in page.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0

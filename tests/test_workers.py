@@ -304,6 +304,7 @@ def test_keys_teams_ids_and_cors_behave_as_with_one_process(tmp_path: Path, upst
 
         wait_until(lambda: totals() == [("llama", 6, 30)], timeout=10, what="team-b's six calls in its ledger totals")
         assert get("/v1/energy?by=team", "sk-b").json()["error"]["param"] == "by"
+        assert get("/chat").status_code == 200 and get("/widget.js").status_code == 200  # static: any worker, no key
 
         energy = get(f"/v1/energy/{again.headers['x-request-id']}", "sk-b")
         assert energy.status_code == 404  # another team's id: not found, as if it did not exist
