@@ -30,6 +30,8 @@ from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
 CHROMIUM = os.environ.get("WATTGATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and os.environ.get("WATTGATE_REQUIRE_BROWSER"):  # CI: a skip here would hide the page's tests
+    raise RuntimeError("WATTGATE_REQUIRE_BROWSER is set and no Chromium is installed (apt-get install chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (as .ci/run does)")
 # As root in a container, on a machine with no route out: no sandbox, and no calls home at start.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
