@@ -5,10 +5,15 @@ Grid carbon intensity comes from the data CodeCarbon ships (read through
 mix (Our World in Data / Ember, gCO2e/kWh, ``carbon_intensity``) and
 per-region figures of cloud providers (``impact``, gCO2e/kWh).
 
+A live figure (a provider's, at the time of a request) can stand in for the zone's
+annual average: :class:`GridIntensity` says which one a figure used.
+
 Arithmetic (docs/architecture.md, "Footprint"):
     facility kWh = IT kWh x PUE
-    gCO2e        = facility kWh x grid intensity (g/kWh)
+    gCO2e        = facility kWh x grid intensity (g/kWh): market-based when the site fixes one, else location-based
     water L      = IT kWh x on-site WUE (L/kWh) + facility kWh x water intensity of electricity (L/kWh)
+
+Location-based gCO2e (the zone's grid, what SCI asks for) is always computed as well.
 """
 
 from __future__ import annotations
@@ -22,15 +27,27 @@ J_PER_WH = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
+class GridIntensity:
+    """A grid's carbon intensity and where it came from."""
+
+    g_per_kwh: float
+    source: str  # "codecarbon" (the zone's annual average), "electricitymaps", "watttime", "override"
+    signal: str  # "average" or "marginal" (location-based); "contractual" for a site's own (market-based) figure
+    zone: str
+    at: float | None = None  # Unix time the figure is for; None for an annual average or a fixed figure
+    fallback: str | None = None  # the live source this static figure stands in for (it failed, or its data is old)
+
+
+@dataclass(frozen=True, slots=True)
 class SiteFactors:
     """Factors of one site. Defaults and their sources: see README, "Factors"."""
 
     grid_zone: str
-    grid_intensity_g_per_kwh: float
+    location: GridIntensity  # the zone's annual average (CodeCarbon): what a live provider's figure stands in for
+    market: GridIntensity | None  # the site's own figure (a PPA, a supplier's mix): market-based, used when set
     pue: float
     wue_site_l_per_kwh: float
     water_grid_l_per_kwh: float
-    intensity_source: str  # "codecarbon:<zone>" or "override"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +56,22 @@ class Footprint:
 
     joules: float
     wh: float
-    gco2e: float
+    gco2e: float  # market-based when the site fixes its intensity, else location-based
+    gco2e_location: float
     water_ml: float
+    grid: GridIntensity  # the intensity ``gco2e`` used
 
 
-def footprint(joules: float, site: SiteFactors) -> Footprint:
-    """Carbon and water of ``joules`` of IT energy at ``site``."""
+def footprint(joules: float, site: SiteFactors, location: GridIntensity | None = None) -> Footprint:
+    """Carbon and water of ``joules`` of IT energy at ``site``; ``location``: the grid's intensity at the
+    time (default: the zone's annual average)."""
+    location = location or site.location
     it_kwh = joules / J_PER_KWH
     facility_kwh = it_kwh * site.pue
     water_l = it_kwh * site.wue_site_l_per_kwh + facility_kwh * site.water_grid_l_per_kwh
-    return Footprint(joules, joules / J_PER_WH, facility_kwh * site.grid_intensity_g_per_kwh, water_l * 1000.0)
+    used = site.market or location
+    return Footprint(joules, joules / J_PER_WH, facility_kwh * used.g_per_kwh, facility_kwh * location.g_per_kwh,
+                     water_l * 1000.0, used)
 
 
 class UnknownZone(ValueError):

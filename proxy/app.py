@@ -164,21 +164,21 @@ async def probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5
 
 @asynccontextmanager
 async def books_running(gw: GatewayState, books: Books) -> AsyncIterator[None]:
-    """The books' meter and the foreign-load poller, for the lifespan of the app that keeps them."""
+    """The books' meter, grid feed and foreign-load poller, for the lifespan of the app that keeps them."""
     settings = gw.settings
     books.start()
-    poller = None
+    tasks = [asyncio.create_task(books.grid.run())]
     if settings.meter.foreign_poll_ms and books.meter.sampler is not None:
         foreign = ForeignLoadPoller(
             gw.client, books.meter, settings.models, settings.served_name, books.in_flight,
             settings.meter.foreign_poll_ms / 1000,
         )
-        poller = asyncio.create_task(foreign.run())
+        tasks.append(asyncio.create_task(foreign.run()))
     try:
         yield
     finally:
-        if poller is not None:
-            poller.cancel()
+        for task in tasks:
+            task.cancel()
         books.stop()  # settles what it can: those records still reach the ledger
 
 
@@ -307,7 +307,8 @@ def add_book_routes(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        return await readiness(gw, books.meter.state(), more_ready() if more_ready else {})
+        more = {"grid": books.grid.state(), **(more_ready() if more_ready else {})}
+        return await readiness(gw, books.meter.state(), more)
 
 
 async def readiness(gw: GatewayState, meter_state: dict[str, Any], more: dict[str, Any]) -> Response:

@@ -17,11 +17,12 @@ from collections import Counter
 from typing import Any, Protocol
 
 from wattgate.meter import Fault, Measurement, Meter, MeterFault, Method, RequestWindow, Status
-from wattgate.meter.footprint import SiteFactors, UnknownZone, grid_intensity
+from wattgate.meter.footprint import GridIntensity, SiteFactors, UnknownZone, grid_intensity
 from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
 from wattgate.meter.sources import PowerSource
 from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
 from wattgate.proxy.figures import energy_object
+from wattgate.proxy.grid import GridFeed, provider_from
 from wattgate.proxy.ledger import Ledger, default_path, to_row
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records
@@ -72,14 +73,14 @@ def new_request_id() -> str:
 
 def site_factors(settings: Settings) -> SiteFactors:
     s = settings.site
+    try:
+        location = GridIntensity(grid_intensity(s.grid_zone), "codecarbon", "average", s.grid_zone)
+    except UnknownZone as exc:
+        raise ConfigError(f"site.grid_zone: {exc}") from None
+    market = None
     if s.grid_intensity_g_per_kwh is not None:
-        intensity, source = s.grid_intensity_g_per_kwh, "override"
-    else:
-        try:
-            intensity, source = grid_intensity(s.grid_zone), f"codecarbon:{s.grid_zone}"
-        except UnknownZone as exc:
-            raise ConfigError(f"site.grid_zone: {exc}") from None
-    return SiteFactors(s.grid_zone, intensity, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh, source)
+        market = GridIntensity(s.grid_intensity_g_per_kwh, "override", "contractual", s.grid_zone)
+    return SiteFactors(s.grid_zone, location, market, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh)
 
 
 def build_meter(
@@ -157,6 +158,11 @@ class Books:
             if settings.ledger.enabled
             else None
         )
+        provider = settings.site.grid_provider
+        self.grid = GridFeed(self.site.location, provider_from(provider), provider.poll_s, provider.max_age_s,
+                             lambda source: self.metrics.grid_errors.labels(source).inc())
+        if self.grid.provider is not None:
+            self.metrics.grid_errors.labels(self.grid.provider.name)
         self.estimates = Meter(None)  # windows for when the meter itself fails
         self.estimates.on_settled = self.settled
         meter.on_settled = self.settled
@@ -179,7 +185,7 @@ class Books:
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         if rec is None:
             return
-        energy = energy_object(m, self.site, rec.request_id)
+        energy = energy_object(m, self.site, rec.request_id, rec.grid)
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:
@@ -286,7 +292,10 @@ class Books:
         mx.tokens.labels(name, "completion").inc(m.completion_tokens)
         mx.latency.labels(name).observe(latency_s)
         rec = self.records.get(m.request_id)  # the window is named by the record's key
-        energy = energy_object(m, self.site, None if rec is None else rec.request_id)
+        grid = self.grid.at()  # the intensity in force as it ended: its settled figure uses the same
+        if rec is not None:
+            rec.grid = grid
+        energy = energy_object(m, self.site, None if rec is None else rec.request_id, grid)
         if m.settled and self.ledger is not None:
             # Final already (an estimate), but the API says settled only once the ledger has it.
             self.records.update(m.request_id, {**energy, "settled": False})

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from wattgate.meter import Measurement
-from wattgate.meter.footprint import SiteFactors, footprint
+from wattgate.meter.footprint import GridIntensity, SiteFactors, footprint
 
 
-def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None) -> dict[str, Any]:
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def grid_object(grid: GridIntensity) -> dict[str, Any]:
+    """Where a grid intensity came from, as the ``energy`` object's ``grid`` says it."""
+    return {"source": grid.source, "signal": grid.signal, "zone": grid.zone, "g_per_kwh": grid.g_per_kwh,
+            "at": _iso(grid.at), "fallback_for": grid.fallback}
+
+
+def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,
+                  location: GridIntensity | None = None) -> dict[str, Any]:
     """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client
-    knows it, when the meter's window had another name."""
-    fp = footprint(m.joules, site)
+    knows it, when the meter's window had another name; ``location``: the grid's intensity at the
+    request's time (default: the zone's annual average)."""
+    location = location or site.location
+    fp = footprint(m.joules, site, location)
     gpus = sorted(g for g in m.joules_by_gpu if g >= 0)
     return {
         "request_id": m.request_id if request_id is None else request_id,
@@ -27,17 +41,33 @@ def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = No
         "prompt_tokens": m.prompt_tokens,
         "completion_tokens": m.completion_tokens,
         # The zone the intensity came from; "override" when the registry fixed it.
-        "grid_zone": site.grid_zone if site.intensity_source.startswith("codecarbon:") else "override",
-        "grid_intensity_g_per_kwh": site.grid_intensity_g_per_kwh,
+        "grid_zone": "override" if site.market else location.zone,
+        "grid_intensity_g_per_kwh": fp.grid.g_per_kwh,
         "pue": site.pue,
         "status": m.status,
+        # Location-based carbon always (SCI); market-based too when the site fixes its intensity.
+        "gco2e_location": round(fp.gco2e_location, 9),
+        "grid": {"location": grid_object(location), "market": grid_object(site.market) if site.market else None},
     }
 
 
 ENERGY_HEADERS = (
     "x-energy-joules", "x-energy-wh", "x-carbon-gco2e", "x-water-ml",
-    "x-energy-method", "x-energy-gpus", "x-grid-intensity", "x-grid-zone", "x-energy-settled",
+    "x-energy-method", "x-energy-gpus", "x-grid-intensity", "x-grid-zone", "x-grid-intensity-source", "x-energy-settled",
 )
+
+
+def intensity_source(energy: dict[str, Any]) -> str:
+    """``x-grid-intensity-source``: where the intensity behind ``x-carbon-gco2e`` came from, e.g.
+    ``electricitymaps; signal=average; at=2026-11-27T19:00:00Z``, ``codecarbon; signal=average;
+    fallback-for=watttime``, ``override; signal=contractual``."""
+    grid = energy["grid"]["market"] or energy["grid"]["location"]
+    parts = [grid["source"], f"signal={grid['signal']}"]
+    if grid["at"]:
+        parts.append(f"at={grid['at']}")
+    if grid["fallback_for"]:
+        parts.append(f"fallback-for={grid['fallback_for']}")
+    return "; ".join(parts)
 
 
 def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
@@ -51,6 +81,7 @@ def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
         "x-energy-gpus": ",".join(str(g) for g in energy["gpus"]),
         "x-grid-intensity": f"{energy['grid_intensity_g_per_kwh']:.6g}",
         "x-grid-zone": energy["grid_zone"],
+        "x-grid-intensity-source": intensity_source(energy),
         # false: provisional, the request's share of what was measured by the time it ended;
         # GET /v1/energy/{request_id} has the settled figure once the counter has passed its end.
         "x-energy-settled": "true" if energy["settled"] else "false",

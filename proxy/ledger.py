@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ COLUMNS = (
     "request_id", "ts_end", "model", "team", "status", "method", "settled", "prompt_tokens",
     "completion_tokens", "window_ms", "joules", "wh", "gco2e", "water_ml", "gpus", "components",
     "pue", "grid_zone", "grid_intensity_g_per_kwh", "ts_start", "gpu_joules",
+    # Location-based carbon (SCI) and the grid figure behind it: a live provider's, or the zone's average.
+    "gco2e_location", "grid_location_g_per_kwh", "grid_source", "grid_signal", "grid_at", "grid_fallback_for",
 )
+_BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
     """CREATE TABLE requests (
         request_id TEXT PRIMARY KEY, ts_end REAL NOT NULL, model TEXT NOT NULL, team TEXT,
@@ -47,11 +51,20 @@ MIGRATIONS = (
         gpus TEXT NOT NULL, components TEXT NOT NULL,
         pue REAL NOT NULL, grid_zone TEXT NOT NULL, grid_intensity_g_per_kwh REAL NOT NULL,
         ts_start REAL, gpu_joules TEXT NOT NULL DEFAULT '{}')""",
-    f"INSERT INTO requests_by_team ({','.join(COLUMNS)}) SELECT {','.join(COLUMNS)} FROM requests",
+    f"INSERT INTO requests_by_team ({','.join(_BEFORE_GRID)}) SELECT {','.join(_BEFORE_GRID)} FROM requests",
     "DROP TABLE requests",
     "ALTER TABLE requests_by_team RENAME TO requests",
     "CREATE INDEX requests_ts_end ON requests (ts_end)",
     "CREATE UNIQUE INDEX requests_team_request_id ON requests (ifnull(team, ''), request_id)",
+    "ALTER TABLE requests ADD COLUMN gco2e_location REAL",
+    "ALTER TABLE requests ADD COLUMN grid_location_g_per_kwh REAL",
+    "ALTER TABLE requests ADD COLUMN grid_source TEXT",
+    "ALTER TABLE requests ADD COLUMN grid_signal TEXT",
+    "ALTER TABLE requests ADD COLUMN grid_at REAL",
+    "ALTER TABLE requests ADD COLUMN grid_fallback_for TEXT",
+    # Older rows: where no override was set, the figure used was the zone's average (location-based).
+    """UPDATE requests SET gco2e_location = gco2e, grid_location_g_per_kwh = grid_intensity_g_per_kwh,
+        grid_source = 'codecarbon', grid_signal = 'average' WHERE grid_zone != 'override'""",
 )
 
 
@@ -110,7 +123,14 @@ def to_row(
         energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
         energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
         ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
+        *_grid_values(energy),
     )
+
+
+def _grid_values(energy: dict[str, Any]) -> tuple[Any, ...]:
+    grid = energy["grid"]["location"]
+    at = None if grid["at"] is None else datetime.fromisoformat(grid["at"]).timestamp()
+    return energy["gco2e_location"], grid["g_per_kwh"], grid["source"], grid["signal"], at, grid["fallback_for"]
 
 
 def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:

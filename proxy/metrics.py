@@ -84,6 +84,9 @@ class Metrics:
                 counter.labels(team)
         for kind in METER_ERROR_KINDS:
             self.meter_errors.labels(kind)
+        # A live grid provider's failed polls (its zone's annual average stands in meanwhile).
+        self.grid_errors = Counter("wattgate_grid_errors", "Failed polls of the grid-intensity provider",
+                                   ["source"], registry=r)
         r.register(_GpuCollector(meter))
 
 

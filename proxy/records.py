@@ -7,6 +7,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from wattgate.meter.footprint import GridIntensity
+
 
 @dataclass(slots=True)
 class Record:
@@ -14,6 +16,7 @@ class Record:
     model: str
     team: str | None
     energy: dict[str, Any] = field(default_factory=dict)
+    grid: GridIntensity | None = None  # the grid's intensity when the request ended (None: the zone's average)
 
 
 def record_key(team: str | None, request_id: str) -> str:

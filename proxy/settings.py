@@ -22,13 +22,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GridProviderSettings(_Strict):
+    """A live, location-based grid intensity (``static``: the zone's annual average from CodeCarbon)."""
+
+    source: Literal["static", "electricitymaps", "watttime"] = "static"
+    # The provider's own name of the grid: an Electricity Maps zone ("FR", "US-CAL-CISO") or a WattTime region
+    # ("CAISO_NORTH").
+    zone: str | None = None
+    api_key_env: str | None = "ELECTRICITYMAPS_API_KEY"  # electricitymaps: the variable holding its auth-token
+    username_env: str = "WATTTIME_USER"  # watttime: the variables holding its login (as WattTime's own SDK reads)
+    password_env: str = "WATTTIME_PASSWORD"
+    base_url: str | None = None  # the provider's API, when not its public one
+    poll_s: float = Field(default=300.0, ge=1)
+    # A figure older than this (by its own time) is not used: the zone's annual average stands in, saying so.
+    max_age_s: float = Field(default=7200.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _zone(self) -> GridProviderSettings:
+        if self.source != "static" and not self.zone:
+            raise ValueError(f"grid_provider.zone is required for source {self.source!r}")
+        return self
+
+
 class Site(_Strict):
     """Where the GPUs are. Defaults and sources: README, "Factors"."""
 
     # CodeCarbon zone key: ISO-3 country (FRA, USA) or provider:region (gcp:europe-west1).
     grid_zone: str = "USA"
-    # Overrides the zone's figure (market-based, PPA, live feed), gCO2e/kWh.
+    # The site's own figure (a PPA, a supplier's mix), gCO2e/kWh: market-based, used for gco2e when set;
+    # the location-based figure (the zone's, or grid_provider's) is reported beside it.
     grid_intensity_g_per_kwh: float | None = Field(default=None, ge=0)
+    grid_provider: GridProviderSettings = GridProviderSettings()
     # Uptime Institute, Global Data Center Survey 2024: industry average PUE 1.56.
     pue: float = Field(default=1.56, ge=1.0, le=5.0)
     # Li et al. 2023, "Making AI Less Thirsty": on-site WUE 0.55 L/kWh.

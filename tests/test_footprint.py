@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from wattgate.meter.estimate import estimate
-from wattgate.meter.footprint import J_PER_KWH, SiteFactors, footprint, grid_intensity
+from wattgate.meter.footprint import J_PER_KWH, GridIntensity, SiteFactors, footprint, grid_intensity
 
 
-def site(zone: str, intensity: float) -> SiteFactors:
-    return SiteFactors(zone, intensity, pue=1.2, wue_site_l_per_kwh=0.5, water_grid_l_per_kwh=3.1, intensity_source="t")
+def site(zone: str, intensity: float, market: float | None = None) -> SiteFactors:
+    fixed = None if market is None else GridIntensity(market, "override", "contractual", zone)
+    return SiteFactors(zone, GridIntensity(intensity, "codecarbon", "average", zone), fixed, pue=1.2,
+                       wue_site_l_per_kwh=0.5, water_grid_l_per_kwh=3.1)
 
 
 def test_one_kwh_in_france_and_usa():
@@ -52,12 +54,24 @@ def test_unit_conversions_round_trip():
         assert f.water_ml / 1000 / (0.5 + 1.2 * 3.1) * J_PER_KWH == pytest.approx(joules, abs=1e-9)
 
 
-def test_override_beats_zone():
+def test_a_sites_own_figure_is_market_based_and_the_zones_is_still_reported():
     from wattgate.proxy.books import site_factors
     from wattgate.proxy.settings import parse_settings
 
     s = parse_settings("site: {grid_zone: FRA, grid_intensity_g_per_kwh: 20}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
     f = site_factors(s)
-    assert f.grid_intensity_g_per_kwh == 20 and f.intensity_source == "override"
-    assert site_factors(parse_settings("site: {grid_zone: FRA}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
-                        ).intensity_source == "codecarbon:FRA"
+    assert f.market == GridIntensity(20, "override", "contractual", "FRA")
+    assert f.location == GridIntensity(pytest.approx(56.039), "codecarbon", "average", "FRA")
+    kwh = footprint(J_PER_KWH, f)
+    assert kwh.gco2e == pytest.approx(1.56 * 20) and kwh.gco2e_location == pytest.approx(1.56 * 56.039)
+    assert kwh.grid is f.market
+    plain = site_factors(parse_settings("site: {grid_zone: FRA}\nmodels: {a: {upstream: 'http://x/v1'}}\n"))
+    assert plain.market is None and footprint(J_PER_KWH, plain).gco2e == pytest.approx(1.56 * 56.039)
+
+
+def test_a_live_figure_stands_in_for_the_zones_average():
+    s = site("FRA", 56.039)
+    live = GridIntensity(100.0, "electricitymaps", "average", "FR", at=1.8e9)
+    f = footprint(J_PER_KWH, s, live)
+    assert f.gco2e == f.gco2e_location == pytest.approx(1.2 * 100.0) and f.grid is live
+    assert footprint(J_PER_KWH, site("FRA", 56.039, market=20.0), live).gco2e == pytest.approx(1.2 * 20.0)

@@ -22,7 +22,10 @@ def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, 
     return {"request_id": rid, "status": "ok", "method": method, "settled": True, "prompt_tokens": prompt,
             "completion_tokens": completion, "window_ms": 100, "joules": joules, "wh": joules / 3600,
             "gco2e": joules / 3.6e6 * 1.2 * 56.0, "water_ml": joules / 3.6e6 * 4.22 * 1000, "gpus": [0],
-            "components": {"gpu": joules}, "pue": 1.2, "grid_zone": "FRA", "grid_intensity_g_per_kwh": 56.0}
+            "components": {"gpu": joules}, "pue": 1.2, "grid_zone": "FRA", "grid_intensity_g_per_kwh": 56.0,
+            "gco2e_location": joules / 3.6e6 * 1.2 * 56.0,
+            "grid": {"location": {"source": "codecarbon", "signal": "average", "zone": "FRA", "g_per_kwh": 56.0,
+                                  "at": None, "fallback_for": None}, "market": None}}
 
 
 def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
@@ -58,9 +61,17 @@ def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
                 " 0.2, '[0]', '{\"gpu\": 3.0}', 1.2, 'FRA', 56.0)")
     old.commit()
     old.close()
+    old = sqlite3.connect(path)  # and one whose intensity was the site's own (market-based)
+    old.execute("INSERT INTO requests VALUES ('r0', 1.0, 'm', NULL, 'ok', 'nvml', 1, 1, 2, 100, 3.0, 0.001, 0.05,"
+                " 0.2, '[0]', '{\"gpu\": 3.0}', 1.2, 'override', 20.0)")
+    old.commit()
+    old.close()
     ledger = Ledger(path)
     rec = ledger.get("r1")
     assert rec["joules"] == 3.0 and rec["gpu_joules"] == {} and rec["ts_start"] is None
+    # The zone's average was location-based: carried over. An override's zone figure was never kept: unknown.
+    assert (rec["gco2e_location"], rec["grid_location_g_per_kwh"], rec["grid_source"]) == (0.1, 56.0, "codecarbon")
+    assert ledger.get("r0")["gco2e_location"] is None and ledger.get("r0")["gco2e"] == 0.05
     ledger.submit(to_row(energy("r2", 2.0), "m", None, 10.0, {0: 2.0}))
     ledger.close()
     reopened = Ledger(path)
@@ -141,7 +152,9 @@ def test_report_arithmetic(tmp_path):
     assert m1["wh_per_1000_queries"] == pytest.approx(15.0) and m1["joules_per_token"] == pytest.approx(5.4)
     assert m1["measured_share"] == pytest.approx(1 / 3)
     assert m1["gco2e"] == pytest.approx(108 / 3.6e6 * 1.2 * 56.0)
+    assert m1["gco2e_location"] == pytest.approx(m1["gco2e"])  # no site figure: location-based is the one used
     assert [r["team"] for r in totals(db, "team")] == ["t1", "t2"]
+    assert [r["requests"] for r in totals(db, "model", team="t1")] == [1, 1]
     assert [r["requests"] for r in totals(db, "day")] == [2, 1]
     assert totals(db, "model", since_s=3600) == []  # all of them are from 1970s-era timestamps
     db.close()

@@ -18,7 +18,7 @@ def test_example_registry_loads():
     # Each GPU serves one model: two models on one GPU would share its energy only through the meter's heads.
     gpus = [g for m in s.models.values() for g in m.gpus]
     assert len(gpus) == len(set(gpus))
-    assert site_factors(s).grid_intensity_g_per_kwh > 0
+    assert site_factors(s).location.g_per_kwh > 0
 
 
 def test_wrong_file_names_line_field_and_reason():
