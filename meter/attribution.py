@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -60,6 +60,9 @@ class Split:
     unattributed: float
     carry: float  # idle energy held back for ``amortize``, not yet given to a request
     measured: float = 0.0  # the GPU's energy over the slice, from the samples
+    # Each request's share of the GPU's time (s), split as the energy is: the "time reserved" of its embodied
+    # carbon. Idle time is nobody's; foreign sequences take their heads' share.
+    seconds: dict[Hashable, float] = field(default_factory=dict)
 
     @property
     def attributed(self) -> float:
@@ -130,7 +133,8 @@ def split_energy(
         foreign=foreign, carry=carry, amortize=amortize,
     )
     return Split(
-        dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.measured
+        dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.measured,
+        dict(zip(keys, split.seconds.values())),
     )
 
 
@@ -147,13 +151,15 @@ def split_arrays(
     foreign: Sequence[tuple[float, float, int]] = (),
     carry: float = 0.0,
     amortize: bool = False,
+    time_shares: bool = True,
 ) -> Split:
-    """:func:`split_energy` on flat span arrays (``rate`` NaN: unknown); shares keyed 0..n_keys-1.
+    """:func:`split_energy` on flat span arrays (``rate`` NaN: unknown); shares keyed 0..n_keys-1
+    (``time_shares`` False: no ``seconds``, for splits that need only the energy).
 
     One vectorised sweep: O((spans + samples) log(spans + samples)).
     """
     if b <= a:
-        return Split({k: 0.0 for k in range(n_keys)}, 0.0, 0.0, carry)
+        return Split({k: 0.0 for k in range(n_keys)}, 0.0, 0.0, carry, seconds={k: 0.0 for k in range(n_keys)})
     s, e = np.clip(start, a, b), np.clip(end, a, b)
     keep = e > s
     key_idx, s, e, rate = key_idx[keep], s[keep], e[keep], rate[keep]
@@ -200,21 +206,27 @@ def split_arrays(
         idle = float(de[idle_seg].sum())
 
     heads = np.where(active, n_known + n_unknown + n_foreign, 1.0)
-    head_share = np.where(active, de / heads, 0.0)
     by_work = active & (rate_sum > 0)
-    per_work = np.where(by_work, de * n_known / (heads * np.where(by_work, rate_sum, 1.0)), 0.0)
-    known_heads = np.where(active & ~by_work, head_share, 0.0)
-    unattributed += float((n_foreign * head_share).sum())
+    work_weight = n_known / (heads * np.where(by_work, rate_sum, 1.0))
 
-    cum_f, cum_hk, cum_hu = (np.concatenate(([0.0], np.cumsum(x))) for x in (per_work, known_heads, head_share))
-    share = np.where(
-        known,
-        rate_k * (cum_f[i1] - cum_f[i0]) + cum_hk[i1] - cum_hk[i0],
-        cum_hu[i1] - cum_hu[i0],
-    )
-    per_key = np.bincount(key_idx, share, minlength=n_keys)
+    def per_key(amount: np.ndarray) -> np.ndarray:
+        """Each key's share of ``amount`` (per segment): by work where known, else by heads."""
+        head_share = np.where(active, amount / heads, 0.0)
+        per_work = np.where(by_work, amount * work_weight, 0.0)
+        known_heads = np.where(active & ~by_work, head_share, 0.0)
+        cum_f, cum_hk, cum_hu = (np.concatenate(([0.0], np.cumsum(x))) for x in (per_work, known_heads, head_share))
+        share = np.where(
+            known,
+            rate_k * (cum_f[i1] - cum_f[i0]) + cum_hk[i1] - cum_hk[i0],
+            cum_hu[i1] - cum_hu[i0],
+        )
+        return np.bincount(key_idx, share, minlength=n_keys)
+
+    unattributed += float((n_foreign * np.where(active, de / heads, 0.0)).sum())
+    joules = per_key(de)
+    seconds: dict[Hashable, float] = dict(enumerate(per_key(np.diff(points)).tolist())) if time_shares else {}
     measured = float(energy[-1] - energy[0])
-    return Split(dict(enumerate(per_key.tolist())), idle, unattributed, carry, measured)
+    return Split(dict(enumerate(joules.tolist())), idle, unattributed, carry, measured, seconds)
 
 
 def activity_spans(

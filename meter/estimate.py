@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ecologits.impacts.llm import compute_llm_impacts_dag
+from ecologits.impacts.llm import BATCH_SIZE, compute_llm_impacts_dag
 
 from wattgate.meter.footprint import J_PER_KWH
 
 DEFAULT_ACTIVE_PARAMS_B = 8.0
+#: Requests sharing a GPU in EcoLogits' model (64): an estimated request's share of its GPUs' time.
+ESTIMATE_BATCH = BATCH_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ import difflib
 import functools
 from dataclasses import dataclass
 
+from ecologits.impacts.llm import GPU_EMBODIED_IMPACT_GWP, HARDWARE_LIFESPAN, SERVER_EMBODIED_IMPACT_GWP, SERVER_GPUS
+
 J_PER_KWH = 3.6e6
 J_PER_WH = 3600.0
 
@@ -39,6 +41,22 @@ class GridIntensity:
 
 
 @dataclass(frozen=True, slots=True)
+class Embodied:
+    """Manufacturing emissions of one GPU's place in a server, spread evenly over its lifetime: the SCI
+    specification's M, pro-rated by the GPU time a request had. Defaults: EcoLogits' (0.11), as below."""
+
+    gpu_kgco2e: float = GPU_EMBODIED_IMPACT_GWP  # one datacentre GPU (EcoLogits: 273 kgCO2e)
+    server_kgco2e: float = SERVER_EMBODIED_IMPACT_GWP  # the server without its GPUs (EcoLogits: 5,700 kgCO2e)
+    gpus_per_server: int = SERVER_GPUS  # the server's share each GPU carries (EcoLogits: 8)
+    lifetime_s: float = HARDWARE_LIFESPAN  # EcoLogits: 3 years
+
+    @property
+    def g_per_gpu_second(self) -> float:
+        """gCO2e of embodied emissions per second of one GPU's time."""
+        return (self.gpu_kgco2e + self.server_kgco2e / self.gpus_per_server) * 1000.0 / self.lifetime_s
+
+
+@dataclass(frozen=True, slots=True)
 class SiteFactors:
     """Factors of one site. Defaults and their sources: see README, "Factors"."""
 
@@ -48,6 +66,7 @@ class SiteFactors:
     pue: float
     wue_site_l_per_kwh: float
     water_grid_l_per_kwh: float
+    embodied: Embodied = Embodied()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +79,20 @@ class Footprint:
     gco2e_location: float
     water_ml: float
     grid: GridIntensity  # the intensity ``gco2e`` used
+    embodied_gco2e: float = 0.0  # the hardware's manufacturing share (not in ``gco2e``, which is operational)
 
 
-def footprint(joules: float, site: SiteFactors, location: GridIntensity | None = None) -> Footprint:
+def footprint(joules: float, site: SiteFactors, location: GridIntensity | None = None,
+              gpu_seconds: float = 0.0) -> Footprint:
     """Carbon and water of ``joules`` of IT energy at ``site``; ``location``: the grid's intensity at the
-    time (default: the zone's annual average)."""
+    time (default: the zone's annual average); ``gpu_seconds``: the GPU time the energy came with."""
     location = location or site.location
     it_kwh = joules / J_PER_KWH
     facility_kwh = it_kwh * site.pue
     water_l = it_kwh * site.wue_site_l_per_kwh + facility_kwh * site.water_grid_l_per_kwh
     used = site.market or location
     return Footprint(joules, joules / J_PER_WH, facility_kwh * used.g_per_kwh, facility_kwh * location.g_per_kwh,
-                     water_l * 1000.0, used)
+                     water_l * 1000.0, used, gpu_seconds * site.embodied.g_per_gpu_second)
 
 
 class UnknownZone(ValueError):

@@ -111,8 +111,9 @@ class GpuState:
         self.unattributed += split.unattributed
         self.carry = split.carry
         joules = list(split.shares.values())  # keyed 0..len(active)-1, in order
-        for req, j in zip(active, joules):
+        for req, j, sec in zip(active, joules, split.seconds.values()):
             req.shares[g] = req.shares.get(g, 0.0) + j
+            req.gpu_seconds[g] = req.gpu_seconds.get(g, 0.0) + sec
         self.attributed += math.fsum(joules)
         if host is not None and split.measured > 0:
             self.host_per_gpu_joule = host.energy_j(self.frontier, target, n_gpus) / split.measured
@@ -140,7 +141,8 @@ class GpuState:
         # out twice.
         closed = [k for k, r in enumerate(active) if r.end is not None]
         rate[np.isin(key_idx, closed)] = math.nan
-        shares = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign).shares
+        shares = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign,
+                              time_shares=False).shares
         # Who shares the time after the slice: requests open at its end (or closed since, their
         # tails taken by heads) and foreign sequences.
         after += sum(n for _, e, n in self.foreign if e > b)

@@ -302,8 +302,9 @@ class Meter:
             ready = [self._requests[rid] for rid in list(self._ended)]
             return [self._settle(req) for req in ready if self.passes.can_settle(req)]
 
-    def _measurement(self, req: Request, joules: dict[int, float], settled: bool, host_j: float) -> Measurement:
-        return measurement(req, self.method, joules, settled, host_j, self.clock())
+    def _measurement(self, req: Request, joules: dict[int, float], settled: bool, host_j: float,
+                     gpu_seconds: dict[int, float] | None = None) -> Measurement:
+        return measurement(req, self.method, joules, settled, host_j, self.clock(), gpu_seconds)
 
     def _provisional(self, req: Request) -> Measurement:
         """The live slices of the window, plus the rest of it split by heads (see :mod:`meter.live`)."""
@@ -312,7 +313,8 @@ class Meter:
             return self._measurement(req, {}, settled=False, host_j=0.0)
         assert self.passes is not None  # else the request is estimated
         joules = self.passes.provisional(req)
-        return self._measurement(req, joules, settled=False, host_j=self.passes.host_share(joules))
+        return self._measurement(req, joules, settled=False, host_j=self.passes.host_share(joules),
+                                 gpu_seconds=self.passes.provisional_seconds(req, joules))
 
     def _settle(self, req: Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""

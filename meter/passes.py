@@ -159,6 +159,17 @@ class GpuPasses:
             joules[g] = st.provisional(req, self.sampler.energy_between(g, since, req.end) if req.end > since else 0.0)
         return joules
 
+    def provisional_seconds(self, req: Request, joules: Mapping[int, float]) -> dict[int, float]:
+        """The GPU time that goes with ``req``'s provisional ``joules``: on each GPU, the window times the
+        request's share of the GPU's energy over it (the settled pass splits the time itself)."""
+        assert req.end is not None
+        window = req.end - req.start
+        seconds = {}
+        for g, j in joules.items():
+            total = self.sampler.energy_between(g, req.start, req.end) if window > 0 else 0.0
+            seconds[g] = window * min(j / total, 1.0) if total > 0 else 0.0
+        return seconds
+
     def host_share(self, joules: Mapping[int, float]) -> float:
         """Host joules for provisional GPU ``joules``, at each GPU's latest host-per-GPU ratio."""
         return sum(j * self.gpu[g].host_per_gpu_joule for g, j in joules.items())

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wattgate.meter.attribution import MIN_SPAN_S
-from wattgate.meter.estimate import estimate
+from wattgate.meter.estimate import ESTIMATE_BATCH, estimate
 from wattgate.meter.kinds import Fault, Method, Status
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class Measurement:
     status: Status = Status.OK
     fault: Fault | None = None  # why an estimate replaced a measurement
     host_joules: float = 0.0  # host (CPU, DRAM, NIC) share, when host energy is metered
+    # The request's share of each GPU's time (s), split as its energy is: what its embodied carbon is pro-rated by.
+    gpu_seconds: dict[int, float] = field(default_factory=dict)
 
     @property
     def gpu_joules(self) -> float:
@@ -71,6 +73,7 @@ class Request:
     status: Status = Status.OK
     fault: Fault | None = None
     shares: dict[int, float] = field(default_factory=dict)  # settled joules per GPU so far
+    gpu_seconds: dict[int, float] = field(default_factory=dict)  # settled share of each GPU's time so far (s)
     host_j: float = 0.0
     counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
     unseen_tokens: int = 0  # a plain response's tokens, placed in time when the window ends
@@ -125,8 +128,9 @@ class Request:
 
 
 def measurement(req: Request, method: Method, joules: dict[int, float], settled: bool, host_j: float,
-                now: float) -> Measurement:
-    """``req``'s measurement; an estimate instead when it has a fault, no GPUs or ``method`` is one."""
+                now: float, gpu_seconds: dict[int, float] | None = None) -> Measurement:
+    """``req``'s measurement; an estimate instead when it has a fault, no GPUs or ``method`` is one (its
+    GPU time then as EcoLogits assumes it: the window shared by a batch of ``ESTIMATE_BATCH``)."""
     end = req.end if req.end is not None else now
     if method is Method.ESTIMATE or req.fault is not None or not req.gpus:
         method = Method.ESTIMATE
@@ -134,15 +138,17 @@ def measurement(req: Request, method: Method, joules: dict[int, float], settled:
                        latency_s=end - req.start)
         joules = {g: est.gpu_j / len(req.gpus) for g in req.gpus} if req.gpus else {-1: est.gpu_j}
         settled, host_j = True, est.host_j
+        gpu_seconds = {g: (end - req.start) / ESTIMATE_BATCH for g in joules}
     return Measurement(req.request_id, joules, method, settled, req.start, end, req.prompt_tokens, req.completion,
-                       req.status, req.fault, host_j)
+                       req.status, req.fault, host_j, gpu_seconds or {})
 
 
 def final_measurement(req: Request, method: Method, now: float, count_error: Callable[[Fault], None]) -> Measurement:
     """The settled measurement of an ended ``req``; never raises: a window whose figures cannot be
     computed still gets a record (an estimate, or at worst the window without a figure)."""
     try:
-        return measurement(req, method, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j, now)
+        return measurement(req, method, dict(req.shares) or {g: 0.0 for g in req.gpus}, True, req.host_j, now,
+                           dict(req.gpu_seconds))
     except Exception:
         log.exception("meter failed to settle %s; settling it as an estimate", req.request_id)
         count_error(Fault.INTERNAL)

@@ -80,7 +80,8 @@ def site_factors(settings: Settings) -> SiteFactors:
     market = None
     if s.grid_intensity_g_per_kwh is not None:
         market = GridIntensity(s.grid_intensity_g_per_kwh, "override", "contractual", s.grid_zone)
-    return SiteFactors(s.grid_zone, location, market, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh)
+    return SiteFactors(s.grid_zone, location, market, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh,
+                       s.hardware.embodied())
 
 
 def build_meter(

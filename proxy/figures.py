@@ -25,7 +25,8 @@ def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = No
     knows it, when the meter's window had another name; ``location``: the grid's intensity at the
     request's time (default: the zone's annual average)."""
     location = location or site.location
-    fp = footprint(m.joules, site, location)
+    gpu_seconds = sum(m.gpu_seconds.values())
+    fp = footprint(m.joules, site, location, gpu_seconds)
     gpus = sorted(g for g in m.joules_by_gpu if g >= 0)
     return {
         "request_id": m.request_id if request_id is None else request_id,
@@ -47,6 +48,9 @@ def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = No
         "status": m.status,
         # Location-based carbon always (SCI); market-based too when the site fixes its intensity.
         "gco2e_location": round(fp.gco2e_location, 9),
+        # The hardware's manufacturing share, by the GPU time the request had: apart from gco2e (operational).
+        "embodied_gco2e": round(fp.embodied_gco2e, 9),
+        "gpu_seconds": round(gpu_seconds, 6),
         "grid": {"location": grid_object(location), "market": grid_object(site.market) if site.market else None},
     }
 

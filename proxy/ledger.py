@@ -28,6 +28,8 @@ COLUMNS = (
     "pue", "grid_zone", "grid_intensity_g_per_kwh", "ts_start", "gpu_joules",
     # Location-based carbon (SCI) and the grid figure behind it: a live provider's, or the zone's average.
     "gco2e_location", "grid_location_g_per_kwh", "grid_source", "grid_signal", "grid_at", "grid_fallback_for",
+    # The hardware's manufacturing share, by the GPU time the request had (SCI's M).
+    "embodied_gco2e", "gpu_seconds",
 )
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
@@ -65,6 +67,8 @@ MIGRATIONS = (
     # Older rows: where no override was set, the figure used was the zone's average (location-based).
     """UPDATE requests SET gco2e_location = gco2e, grid_location_g_per_kwh = grid_intensity_g_per_kwh,
         grid_source = 'codecarbon', grid_signal = 'average' WHERE grid_zone != 'override'""",
+    "ALTER TABLE requests ADD COLUMN embodied_gco2e REAL",  # NULL in older rows: not computed then
+    "ALTER TABLE requests ADD COLUMN gpu_seconds REAL",
 )
 
 
@@ -123,7 +127,7 @@ def to_row(
         energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
         energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
         ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
-        *_grid_values(energy),
+        *_grid_values(energy), energy["embodied_gco2e"], energy["gpu_seconds"],
     )
 
 

@@ -39,7 +39,7 @@ EQUIVALENTS: list[dict[str, Any]] = json.loads(
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules",
-         "gco2e_location")
+         "gco2e_location", "embodied_gco2e", "gpu_seconds")
 METHODS = Method.published()  # how a figure was obtained; other sources count apart
 
 
@@ -49,7 +49,7 @@ def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[
     rows = db.execute(
         f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
                    SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = '{Method.NVML}' THEN joules ELSE 0 END),
-                   TOTAL(gco2e_location),
+                   TOTAL(gco2e_location), TOTAL(embodied_gco2e), TOTAL(gpu_seconds),
                    {per_method}, SUM(method NOT IN ({", ".join(f"'{m}'" for m in METHODS)}))
             FROM requests {where} GROUP BY k""",
         args,
@@ -99,7 +99,8 @@ def totals(
         out.append({
             by: k, "requests": n_req, "methods": _methods(sums[k][len(_SUMS):]), "prompt_tokens": r["prompt_tokens"],
             "completion_tokens": ct, "joules": j, "wh": r["wh"], "gco2e": r["gco2e"],
-            "gco2e_location": r["gco2e_location"], "water_ml": r["water_ml"],
+            "gco2e_location": r["gco2e_location"], "embodied_gco2e": r["embodied_gco2e"],
+            "gpu_seconds": r["gpu_seconds"], "water_ml": r["water_ml"],
             "wh_per_1000_queries": r["wh"] * 1000 / n_req, "joules_per_token": j / ct if ct else None,
             "measured_share": r["measured_joules"] / j if j else 0.0,
         })

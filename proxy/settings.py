@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
 
+from wattgate.meter.footprint import Embodied
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,6 +47,22 @@ class GridProviderSettings(_Strict):
         return self
 
 
+_ECOLOGITS = Embodied()
+
+
+class HardwareSettings(_Strict):
+    """Embodied (manufacturing) emissions of the GPUs and their servers; defaults: EcoLogits 0.11's."""
+
+    gpu_embodied_kgco2e: float = Field(default=_ECOLOGITS.gpu_kgco2e, ge=0)
+    server_embodied_kgco2e: float = Field(default=_ECOLOGITS.server_kgco2e, ge=0)  # the server without its GPUs
+    gpus_per_server: int = Field(default=_ECOLOGITS.gpus_per_server, ge=1)
+    lifetime_years: float = Field(default=_ECOLOGITS.lifetime_s / (365 * 86400), gt=0)
+
+    def embodied(self) -> Embodied:
+        return Embodied(self.gpu_embodied_kgco2e, self.server_embodied_kgco2e, self.gpus_per_server,
+                        self.lifetime_years * 365 * 86400)
+
+
 class Site(_Strict):
     """Where the GPUs are. Defaults and sources: README, "Factors"."""
 
@@ -54,6 +72,7 @@ class Site(_Strict):
     # the location-based figure (the zone's, or grid_provider's) is reported beside it.
     grid_intensity_g_per_kwh: float | None = Field(default=None, ge=0)
     grid_provider: GridProviderSettings = GridProviderSettings()
+    hardware: HardwareSettings = HardwareSettings()
     # Uptime Institute, Global Data Center Survey 2024: industry average PUE 1.56.
     pue: float = Field(default=1.56, ge=1.0, le=5.0)
     # Li et al. 2023, "Making AI Less Thirsty": on-site WUE 0.55 L/kWh.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -49,6 +50,42 @@ def test_conservation(trace, acts, foreign_n, amortize):
     assert math.isclose(total, measured(trace), rel_tol=1e-3)  # contract: within 0.1 %
     assert math.isclose(total, measured(trace), rel_tol=1e-9)  # in fact exact up to rounding
     assert all(v >= -1e-9 for v in split.shares.values())
+
+
+def busy_time(acts: list[Activity], foreign: list[tuple[float, float, int]]) -> float:
+    """Seconds of [0, T_END] in which at least one request or foreign sequence was active."""
+    edges = sorted({0.0, T_END, *(a.start for a in acts), *(a.end for a in acts if a.end is not None),
+                    *(t for f in foreign for t in f[:2])})
+    busy = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        mid = (lo + hi) / 2
+        if any(a.start <= mid < (a.end or T_END) for a in acts) or any(f[0] <= mid < f[1] for f in foreign):
+            busy += hi - lo
+    return busy
+
+
+@settings(max_examples=150, deadline=None)
+@given(traces(), st.lists(activities(), min_size=0, max_size=12), st.integers(0, 3))
+def test_gpu_time_is_split_like_the_energy_and_conserved(trace, acts, foreign_n):
+    """Each request's share of the GPU's time (the basis of its embodied carbon) comes from the same weights as
+    its energy: the busy time is split exactly, foreign sequences keep theirs, a lone request gets its window."""
+    parts = {i: spans(a) for i, a in enumerate(acts)}
+    foreign = [(2.0, 6.0, foreign_n)] if foreign_n else []
+    split = split_energy(trace, parts, 0.0, T_END, foreign=foreign)
+    assert all(v >= -1e-9 for v in split.seconds.values())
+    assert sum(split.seconds.values()) <= busy_time(acts, foreign) + 1e-6
+    if not foreign:
+        assert math.isclose(sum(split.seconds.values()), busy_time(acts, []), rel_tol=1e-9, abs_tol=1e-9)
+    if len(acts) == 1 and not foreign:
+        assert math.isclose(split.seconds[0], acts[0].end - acts[0].start, rel_tol=1e-9)
+
+
+def test_gpu_time_of_two_equal_requests_is_halved_where_they_overlap():
+    trace = [(0.0, 0.0), (4.0, 1600.0)]
+    a = Activity(0.0, [(t / 10, 1) for t in range(1, 31)], 3.0)  # 10 tokens/s over [0, 3)
+    b = Activity(1.0, [(1 + t / 10, 1) for t in range(1, 31)], 4.0)  # the same over [1, 4)
+    split = split_energy(trace, {"a": spans(a), "b": spans(b)}, 0.0, 4.0)
+    assert split.seconds["a"] == pytest.approx(1.0 + 2.0 / 2) and split.seconds["b"] == pytest.approx(2.0 / 2 + 1.0)
 
 
 @settings(max_examples=100, deadline=None)
