@@ -186,7 +186,7 @@ class Books:
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         if rec is None:
             return
-        energy = energy_object(m, self.site, rec.request_id, rec.grid)
+        energy = energy_object(m, self.site, rec.request_id, rec.grid, self.idle_share(m))
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:
@@ -207,6 +207,16 @@ class Books:
             mx.team_energy.labels(rec.team).inc(m.joules)
             mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
             mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
+
+    def idle_share(self, m: Measurement) -> float:
+        """The idle energy ``m`` carries in the SCI's widest tier: with ``meter.idle: exclude``, each GPU's
+        idle energy so far per joule attributed on it, times the request's joules there (with
+        ``amortize`` its joules hold it already)."""
+        if self.settings.meter.idle == "amortize" or m.method != self.meter.method:
+            return 0.0
+        totals = self.meter.gpu_totals()
+        return sum(j * totals[g].idle / totals[g].attributed for g, j in m.joules_by_gpu.items()
+                   if g in totals and totals[g].attributed > 0)
 
     # -- calls -------------------------------------------------------------------
 
@@ -296,7 +306,7 @@ class Books:
         grid = self.grid.at()  # the intensity in force as it ended: its settled figure uses the same
         if rec is not None:
             rec.grid = grid
-        energy = energy_object(m, self.site, None if rec is None else rec.request_id, grid)
+        energy = energy_object(m, self.site, None if rec is None else rec.request_id, grid, self.idle_share(m))
         if m.settled and self.ledger is not None:
             # Final already (an estimate), but the API says settled only once the ledger has it.
             self.records.update(m.request_id, {**energy, "settled": False})

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wattgate.meter import Measurement
-from wattgate.meter.footprint import GridIntensity, SiteFactors, footprint
+from wattgate.meter.footprint import J_PER_WH, GridIntensity, SiteFactors, footprint
 
 
 def _iso(t: float | None) -> str | None:
@@ -19,11 +19,28 @@ def grid_object(grid: GridIntensity) -> dict[str, Any]:
             "at": _iso(grid.at), "fallback_for": grid.fallback}
 
 
+def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embodied_g: float,
+               idle_j: float) -> dict[str, Any]:
+    """The request's Software Carbon Intensity (SCI 1.1, R = one request) and its energy by boundary tier.
+
+    E is the facility energy of the widest tier (accelerators, host, the idle share, x PUE); I the
+    location-based intensity; M the embodied share: SCI = E x I + M."""
+    it_wh = (m.joules + idle_j) / J_PER_WH
+    e_kwh = it_wh * site.pue / 1000
+    return {
+        "e_kwh": round(e_kwh, 12), "i_g_per_kwh": location.g_per_kwh, "m_g": round(embodied_g, 9),
+        "sci_g": round(e_kwh * location.g_per_kwh + embodied_g, 9),
+        "tiers_wh": {"accelerators": round(m.gpu_joules / J_PER_WH, 9), "with_host": round(m.joules / J_PER_WH, 9),
+                     "with_idle": round(it_wh, 9), "facility": round(it_wh * site.pue, 9)},
+    }
+
+
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,
-                  location: GridIntensity | None = None) -> dict[str, Any]:
+                  location: GridIntensity | None = None, idle_j: float = 0.0) -> dict[str, Any]:
     """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client
     knows it, when the meter's window had another name; ``location``: the grid's intensity at the
-    request's time (default: the zone's annual average)."""
+    request's time (default: the zone's annual average); ``idle_j``: the GPUs' idle energy the request
+    carries in the SCI's widest tier (0 when idle energy is already amortized into its joules)."""
     location = location or site.location
     gpu_seconds = sum(m.gpu_seconds.values())
     fp = footprint(m.joules, site, location, gpu_seconds)
@@ -51,6 +68,7 @@ def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = No
         # The hardware's manufacturing share, by the GPU time the request had: apart from gco2e (operational).
         "embodied_gco2e": round(fp.embodied_gco2e, 9),
         "gpu_seconds": round(gpu_seconds, 6),
+        "sci": sci_object(m, site, location, fp.embodied_gco2e, idle_j),
         "grid": {"location": grid_object(location), "market": grid_object(site.market) if site.market else None},
     }
 

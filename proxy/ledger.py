@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ COLUMNS = (
     "gco2e_location", "grid_location_g_per_kwh", "grid_source", "grid_signal", "grid_at", "grid_fallback_for",
     # The hardware's manufacturing share, by the GPU time the request had (SCI's M).
     "embodied_gco2e", "gpu_seconds",
+    # The SCI (R = one request): its widest tier's facility energy E (kWh) and E x I + M (g); the idle share in it.
+    "idle_joules", "sci_e_kwh", "sci_g",
 )
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
@@ -69,6 +71,9 @@ MIGRATIONS = (
         grid_source = 'codecarbon', grid_signal = 'average' WHERE grid_zone != 'override'""",
     "ALTER TABLE requests ADD COLUMN embodied_gco2e REAL",  # NULL in older rows: not computed then
     "ALTER TABLE requests ADD COLUMN gpu_seconds REAL",
+    "ALTER TABLE requests ADD COLUMN idle_joules REAL",
+    "ALTER TABLE requests ADD COLUMN sci_e_kwh REAL",
+    "ALTER TABLE requests ADD COLUMN sci_g REAL",
 )
 
 
@@ -128,6 +133,8 @@ def to_row(
         energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
         ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
         *_grid_values(energy), energy["embodied_gco2e"], energy["gpu_seconds"],
+        round((energy["sci"]["tiers_wh"]["with_idle"] - energy["sci"]["tiers_wh"]["with_host"]) * 3600, 6),
+        energy["sci"]["e_kwh"], energy["sci"]["sci_g"],
     )
 
 
@@ -138,11 +145,30 @@ def _grid_values(energy: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    """A record as ``GET /v1/energy/{id}`` returns it: the row's columns, with the ``grid`` and ``sci``
+    objects of the body's ``energy`` rebuilt from them (rows written before they existed have none)."""
     rec = dict(zip(COLUMNS, row))
     rec["settled"] = bool(rec["settled"])
     rec["gpus"] = json.loads(rec["gpus"])
     rec["components"] = json.loads(rec["components"])
     rec["gpu_joules"] = json.loads(rec["gpu_joules"])
+    if rec["grid_source"] is not None:
+        at = rec["grid_at"]
+        market = rec["grid_zone"] == "override"
+        rec["grid"] = {
+            "location": {"source": rec["grid_source"], "signal": rec["grid_signal"], "zone": rec["grid_zone"] if
+                         not market else None, "g_per_kwh": rec["grid_location_g_per_kwh"],
+                         "at": None if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                         "fallback_for": rec["grid_fallback_for"]},
+            "market": {"source": "override", "signal": "contractual", "g_per_kwh": rec["grid_intensity_g_per_kwh"]}
+            if market else None,
+        }
+    if rec["sci_g"] is not None:
+        it_wh = (rec["joules"] + rec["idle_joules"]) / 3600
+        rec["sci"] = {"e_kwh": rec["sci_e_kwh"], "i_g_per_kwh": rec["grid_location_g_per_kwh"],
+                      "m_g": rec["embodied_gco2e"], "sci_g": rec["sci_g"],
+                      "tiers_wh": {"accelerators": rec["components"].get("gpu", 0.0) / 3600,
+                                   "with_host": rec["joules"] / 3600, "with_idle": it_wh, "facility": it_wh * rec["pue"]}}
     return rec
 
 

@@ -39,7 +39,8 @@ EQUIVALENTS: list[dict[str, Any]] = json.loads(
 #: Ledgers larger than this are summed in time slices, with a progress bar on stderr.
 PROGRESS_ROWS = 200_000
 _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2e", "water_ml", "measured_joules",
-         "gco2e_location", "embodied_gco2e", "gpu_seconds")
+         "gco2e_location", "embodied_gco2e", "gpu_seconds", "sci_requests", "sci_joules", "sci_gpu_joules",
+         "idle_joules", "sci_e_kwh", "sci_g", "sci_m_g")
 METHODS = Method.published()  # how a figure was obtained; other sources count apart
 
 
@@ -50,6 +51,9 @@ def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[
         f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
                    SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = '{Method.NVML}' THEN joules ELSE 0 END),
                    TOTAL(gco2e_location), TOTAL(embodied_gco2e), TOTAL(gpu_seconds),
+                   COUNT(sci_g), TOTAL(CASE WHEN sci_g IS NOT NULL THEN joules END),
+                   TOTAL(CASE WHEN sci_g IS NOT NULL THEN json_extract(components, '$.gpu') END),
+                   TOTAL(idle_joules), TOTAL(sci_e_kwh), TOTAL(sci_g), TOTAL(CASE WHEN sci_g IS NOT NULL THEN embodied_gco2e END),
                    {per_method}, SUM(method NOT IN ({", ".join(f"'{m}'" for m in METHODS)}))
             FROM requests {where} GROUP BY k""",
         args,
@@ -103,8 +107,25 @@ def totals(
             "gpu_seconds": r["gpu_seconds"], "water_ml": r["water_ml"],
             "wh_per_1000_queries": r["wh"] * 1000 / n_req, "joules_per_token": j / ct if ct else None,
             "measured_share": r["measured_joules"] / j if j else 0.0,
+            "sci": _sci(r),
         })
     return out
+
+
+def _sci(r: dict[str, float]) -> dict[str, Any] | None:
+    """A group's SCI (SCI 1.1): E (kWh, the widest tier), I (E-weighted location-based gCO2e/kWh), M (g), per
+    request and per 1,000, and its energy by boundary tier; over the records that carry one (written since
+    this version), ``requests`` says how many."""
+    n = r["sci_requests"]
+    if not n:
+        return None
+    e, sci, m = r["sci_e_kwh"], r["sci_g"], r["sci_m_g"]
+    return {
+        "requests": n, "e_kwh": e, "i_g_per_kwh": (sci - m) / e if e else None, "m_g": m,
+        "sci_g_per_request": sci / n, "sci_g_per_1000_requests": sci * 1000 / n,
+        "tiers_wh": {"accelerators": r["sci_gpu_joules"] / 3600, "with_host": r["sci_joules"] / 3600,
+                     "with_idle": (r["sci_joules"] + r["idle_joules"]) / 3600, "facility": e * 1000},
+    }
 
 
 def sig3(x: float) -> str:
@@ -185,8 +206,9 @@ def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> st
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     writer.writeheader()
-    for r in rows:
-        writer.writerow({**r, **{k: json.dumps(r[k]) for k in ("gpus", "components", "gpu_joules")}})
+    for r in rows:  # the columns (the rebuilt ``grid`` and ``sci`` objects are in them already)
+        as_json = {k: json.dumps(r[k]) for k in ("gpus", "components", "gpu_joules")}
+        writer.writerow({**{k: r[k] for k in COLUMNS}, **as_json})
     return buf.getvalue()
 
 

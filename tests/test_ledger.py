@@ -24,6 +24,10 @@ def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, 
             "gco2e": joules / 3.6e6 * 1.2 * 56.0, "water_ml": joules / 3.6e6 * 4.22 * 1000, "gpus": [0],
             "components": {"gpu": joules}, "pue": 1.2, "grid_zone": "FRA", "grid_intensity_g_per_kwh": 56.0,
             "gco2e_location": joules / 3.6e6 * 1.2 * 56.0, "embodied_gco2e": joules / 100, "gpu_seconds": joules / 10,
+            "sci": {"e_kwh": joules / 3.6e6 * 1.2, "i_g_per_kwh": 56.0, "m_g": joules / 100,
+                    "sci_g": joules / 3.6e6 * 1.2 * 56.0 + joules / 100,
+                    "tiers_wh": {"accelerators": joules / 3600, "with_host": joules / 3600, "with_idle": joules / 3600,
+                                 "facility": joules / 3600 * 1.2}},
             "grid": {"location": {"source": "codecarbon", "signal": "average", "zone": "FRA", "g_per_kwh": 56.0,
                                   "at": None, "fallback_for": None}, "market": None}}
 

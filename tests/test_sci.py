@@ -1,0 +1,102 @@
+"""The SCI breakdown (SCI 1.1: SCI = E x I + M per request) and the boundary tiers, by hand and through the
+ledger: the report's totals equal the sums of the per-request figures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import settled_records
+from wattgate.meter import Measurement, Method
+from wattgate.meter.footprint import GridIntensity, SiteFactors
+from wattgate.proxy.figures import energy_object
+from wattgate.proxy.ledger import Ledger, connect, to_row
+from wattgate.proxy.report import totals
+
+
+def site(pue: float = 1.5, intensity: float = 100.0) -> SiteFactors:
+    return SiteFactors("FRA", GridIntensity(intensity, "codecarbon", "average", "FRA"), None, pue, 0.5, 3.1)
+
+
+def measurement(gpu_j: float, host_j: float = 0.0, gpu_s: float = 0.0, rid: str = "r") -> Measurement:
+    return Measurement(rid, {0: gpu_j}, Method.NVML, True, 0.0, 1.0, 10, 20, host_joules=host_j,
+                       gpu_seconds={0: gpu_s})
+
+
+def test_sci_and_tiers_by_hand():
+    e = energy_object(measurement(36.0, host_j=3.6, gpu_s=2.0), site(), idle_j=7.2)
+    sci = e["sci"]
+    assert sci["tiers_wh"] == pytest.approx({"accelerators": 0.01, "with_host": 0.011, "with_idle": 0.013,
+                                             "facility": 0.0195})
+    embodied = 2.0 * (273 + 5700 / 8) * 1000 / (3 * 365 * 86400)
+    assert sci["e_kwh"] == pytest.approx(0.0000195) and sci["i_g_per_kwh"] == 100.0
+    assert sci["m_g"] == pytest.approx(embodied) and sci["sci_g"] == pytest.approx(0.0000195 * 100 + embodied)
+    # The operational figure of the request itself leaves the idle share out; the SCI's widest tier has it.
+    assert e["gco2e"] == pytest.approx(39.6 / 3.6e6 * 1.5 * 100)
+
+
+records = st.lists(st.tuples(st.floats(0, 5000), st.floats(0, 500), st.floats(0, 1000), st.floats(0, 60),
+                             st.floats(1.0, 2.0), st.floats(0, 900), st.sampled_from(["m1", "m2"])),
+                   min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(records)
+def test_report_totals_are_the_sums_of_the_records(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("sci") / "l.db"
+    ledger = Ledger(path)
+    energies = []
+    for i, (gpu_j, host_j, idle_j, gpu_s, pue, intensity, model) in enumerate(rows):
+        e = energy_object(measurement(gpu_j, host_j, gpu_s, f"r{i}"), site(pue, intensity), idle_j=idle_j)
+        energies.append((model, e))
+        ledger.submit(to_row(e, model, None, time.time()))
+    ledger.close()
+    db = connect(path)
+    by_model = {r["model"]: r for r in totals(db, "model")}
+    db.close()
+    for model, group in by_model.items():
+        mine = [e for m, e in energies if m == model]
+        sci = group["sci"]
+        assert sci["requests"] == len(mine) == group["requests"]
+        assert sci["e_kwh"] == pytest.approx(sum(e["sci"]["e_kwh"] for e in mine), rel=1e-6, abs=1e-12)
+        assert sci["m_g"] == pytest.approx(sum(e["sci"]["m_g"] for e in mine), rel=1e-6, abs=1e-9)
+        assert sci["sci_g_per_request"] * len(mine) == pytest.approx(sum(e["sci"]["sci_g"] for e in mine),
+                                                                     rel=1e-6, abs=1e-9)
+        for tier, wh in sci["tiers_wh"].items():
+            assert wh == pytest.approx(sum(e["sci"]["tiers_wh"][tier] for e in mine), rel=1e-6, abs=1e-6), tier
+        for key in ("gco2e", "gco2e_location", "embodied_gco2e", "gpu_seconds"):
+            assert group[key] == pytest.approx(sum(e[key] for e in mine), rel=1e-6, abs=1e-9), key
+
+
+def test_each_record_through_the_gateway_carries_its_sci(stack):
+    import httpx
+
+    time.sleep(0.5)  # some idle first: the widest tier carries a share of it
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "llama", "max_tokens": 8,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+    rid = r.headers["x-request-id"]
+    inline = r.json()["energy"]["sci"]
+    rec = settled_records(stack.url, [rid])[rid]
+    sci = rec["sci"]
+    tiers = sci["tiers_wh"]
+    assert tiers["accelerators"] <= tiers["with_host"] <= tiers["with_idle"] <= tiers["facility"]
+    assert tiers["with_idle"] > tiers["with_host"]  # idle: exclude, and the GPU idled before
+    assert sci["sci_g"] == pytest.approx(sci["e_kwh"] * sci["i_g_per_kwh"] + sci["m_g"], rel=1e-6)
+    assert sci["m_g"] == pytest.approx(rec["embodied_gco2e"]) and set(inline) == set(sci)
+
+
+def test_a_record_read_back_from_the_ledger_has_the_same_sci_and_grid(tmp_path):
+    e = energy_object(measurement(36.0, host_j=3.6, gpu_s=2.0), site(), idle_j=7.2)
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.submit(to_row(e, "m", None, time.time()))
+    ledger.close()
+    again = Ledger(tmp_path / "l.db")
+    rec = again.get("r")
+    again.close()
+    assert rec["sci"]["tiers_wh"] == pytest.approx(e["sci"]["tiers_wh"])
+    for key in ("e_kwh", "i_g_per_kwh", "m_g", "sci_g"):
+        assert rec["sci"][key] == pytest.approx(e["sci"][key]), key
+    assert rec["grid"]["location"] == e["grid"]["location"] and rec["grid"]["market"] is None
