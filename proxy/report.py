@@ -164,6 +164,12 @@ def equivalents(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{equivalent(e, totals)}  ({e['basis']})" for e in EQUIVALENTS]
 
 
+#: The table's short headers (the JSON and CSV keep the full names).
+_HEADERS = {"completion_tokens": "tokens out", "wh": "Wh", "gco2e": "gCO2e", "gco2e_location": "gCO2e loc.",
+            "embodied_gco2e": "gCO2e emb.", "water_ml": "water mL", "wh_per_1000_queries": "Wh/1k req",
+            "joules_per_token": "J/token", "measured_share": "measured", "sci_g_per_1000_requests": "SCI g/1k req"}
+
+
 def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2)
@@ -177,12 +183,13 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     from rich.table import Table
 
     table = Table(title=f"wattgate energy by {by}")
-    cols = (by, "requests", "methods", "completion_tokens", "wh", "gco2e", "water_ml", "wh_per_1000_queries",
-            "joules_per_token", "measured_share")
+    cols = (by, "requests", "methods", "completion_tokens", "wh", "gco2e", "gco2e_location", "embodied_gco2e",
+            "water_ml", "wh_per_1000_queries", "joules_per_token", "measured_share", "sci_g_per_1000_requests")
     for c in cols:
-        table.add_column(c, justify="left" if c in (by, "methods") else "right")
+        table.add_column(_HEADERS.get(c, c), justify="left" if c in (by, "methods") else "right")
     for r in rows:
-        table.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        cells = {**r, "sci_g_per_1000_requests": r["sci"]["sci_g_per_1000_requests"] if r["sci"] else "-"}
+        table.add_row(*(f"{cells[c]:.4g}" if isinstance(cells[c], float) else str(cells[c]) for c in cols))
     # The terminal's width when there is one; piped, wide enough for every column.
     width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
     console = Console(file=io.StringIO(), width=width)

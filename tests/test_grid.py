@@ -221,3 +221,41 @@ def test_an_outage_behind_the_gateway_fails_no_request_and_every_figure_says_wha
             assert records[ids[1]]["grid"]["location"]["fallback_for"] == "electricitymaps"
             for r in records.values():
                 assert r["gco2e"] == pytest.approx(r["gco2e_location"])
+
+
+def test_a_changing_intensity_reaches_each_requests_headers_and_ledger_row(providers, tmp_path, monkeypatch):
+    fake, url = providers
+    fake.em_time = None
+    monkeypatch.setenv("WG_EM_TOKEN", "em-token")
+    ledger = tmp_path / "ledger.db"
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=4)) as up:
+        settings = Settings(
+            site=Site(grid_zone="FRA", grid_provider={"source": "electricitymaps", "zone": "FR", "base_url": url,
+                                                      "api_key_env": "WG_EM_TOKEN", "poll_s": 1}),
+            meter=MeterSettings(source="simulated", settle_lag_ms=200),
+            ledger=LedgerSettings(path=ledger),
+            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])},
+        )
+        with ServerThread(create_app(settings)) as gw:
+            seen: dict[str, float] = {}
+            for value in (150.0, 310.0, 75.0):
+                fake.em_value = value
+                wait_until(lambda v=value: httpx.get(f"{gw.url}/readyz").json()["grid"]["g_per_kwh"] == v,
+                           timeout=10, what=f"the provider's figure {value}")
+                r = httpx.post(f"{gw.url}/v1/chat/completions",
+                               json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+                assert float(r.headers["x-grid-intensity"]) == value
+                assert r.headers["x-grid-intensity-source"].startswith("electricitymaps; signal=average; at=")
+                seen[r.headers["x-request-id"]] = value
+            settled_records(gw.url, list(seen))
+    from wattgate.proxy.ledger import Ledger
+
+    stored = Ledger(ledger)
+    try:
+        for rid, value in seen.items():
+            row = stored.get(rid)
+            assert row is not None and row["settled"]
+            assert (row["grid_source"], row["grid_location_g_per_kwh"]) == ("electricitymaps", value)
+            assert row["gco2e_location"] == pytest.approx(row["joules"] / 3.6e6 * row["pue"] * value, abs=1e-9)
+    finally:
+        stored.close()
