@@ -164,6 +164,7 @@ class Books:
                              lambda source: self.metrics.grid_errors.labels(source).inc())
         if self.grid.provider is not None:
             self.metrics.grid_errors.labels(self.grid.provider.name)
+        self._idle_before: dict[int, float] = {}  # each GPU's idle joules when its first request ended
         self.estimates = Meter(None)  # windows for when the meter itself fails
         self.estimates.on_settled = self.settled
         meter.on_settled = self.settled
@@ -186,7 +187,7 @@ class Books:
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         if rec is None:
             return
-        energy = energy_object(m, self.site, rec.request_id, rec.grid, self.idle_share(m))
+        energy = energy_object(m, self.site, rec.request_id, rec.grid, self.idle_share(m, rec.idle_per_joule))
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:
@@ -208,15 +209,25 @@ class Books:
             mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
             mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
 
-    def idle_share(self, m: Measurement) -> float:
-        """The idle energy ``m`` carries in the SCI's widest tier: with ``meter.idle: exclude``, each GPU's
-        idle energy so far per joule attributed on it, times the request's joules there (with
-        ``amortize`` its joules hold it already)."""
-        if self.settings.meter.idle == "amortize" or m.method != self.meter.method:
+    def idle_per_joule(self) -> dict[int, float]:
+        """Each GPU's idle energy since its first request ended, per joule attributed on it: what a request
+        ending now carries in the SCI's widest tier per joule of its own there (with ``meter.idle:
+        amortize``, nothing more: its joules hold the idle energy already). The idle time before a GPU's
+        first request is nobody's, else the first requests after start-up would carry all of it."""
+        if self.settings.meter.idle == "amortize":
+            return {}
+        ratios = {}
+        for g, t in self.meter.gpu_totals().items():
+            since = self._idle_before.setdefault(g, t.idle)
+            ratios[g] = (t.idle - since) / t.attributed if t.attributed > 0 else 0.0
+        return ratios
+
+    @staticmethod
+    def idle_share(m: Measurement, per_joule: dict[int, float] | None) -> float:
+        """The idle joules ``m`` carries at the GPUs' ``per_joule`` ratios (a measured figure only)."""
+        if not per_joule or m.method is Method.ESTIMATE:
             return 0.0
-        totals = self.meter.gpu_totals()
-        return sum(j * totals[g].idle / totals[g].attributed for g, j in m.joules_by_gpu.items()
-                   if g in totals and totals[g].attributed > 0)
+        return sum(j * per_joule.get(g, 0.0) for g, j in m.joules_by_gpu.items())
 
     # -- calls -------------------------------------------------------------------
 
@@ -303,10 +314,11 @@ class Books:
         mx.tokens.labels(name, "completion").inc(m.completion_tokens)
         mx.latency.labels(name).observe(latency_s)
         rec = self.records.get(m.request_id)  # the window is named by the record's key
-        grid = self.grid.at()  # the intensity in force as it ended: its settled figure uses the same
+        # The intensity in force as it ended, and the GPUs' idle ratios then: its settled figure uses the same.
+        grid, idle = self.grid.at(), self.idle_per_joule()
         if rec is not None:
-            rec.grid = grid
-        energy = energy_object(m, self.site, None if rec is None else rec.request_id, grid, self.idle_share(m))
+            rec.grid, rec.idle_per_joule = grid, idle
+        energy = energy_object(m, self.site, None if rec is None else rec.request_id, grid, self.idle_share(m, idle))
         if m.settled and self.ledger is not None:
             # Final already (an estimate), but the API says settled only once the ledger has it.
             self.records.update(m.request_id, {**energy, "settled": False})

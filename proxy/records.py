@@ -17,6 +17,7 @@ class Record:
     team: str | None
     energy: dict[str, Any] = field(default_factory=dict)
     grid: GridIntensity | None = None  # the grid's intensity when the request ended (None: the zone's average)
+    idle_per_joule: dict[int, float] | None = None  # each GPU's idle share per joule then (Books.idle_per_joule)
 
 
 def record_key(team: str | None, request_id: str) -> str:

@@ -74,9 +74,13 @@ def test_report_totals_are_the_sums_of_the_records(tmp_path_factory, rows):
 def test_each_record_through_the_gateway_carries_its_sci(stack):
     import httpx
 
-    time.sleep(0.5)  # some idle first: the widest tier carries a share of it
-    r = httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "llama", "max_tokens": 8,
-                                                              "messages": [{"role": "user", "content": "hi"}]})
+    def call() -> httpx.Response:
+        return httpx.post(f"{stack.url}/v1/chat/completions", json={"model": "llama", "max_tokens": 8,
+                                                                    "messages": [{"role": "user", "content": "hi"}]})
+
+    call()  # idle after a first request is shared by the next ones (before it, nobody's)
+    time.sleep(0.5)
+    r = call()
     rid = r.headers["x-request-id"]
     inline = r.json()["energy"]["sci"]
     rec = settled_records(stack.url, [rid])[rid]
@@ -100,3 +104,26 @@ def test_a_record_read_back_from_the_ledger_has_the_same_sci_and_grid(tmp_path):
     for key in ("e_kwh", "i_g_per_kwh", "m_g", "sci_g"):
         assert rec["sci"][key] == pytest.approx(e["sci"][key]), key
     assert rec["grid"]["location"] == e["grid"]["location"] and rec["grid"]["market"] is None
+
+
+def test_the_idle_time_before_a_gpus_first_request_is_nobodys(tmp_path):
+    import httpx
+
+    from tests.conftest import SERVED
+    from wattgate.meter.sources.simulated import SimulatedGpu
+    from wattgate.proxy.app import create_app
+    from wattgate.proxy.serving import ServerThread
+    from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
+    from wattgate.proxy.simulated_upstream import SimulatedUpstream
+
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=8)) as up:
+        settings = Settings(meter=MeterSettings(source="simulated", settle_lag_ms=200),
+                            ledger=LedgerSettings(enabled=False),
+                            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            time.sleep(1.5)  # 1.5 s at the simulated GPU's 80 W idle: ~120 J, some ten times the request's own
+            r = httpx.post(f"{gw.url}/v1/chat/completions",
+                           json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
+            rid = r.headers["x-request-id"]
+            tiers = settled_records(gw.url, [rid])[rid]["sci"]["tiers_wh"]
+    assert tiers["with_idle"] == tiers["with_host"] > 0
