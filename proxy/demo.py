@@ -186,5 +186,6 @@ r = c.chat.completions.create(model='{MODEL}', messages=[{{'role': 'user', 'cont
 print(r.model_extra['energy'])"
 
   curl -s {url}/metrics | grep wattgate_
-"""
+""",
+        flush=True,  # the demo then waits: what it printed must reach a pipe now, not at exit
     )

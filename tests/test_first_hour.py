@@ -125,7 +125,7 @@ def test_the_demo_keeps_its_own_ledger(monkeypatch, tmp_path):
 def test_the_demo_kept_serving_prints_the_chat_pages_url_and_serves_it():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "demo", "--keep-serving", "--port", str(port)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True)  # a pipe, as `| tee` would be: block-buffered
     try:
         assert proc.stdout is not None
         url = f"http://127.0.0.1:{port}/chat"
