@@ -38,6 +38,7 @@ class GridIntensity:
     zone: str
     at: float | None = None  # Unix time the figure is for; None for an annual average or a fixed figure
     fallback: str | None = None  # the live source this static figure stands in for (it failed, or its data is old)
+    estimated: bool | None = None  # the provider's own word that the figure is estimated, not measured (None: not said)
 
 
 @dataclass(frozen=True, slots=True)

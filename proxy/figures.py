@@ -16,7 +16,7 @@ def _iso(t: float | None) -> str | None:
 def grid_object(grid: GridIntensity) -> dict[str, Any]:
     """Where a grid intensity came from, as the ``energy`` object's ``grid`` says it."""
     return {"source": grid.source, "signal": grid.signal, "zone": grid.zone, "g_per_kwh": grid.g_per_kwh,
-            "at": _iso(grid.at), "fallback_for": grid.fallback}
+            "at": _iso(grid.at), "fallback_for": grid.fallback, "estimated": grid.estimated}
 
 
 def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embodied_g: float,

@@ -104,8 +104,10 @@ class ElectricityMaps:
                                {"auth-token": self.token}, {"zone": self.zone})
         if not isinstance(data, dict):
             raise ProviderError("the answer is not an object")
+        estimated = data.get("isEstimated")
         return GridIntensity(_intensity(data.get("carbonIntensity")), self.name, "average",
-                             str(data.get("zone") or self.zone), _parse_time(data.get("datetime")))
+                             str(data.get("zone") or self.zone), _parse_time(data.get("datetime")),
+                             estimated=estimated if isinstance(estimated, bool) else None)
 
 
 @dataclass

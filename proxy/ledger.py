@@ -32,6 +32,7 @@ COLUMNS = (
     "embodied_gco2e", "gpu_seconds",
     # The SCI (R = one request): its widest tier's facility energy E (kWh) and E x I + M (g); the idle share in it.
     "idle_joules", "sci_e_kwh", "sci_g",
+    "grid_estimated",  # the provider's isEstimated (NULL: not said)
 )
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
@@ -74,6 +75,7 @@ MIGRATIONS = (
     "ALTER TABLE requests ADD COLUMN idle_joules REAL",
     "ALTER TABLE requests ADD COLUMN sci_e_kwh REAL",
     "ALTER TABLE requests ADD COLUMN sci_g REAL",
+    "ALTER TABLE requests ADD COLUMN grid_estimated INTEGER",
 )
 
 
@@ -135,6 +137,7 @@ def to_row(
         *_grid_values(energy), energy["embodied_gco2e"], energy["gpu_seconds"],
         round((energy["sci"]["tiers_wh"]["with_idle"] - energy["sci"]["tiers_wh"]["with_host"]) * 3600, 6),
         energy["sci"]["e_kwh"], energy["sci"]["sci_g"],
+        None if energy["grid"]["location"]["estimated"] is None else int(energy["grid"]["location"]["estimated"]),
     )
 
 
@@ -159,7 +162,8 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
             "location": {"source": rec["grid_source"], "signal": rec["grid_signal"], "zone": rec["grid_zone"] if
                          not market else None, "g_per_kwh": rec["grid_location_g_per_kwh"],
                          "at": None if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                         "fallback_for": rec["grid_fallback_for"]},
+                         "fallback_for": rec["grid_fallback_for"],
+                         "estimated": None if rec["grid_estimated"] is None else bool(rec["grid_estimated"])},
             "market": {"source": "override", "signal": "contractual", "g_per_kwh": rec["grid_intensity_g_per_kwh"]}
             if market else None,
         }

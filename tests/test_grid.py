@@ -119,7 +119,7 @@ def test_electricity_maps_latest_is_the_figure_in_force(providers):
     assert poll(feed) == 300
     assert fake.calls == ["em FR"]
     now = feed.at(T0 + 600)
-    assert now == GridIntensity(123.0, "electricitymaps", "average", "FR", T0)
+    assert now == GridIntensity(123.0, "electricitymaps", "average", "FR", T0, estimated=False)
     assert feed.at(T0 + 3601) == GridIntensity(56.039, "codecarbon", "average", "FRA", fallback="electricitymaps")
     fake.em_value, fake.em_time = 200.0, T0 + 3600
     poll(feed)
@@ -256,6 +256,7 @@ def test_a_changing_intensity_reaches_each_requests_headers_and_ledger_row(provi
             row = stored.get(rid)
             assert row is not None and row["settled"]
             assert (row["grid_source"], row["grid_location_g_per_kwh"]) == ("electricitymaps", value)
+            assert row["grid"]["location"]["estimated"] is False  # Electricity Maps' isEstimated, kept
             assert row["gco2e_location"] == pytest.approx(row["joules"] / 3.6e6 * row["pue"] * value, abs=1e-9)
     finally:
         stored.close()

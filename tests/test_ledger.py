@@ -29,7 +29,7 @@ def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, 
                     "tiers_wh": {"accelerators": joules / 3600, "with_host": joules / 3600, "with_idle": joules / 3600,
                                  "facility": joules / 3600 * 1.2}},
             "grid": {"location": {"source": "codecarbon", "signal": "average", "zone": "FRA", "g_per_kwh": 56.0,
-                                  "at": None, "fallback_for": None}, "market": None}}
+                                  "at": None, "fallback_for": None, "estimated": None}, "market": None}}
 
 
 def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
