@@ -35,7 +35,7 @@ class GridIntensity:
     g_per_kwh: float
     source: str  # "codecarbon" (the zone's annual average), "electricitymaps", "watttime", "override"
     signal: str  # "average" or "marginal" (location-based); "contractual" for a site's own (market-based) figure
-    zone: str
+    zone: str | None  # None: not known (a ledger row written before the location's zone was kept)
     at: float | None = None  # Unix time the figure is for; None for an annual average or a fixed figure
     fallback: str | None = None  # the live source this static figure stands in for (it failed, or its data is old)
     estimated: bool | None = None  # the provider's own word that the figure is estimated, not measured (None: not said)

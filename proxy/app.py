@@ -41,7 +41,7 @@ from wattgate.proxy.foreign import ForeignLoadPoller
 from wattgate.proxy.metrics import TeamView
 from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.records import record_key
-from wattgate.proxy.report import parse_duration
+from wattgate.proxy.report import GROUPS, parse_duration
 from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient
@@ -50,7 +50,7 @@ log = logging.getLogger("wattgate")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: What ``GET /v1/energy`` totals by: no ``team`` (a caller sees its own team's records only).
-SUMMARY_GROUPS = ("model", "day", "method")
+SUMMARY_GROUPS = tuple(g for g in GROUPS if g != "team")
 
 
 class CallOpener(Protocol):

@@ -9,14 +9,22 @@ from wattgate.meter import Measurement
 from wattgate.meter.footprint import J_PER_WH, GridIntensity, SiteFactors, footprint
 
 
-def _iso(t: float | None) -> str | None:
+def iso_time(t: float | None) -> str | None:
+    """Unix time as the figures write it (UTC, whole seconds)."""
     return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def grid_object(grid: GridIntensity) -> dict[str, Any]:
     """Where a grid intensity came from, as the ``energy`` object's ``grid`` says it."""
     return {"source": grid.source, "signal": grid.signal, "zone": grid.zone, "g_per_kwh": grid.g_per_kwh,
-            "at": _iso(grid.at), "fallback_for": grid.fallback, "estimated": grid.estimated}
+            "at": iso_time(grid.at), "fallback_for": grid.fallback, "estimated": grid.estimated}
+
+
+def tiers_wh(gpu_j: float, it_j: float, idle_j: float, pue: float) -> dict[str, float]:
+    """Energy by boundary tier (Wh): the accelerators, + host (IT), + the idle share, x PUE."""
+    with_idle = (it_j + idle_j) / J_PER_WH
+    return {"accelerators": gpu_j / J_PER_WH, "with_host": it_j / J_PER_WH, "with_idle": with_idle,
+            "facility": with_idle * pue}
 
 
 def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embodied_g: float,
@@ -25,13 +33,12 @@ def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embod
 
     E is the facility energy of the widest tier (accelerators, host, the idle share, x PUE); I the
     location-based intensity; M the embodied share: SCI = E x I + M."""
-    it_wh = (m.joules + idle_j) / J_PER_WH
-    e_kwh = it_wh * site.pue / 1000
+    tiers = tiers_wh(m.gpu_joules, m.joules, idle_j, site.pue)
+    e_kwh = tiers["facility"] / 1000
     return {
         "e_kwh": round(e_kwh, 12), "i_g_per_kwh": location.g_per_kwh, "m_g": round(embodied_g, 9),
         "sci_g": round(e_kwh * location.g_per_kwh + embodied_g, 9),
-        "tiers_wh": {"accelerators": round(m.gpu_joules / J_PER_WH, 9), "with_host": round(m.joules / J_PER_WH, 9),
-                     "with_idle": round(it_wh, 9), "facility": round(it_wh * site.pue, 9)},
+        "tiers_wh": {tier: round(wh, 9) for tier, wh in tiers.items()},
     }
 
 

@@ -16,9 +16,12 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from wattgate.meter.footprint import GridIntensity
+from wattgate.proxy.figures import grid_object, tiers_wh
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ COLUMNS = (
     # The SCI (R = one request): its widest tier's facility energy E (kWh) and E x I + M (g); the idle share in it.
     "idle_joules", "sci_e_kwh", "sci_g",
     "grid_estimated",  # the provider's isEstimated (NULL: not said)
+    "grid_location_zone",  # the location-based figure's zone (grid_zone says "override" when a site figure was used)
 )
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
@@ -76,6 +80,7 @@ MIGRATIONS = (
     "ALTER TABLE requests ADD COLUMN sci_e_kwh REAL",
     "ALTER TABLE requests ADD COLUMN sci_g REAL",
     "ALTER TABLE requests ADD COLUMN grid_estimated INTEGER",
+    "ALTER TABLE requests ADD COLUMN grid_location_zone TEXT",
 )
 
 
@@ -138,6 +143,7 @@ def to_row(
         round((energy["sci"]["tiers_wh"]["with_idle"] - energy["sci"]["tiers_wh"]["with_host"]) * 3600, 6),
         energy["sci"]["e_kwh"], energy["sci"]["sci_g"],
         None if energy["grid"]["location"]["estimated"] is None else int(energy["grid"]["location"]["estimated"]),
+        energy["grid"]["location"]["zone"],
     )
 
 
@@ -156,23 +162,18 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     rec["components"] = json.loads(rec["components"])
     rec["gpu_joules"] = json.loads(rec["gpu_joules"])
     if rec["grid_source"] is not None:
-        at = rec["grid_at"]
         market = rec["grid_zone"] == "override"
-        rec["grid"] = {
-            "location": {"source": rec["grid_source"], "signal": rec["grid_signal"], "zone": rec["grid_zone"] if
-                         not market else None, "g_per_kwh": rec["grid_location_g_per_kwh"],
-                         "at": None if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                         "fallback_for": rec["grid_fallback_for"],
-                         "estimated": None if rec["grid_estimated"] is None else bool(rec["grid_estimated"])},
-            "market": {"source": "override", "signal": "contractual", "g_per_kwh": rec["grid_intensity_g_per_kwh"]}
-            if market else None,
-        }
+        # Rows written before the location's zone was kept: the zone column is it, unless it says "override".
+        zone = rec["grid_location_zone"] or (None if market else rec["grid_zone"])
+        estimated = None if rec["grid_estimated"] is None else bool(rec["grid_estimated"])
+        location = GridIntensity(rec["grid_location_g_per_kwh"], rec["grid_source"], rec["grid_signal"], zone,
+                                 rec["grid_at"], rec["grid_fallback_for"], estimated)
+        rec["grid"] = {"location": grid_object(location), "market": grid_object(
+            GridIntensity(rec["grid_intensity_g_per_kwh"], "override", "contractual", zone)) if market else None}
     if rec["sci_g"] is not None:
-        it_wh = (rec["joules"] + rec["idle_joules"]) / 3600
+        tiers = tiers_wh(rec["components"].get("gpu", 0.0), rec["joules"], rec["idle_joules"], rec["pue"])
         rec["sci"] = {"e_kwh": rec["sci_e_kwh"], "i_g_per_kwh": rec["grid_location_g_per_kwh"],
-                      "m_g": rec["embodied_gco2e"], "sci_g": rec["sci_g"],
-                      "tiers_wh": {"accelerators": rec["components"].get("gpu", 0.0) / 3600,
-                                   "with_host": rec["joules"] / 3600, "with_idle": it_wh, "facility": it_wh * rec["pue"]}}
+                      "m_g": rec["embodied_gco2e"], "sci_g": rec["sci_g"], "tiers_wh": tiers}
     return rec
 
 

@@ -3,6 +3,7 @@ shipped in the package (``static/``), served with a strict Content-Security-Poli
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from importlib import resources
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+
+from wattgate.proxy.report import EQUIVALENTS
 
 # The page runs only its own files and talks only to this gateway: no inline script or style, no frames.
 PAGE_POLICY = (
@@ -26,11 +29,14 @@ class StaticFile:
     media_type: str
     headers: dict[str, str]
 
+    @functools.cached_property
+    def etag(self) -> str:
+        return f'"{hashlib.sha256(self.body).hexdigest()[:16]}"'
+
     def response(self, request: Request) -> Response:
-        etag = f'"{hashlib.sha256(self.body).hexdigest()[:16]}"'
-        if etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers={**self.headers, "etag": etag})
-        return Response(self.body, media_type=self.media_type, headers={**self.headers, "etag": etag})
+        if self.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers={**self.headers, "etag": self.etag})
+        return Response(self.body, media_type=self.media_type, headers={**self.headers, "etag": self.etag})
 
 
 def _read(name: str) -> str:
@@ -42,7 +48,7 @@ def static_files() -> dict[str, StaticFile]:
     page = {**_COMMON, "content-security-policy": PAGE_POLICY}
     # Loaded by other origins' pages: a script tag needs no CORS, a module or `crossorigin` script does.
     widget = {**_COMMON, "access-control-allow-origin": "*", "cross-origin-resource-policy": "cross-origin"}
-    table = json.dumps(json.loads(_read("equivalents.json"))["equivalents"])
+    table = json.dumps(EQUIVALENTS)
     return {
         "/chat": StaticFile(_read("chat.html").encode(), "text/html; charset=utf-8", page),
         "/chat/chat.css": StaticFile(_read("chat.css").encode(), "text/css; charset=utf-8", page),

@@ -4,6 +4,8 @@ ledger: the report's totals equal the sums of the per-request figures."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -92,18 +94,37 @@ def test_each_record_through_the_gateway_carries_its_sci(stack):
     assert sci["m_g"] == pytest.approx(rec["embodied_gco2e"]) and set(inline) == set(sci)
 
 
+def read_back(path: Path, energy: dict[str, Any]) -> dict[str, Any]:
+    """``energy``'s record as the ledger gives it back, once written and the ledger reopened."""
+    ledger = Ledger(path)
+    ledger.submit(to_row(energy, "m", None, time.time()))
+    ledger.close()
+    again = Ledger(path)
+    try:
+        rec = again.get(energy["request_id"])
+    finally:
+        again.close()
+    assert rec is not None
+    return rec
+
+
 def test_a_record_read_back_from_the_ledger_has_the_same_sci_and_grid(tmp_path):
     e = energy_object(measurement(36.0, host_j=3.6, gpu_s=2.0), site(), idle_j=7.2)
-    ledger = Ledger(tmp_path / "l.db")
-    ledger.submit(to_row(e, "m", None, time.time()))
-    ledger.close()
-    again = Ledger(tmp_path / "l.db")
-    rec = again.get("r")
-    again.close()
+    rec = read_back(tmp_path / "l.db", e)
     assert rec["sci"]["tiers_wh"] == pytest.approx(e["sci"]["tiers_wh"])
     for key in ("e_kwh", "i_g_per_kwh", "m_g", "sci_g"):
         assert rec["sci"][key] == pytest.approx(e["sci"][key]), key
-    assert rec["grid"]["location"] == e["grid"]["location"] and rec["grid"]["market"] is None
+    assert rec["grid"] == e["grid"] and rec["grid"]["market"] is None
+
+
+def test_a_record_with_a_sites_own_figure_reads_back_with_both_grid_figures(tmp_path):
+    from dataclasses import replace
+
+    fixed = replace(site(), market=GridIntensity(20.0, "override", "contractual", "FRA"))
+    e = energy_object(measurement(36.0, gpu_s=2.0), fixed)
+    rec = read_back(tmp_path / "l.db", e)
+    assert rec["grid"] == e["grid"] and rec["grid"]["market"]["g_per_kwh"] == 20.0
+    assert rec["gco2e"] == pytest.approx(e["gco2e"]) and rec["gco2e_location"] == pytest.approx(e["gco2e_location"])
 
 
 def test_the_idle_time_before_a_gpus_first_request_is_nobodys(tmp_path):
