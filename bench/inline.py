@@ -54,7 +54,10 @@ SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT_TOKENS = 12
 SPARSE_COUNTER_S = 1.0  # what `counter_interval_ms: auto` chose on the H200 host (a read cost 4 ms of CPU)
 PHASES = (0.0, 0.0137, 0.0251, 0.0377)  # poll times past the counter's 100 ms steps (s): a poll can see a step at once or late
-ARRIVAL_GAP_S = 0.0005  # a wave's requests reach the GPU one after another, as through one gateway
+ARRIVAL_GAP_S = 0.0005
+# The scripted GPU idles this long before the first wave: a gateway's sampler runs from start-up, and
+# has learnt when the counter steps (about 2.5 s, see meter.counter_steps) before requests come.
+LEAD_S = 4.0  # a wave's requests reach the GPU one after another, as through one gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +225,12 @@ def simulate(
     done, its requests ``arrival_gap_s`` apart: each request's token times, and the GPU's trace: an
     H100's counter (it steps every 100 ms) and its instantaneous power (every 10 ms)."""
     seqs: list[Scripted] = []
-    energy, t = 5_000.0, 1.0
-    # Idle for the first second, the counter stepping every 100 ms as it does afterwards.
-    trace = [(round(0.01 * k, 9), energy + profile.idle_w * 0.1 * (k // 10), profile.idle_w) for k in range(100)]
-    energy += profile.idle_w * 1.0
-    next_step = next_power = 1.0
+    energy, t = 5_000.0, LEAD_S
+    # Idle at first, the counter stepping every 100 ms as it does afterwards.
+    lead = round(LEAD_S / 0.01)
+    trace = [(round(0.01 * k, 9), energy + profile.idle_w * 0.1 * (k // 10), profile.idle_w) for k in range(lead)]
+    energy += profile.idle_w * LEAD_S
+    next_step = next_power = LEAD_S
     counter = energy
     waves_left = list(workload() if waves is None else waves)
     running: list[Scripted] = []
@@ -301,8 +305,7 @@ def replay(
     meter = Meter(TraceSource({0: trace}, clock), [0], clock=clock, on_settled=lambda m: settled.__setitem__(m.request_id, m),
                   **meter_kw)
     assert meter.sampler is not None
-    interval = meter.sampler.interval_s
-    next_poll = interval + phase_s
+    next_poll = meter.sampler.interval_s + phase_s
     inline: dict[str, tuple[Measurement, float]] = {}
     windows: dict[str, Any] = {}
 
@@ -312,7 +315,7 @@ def replay(
             clock.t = next_poll
             meter.sampler.poll()  # type: ignore[union-attr]
             meter.sampler.after_poll()  # type: ignore[union-attr,misc]
-            next_poll = round(next_poll + interval, 9)
+            next_poll = round(next_poll + meter.sampler.next_delay(), 9)  # type: ignore[union-attr]
 
     for t, _, what, seq in _events(seqs):
         poll_until(t)

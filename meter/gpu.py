@@ -18,7 +18,7 @@ import numpy as np
 from wattgate.meter.attribution import split_arrays
 from wattgate.meter.host import HostPower
 from wattgate.meter.kinds import Fault
-from wattgate.meter.live import LiveSplit
+from wattgate.meter.live import EnergyBetween, LiveSplit
 from wattgate.meter.window import Request
 from wattgate.meter.work import spans_since
 
@@ -123,9 +123,12 @@ class GpuState:
         self.foreign = [f for f in self.foreign if f[1] > target]
         return active
 
-    def live_pass(self, curve: Sequence[tuple[float, float]], requests: Mapping[str, Request]) -> None:
-        """Split the energy since the last live slice among the requests active in it (see :mod:`meter.live`)."""
+    def live_pass(self, curve: Sequence[tuple[float, float]], requests: Mapping[str, Request], final_until: float | None,
+                  energy: EnergyBetween) -> None:
+        """Split the energy since the last live slice among the requests active in it, after revaluing
+        the slices before ``final_until`` on ``energy`` (see :mod:`meter.live`)."""
         live = self.live
+        live.revalue(final_until, energy)
         a, b = curve[0][0] if live.until is None else live.until, curve[-1][0]
         if b <= a:
             return
@@ -141,17 +144,20 @@ class GpuState:
         # out twice.
         closed = [k for k, r in enumerate(active) if r.end is not None]
         rate[np.isin(key_idx, closed)] = math.nan
-        shares = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign,
-                              time_shares=False).shares
+        split = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign,
+                             time_shares=False)
         # Who shares the time after the slice: requests open at its end (or closed since, their
         # tails taken by heads) and foreign sequences.
         after += sum(n for _, e, n in self.foreign if e > b)
-        live.add(b, ((r.request_id, shares[k]) for k, r in enumerate(active)), after)
+        live.add(a, b, split.measured, ((r.request_id, split.shares[k]) for k, r in enumerate(active)), after)
 
-    def provisional(self, req: Request, energy_since: float) -> float:
-        """``req``'s provisional joules here: its live slices, plus ``energy_since`` (the energy
-        from the last live slice, or its start, to its end) split by heads."""
-        return self.live.share(req.request_id) + energy_since / max(self.live.heads, 1)
+    def provisional(self, req: Request, energy: EnergyBetween) -> float:
+        """``req``'s provisional joules here: its live slices, plus the energy from the last live
+        slice (or its start) to its end split by heads, both on ``energy``, the GPU's curve now."""
+        assert req.end is not None
+        since = self.live_since(req)
+        rest = energy(since, req.end) if req.end > since else 0.0
+        return self.live.share(req.request_id, energy) + rest / max(self.live.heads, 1)
 
     def live_since(self, req: Request) -> float:
         """Where the part of ``req``'s window that no live slice has split yet begins."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 from wattgate.meter.gpu import COMPACT_AFTER, GpuState, GpuTotals, compact
 from wattgate.meter.host import HostPower
@@ -145,7 +146,7 @@ class GpuPasses:
                 continue
             try:
                 if curve := self.sampler.energy_curve(g, st.live.until):
-                    st.live_pass(curve, requests)
+                    st.live_pass(curve, requests, self.sampler.last_sample_time(g), partial(self.sampler.energy_between, g))
             except Exception:  # provisional figures only: the settled pass is unaffected
                 log.exception("meter: live split failed on GPU %d", g)
                 self.count_error(Fault.INTERNAL)
@@ -153,11 +154,7 @@ class GpuPasses:
     def provisional(self, req: Request) -> dict[int, float]:
         """``req``'s provisional joules per GPU (see :meth:`GpuState.provisional`)."""
         assert req.end is not None
-        joules = {}
-        for g in req.gpus:
-            st, since = self.gpu[g], self.gpu[g].live_since(req)
-            joules[g] = st.provisional(req, self.sampler.energy_between(g, since, req.end) if req.end > since else 0.0)
-        return joules
+        return {g: self.gpu[g].provisional(req, partial(self.sampler.energy_between, g)) for g in req.gpus}
 
     def provisional_seconds(self, req: Request, joules: Mapping[int, float]) -> dict[int, float]:
         """The GPU time that goes with ``req``'s provisional ``joules``: on each GPU, the window times the

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from wattgate.meter.counter_steps import CounterSteps, poll_delays
 from wattgate.meter.kinds import Fault
 from wattgate.meter.sources import MeterFault, PowerSource
 
@@ -38,6 +39,7 @@ class _GpuState:
     agreement: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=AGREEMENT_INTERVALS))
     # Times the GPU went from idle to busy or back, as its user saw it (see ``Sampler.mark``).
     marks: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_MARKS))
+    steps: CounterSteps = field(default_factory=CounterSteps)  # when the counter steps, once learnt
 
 
 class Sampler:
@@ -102,6 +104,15 @@ class Sampler:
         self.on_error: Callable[[str], None] | None = None  # told each fault's kind (the meter counts them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._delays = poll_delays(interval_s)
+
+    def next_delay(self) -> float:
+        """Time to the next poll: ``interval_s``; on average only while a stepping counter is read at
+        every poll, whose polls' phase sweeps against its steps to learn when they fall (see
+        :mod:`meter.counter_steps`)."""
+        sweep = self.counter_every_s is None and not self.continuous and any(
+            not st.steps.fast for st in self._gpu.values())
+        return next(self._delays) if sweep else self.interval_s
 
     def _fault(self, kind: str) -> None:
         if self.on_error is not None:
@@ -129,7 +140,7 @@ class Sampler:
                 self._fault(Fault.READ)
                 continue
             cost = self.cpu_clock() - cpu0 if calibrating else 0.0
-            prev_poll, st.last_poll, st.last_ok = st.last_poll, now, now
+            st.last_poll = st.last_ok = now
             prev_power, st.power_w = st.power_w, reading.power_w
             # With power beside the counter, power places each counter step's energy in time,
             # read sparsely or not: an H100's counter steps only every ~100 ms.
@@ -147,8 +158,8 @@ class Sampler:
                 if len(st.pending) > (st.samples.maxlen or 0):  # a counter that stopped stepping
                     del st.pending[1 : len(st.pending) // 2]  # keep the anchor and the newer half
             if reading.energy_j is not None:
-                st.last_counter_read = now
-                self._counter(st, reading.energy_j, (prev_power, reading.power_w), now, prev_poll, anchored)
+                prev_read, st.last_counter_read = st.last_counter_read, now
+                self._counter(st, reading.energy_j, (prev_power, reading.power_w), now, prev_read, anchored)
                 if calibrating:
                     self._calibrate(cost)
             elif not due and st.last_raw is not None:
@@ -197,11 +208,12 @@ class Sampler:
         raw: float,
         powers: tuple[float | None, float | None],
         now: float,
-        prev_poll: float | None,
+        prev_read: float | None,
         anchored: bool,
     ) -> None:
         """Store a counter reading when it changed, made continuous across resets; ``powers``: the
-        instantaneous power read at the previous poll and at this one."""
+        instantaneous power read at the previous poll and at this one; ``prev_read``: when the
+        counter was read before."""
         prev_power, power_w = powers
         if st.last_raw is None:
             # The counter last stepped about counter_lag_s ago, as every later sparse read is
@@ -211,14 +223,17 @@ class Sampler:
             st.last_raw = raw
             st.pending = [(stamp, 0.0)] if anchored else []
             return
+        if self.counter_every_s is None and prev_read is not None and not self.continuous:
+            st.steps.read(prev_read, now, raw != st.last_raw)
         if raw == st.last_raw:
             return
         reset = raw < st.last_raw
         if reset:
             self._fault(Fault.COUNTER_RESET)
             # Unknown energy between the last value and the reset: assume power held.
-            gap = (power_w or 0.0) * (now - (prev_poll or now))
+            gap = (power_w or 0.0) * (now - (prev_read or now))
             st.offset += st.last_raw - raw + gap
+            st.steps.forget()
         st.last_raw = raw
         t_a, e_a = st.samples[-1]
         if self.continuous:  # the value is the energy up to this read
@@ -226,9 +241,13 @@ class Sampler:
         elif self.counter_every_s is not None:
             # Read sparsely: it stepped within its update period before this read.
             stamp = max(now - self.counter_lag_s, (t_a + now) / 2)
+        elif prev_read is None:
+            stamp = now
         else:
-            # Polled often: it stepped between the previous poll and this one.
-            stamp = now if prev_poll is None else (prev_poll + now) / 2
+            # Read every poll: it stepped between the previous read and this one, where the counter's
+            # period and phase say once they are known (else at the midpoint).
+            step = st.steps.step_in(prev_read, now)
+            stamp = step if step is not None else (prev_read + now) / 2
         e_new = raw + st.offset
         if anchored and st.pending and power_w is not None and st.pending[-1][0] < stamp:
             # Power read late covers less than the counter: carry the latest power on to the stamp.
@@ -356,7 +375,7 @@ class Sampler:
             except Exception:
                 log.exception("meter sampler round failed")
                 self._fault(Fault.INTERNAL)
-            next_at += self.interval_s
+            next_at += self.next_delay()
             delay = next_at - self.clock()
             if delay < 0:  # fell behind: skip missed rounds rather than bursting
                 next_at = self.clock()

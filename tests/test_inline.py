@@ -12,14 +12,22 @@ from hypothesis import strategies as st
 from bench.inline import SPARSE_COUNTER_S, Planned, Replayed, Scripted, replay, simulate, summary, workload
 
 POLL_S = 0.05
+# Requests come once the sampler has learnt when the counter steps (meter.counter_steps: about 2.5 s
+# from start-up), as in a gateway that has been up for a few seconds. While it learns, a step is
+# stamped up to half a poll off, which moves up to 1 % of a 1 s window's energy across its ends.
+WARM_S = 4.0
+# Once learnt, a counter step is stamped within a few ms of where it happened (before, at the
+# midpoint of the polls around it, and the same few ms for every step, as the polls kept one phase):
+# the meter's energy of a stretch can be that much off the GPU's.
+STAMP_SLACK_S = 0.005
 
 
 @st.composite
 def schedules(draw: st.DrawFn) -> list[Scripted]:
-    """Up to 12 requests over 4 s, streamed or plain, each with its own token pace."""
+    """Up to 12 requests over 4 s once the sampler is warm, streamed or plain, each with its own token pace."""
     out = []
     for i in range(draw(st.integers(1, 12))):
-        start = 1.0 + draw(st.floats(0, 3.5))
+        start = WARM_S + draw(st.floats(0, 3.5))
         end = start + draw(st.floats(0.02, 2.0))
         stream = draw(st.booleans())
         gap = draw(st.floats(0.003, 0.2))
@@ -31,14 +39,14 @@ def schedules(draw: st.DrawFn) -> list[Scripted]:
 
 @st.composite
 def traces(draw: st.DrawFn, constant: bool = False, with_sensor: bool = True) -> list[tuple[float, float, float | None]]:
-    """A GPU's counter and power over 8 s: power steps at random times, the counter every 100 ms
+    """A GPU's counter and power over 11 s: power steps at random times, the counter every 100 ms
     (or every 50 or 250 ms). Without ``with_sensor``, the GPU reports no power."""
     power = draw(st.floats(60, 700))
-    steps = sorted(draw(st.lists(st.floats(0.0, 8.0), max_size=0 if constant else 30)))
+    steps = sorted(draw(st.lists(st.floats(WARM_S - 1, 11.0), max_size=0 if constant else 30)))
     levels = [draw(st.floats(60, 700)) for _ in steps]
     counter_step = draw(st.sampled_from([0.1, 0.05, 0.25]))
     out, energy, t = [], 1000.0, 0.0
-    while t <= 8.0:
+    while t <= 11.0:
         for at, level in zip(steps, levels):
             if at <= t:
                 power = level
@@ -87,7 +95,7 @@ def test_inline_figures_of_concurrent_requests_add_up_to_at_most_the_gpu_energy(
     power = trace[0][2]  # constant: the energy of any stretch of time is known exactly
     for group in _clusters(replay(seqs, trace, interval_s=POLL_S)):
         span = max(r.end for r in group) - min(r.start for r in group)
-        assert sum(r.inline.joules for r in group) <= power * span * (1 + 1e-9) + 1e-6
+        assert sum(r.inline.joules for r in group) <= power * (span + 2 * STAMP_SLACK_S) * (1 + 1e-9) + 1e-6
 
 
 def test_inline_is_within_5_percent_of_settled_while_concurrency_changes():
@@ -124,9 +132,9 @@ def test_the_issue_workload_meets_its_targets_on_the_scripted_gpu():
 
 def test_a_long_stream_whose_old_token_times_are_dropped_keeps_its_inline_figure():
     """Past 2 x COMPACT_AFTER arrivals the meter drops those both passes are done with."""
-    tokens = [1.05 + 0.05 * k for k in range(1200)]  # 60 s at 20 tokens/s
-    seq = Scripted("long", True, len(tokens), 1.0, 1.05, tokens=tokens, end=61.1)
-    trace = [(round(0.01 * k, 6), 1000.0 + 3.0 * (k // 10 * 10), 300.0) for k in range(6500)]
+    tokens = [WARM_S + 0.05 + 0.05 * k for k in range(1200)]  # 60 s at 20 tokens/s
+    seq = Scripted("long", True, len(tokens), WARM_S, WARM_S + 0.05, tokens=tokens, end=WARM_S + 60.1)
+    trace = [(round(0.01 * k, 6), 1000.0 + 3.0 * (k // 10 * 10), 300.0) for k in range(6800)]
     (r,) = replay([seq], trace, interval_s=POLL_S)
     assert math.isclose(r.inline.joules, r.window_j, rel_tol=1e-6)
     assert math.isclose(r.settled.joules, r.window_j, rel_tol=0.01)
@@ -152,9 +160,9 @@ def test_power_steps_where_the_gpu_turns_busy_and_idle_not_evenly_between_polls(
     every 100 ms and is read every poll. Spread evenly over the steps and polls around its start and
     end, its energy came out 2.6-6.6 % short; placed by power, with the step at its start and end,
     within 2 %, wherever the polls fall."""
-    start, end = 1.013, 1.513
+    start, end = WARM_S + 0.013, WARM_S + 0.513
     trace, energy = [], 1000.0
-    for k in range(5001):
+    for k in range(8001):
         t = round(0.001 * k, 6)
         power = 400.0 if start <= t < end else 80.0
         trace.append((t, energy if k % 100 == 0 else trace[-1][1], power))
