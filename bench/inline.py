@@ -15,6 +15,7 @@ also changes inside a wave), on a simulated H100 decoding at 5 ms per token.
   every 100 ms, power every 10 ms) replayed into the meter on a scripted clock:
   no HTTP and no timing noise, the same figures every run. Once with the counter
   read every second (what ``auto`` chose on the H200 host), once every poll.
+  The GPU idles ``LEAD_S`` first, as a gateway's sampler runs from start-up.
 
 Prints p50, p95 and worst of |inline / settled - 1| for streams and plain
 requests separately. Targets (issue 12): p95 <= 5 %, worst <= 15 %.
