@@ -69,10 +69,9 @@ class RequestWindow:
     def completed(self, n: int) -> None:
         """A plain (non-streamed) response with ``n`` tokens, whose arrival times the gateway cannot see.
 
-        When the window ends its first token is placed where the GPU's streams have lately seen
-        theirs (their time to first token) and the rest evenly up to the end: the shape a stream
-        of the same request would have had, so streamed and plain requests doing the same work
-        get the same share. Pass a count from an upstream through :func:`token_count` first.
+        Its window is its prompt's prefill over the GPU's recent time to first token, then an
+        average head's share of the GPU up to its end (see :mod:`meter.work`), for the provisional
+        and the settled figure alike. Pass a count from an upstream through :func:`token_count` first.
         """
         self._req.unseen_tokens += n
 
@@ -267,8 +266,6 @@ class Meter:
             if self.passes is not None:
                 self.passes.ended(req)
             req.reconcile_tokens()
-            if req.unseen_tokens:
-                req.place_unseen(self.passes.ttfts(req) if self.passes is not None else [])
             if not self._estimated(req):  # no fresh reading: do not hand out a figure the meter cannot back
                 assert self.passes is not None
                 req.fault = self.passes.stale_fault(req, self.clock())

@@ -53,6 +53,8 @@ class GpuPasses:
     # -- requests on the GPUs ----------------------------------------------------
 
     def began(self, req: Request) -> None:
+        if ttfts := self.ttfts(req):  # until its first token, or to its end if plain (see meter.work)
+            req.prefill_until = req.start + sum(ttfts) / len(ttfts)
         for g in req.gpus:
             if (st := self.gpu.get(g)) is not None:
                 st.requests.add(req.request_id)
@@ -79,7 +81,7 @@ class GpuPasses:
             self.sampler.mark(g, t)
 
     def first_token(self, req: Request, t: float) -> None:
-        """Keep each GPU's recent time to first token (TTFT), to shape plain responses like streams."""
+        """Keep each GPU's recent time to first token (TTFT): how long a request seen without tokens prefills."""
         if t >= req.start:
             for g in req.gpus:
                 if (st := self.gpu.get(g)) is not None:

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wattgate.meter.attribution import MIN_SPAN_S
 from wattgate.meter.estimate import ESTIMATE_BATCH, estimate
 from wattgate.meter.kinds import Fault, Method, Status
 
@@ -76,7 +75,10 @@ class Request:
     gpu_seconds: dict[int, float] = field(default_factory=dict)  # settled share of each GPU's time so far (s)
     host_j: float = 0.0
     counted: float = 0.0  # tokens of arrivals already attributed and dropped from ``times``/``counts``
-    unseen_tokens: int = 0  # a plain response's tokens, placed in time when the window ends
+    unseen_tokens: int = 0  # tokens of a response whose arrivals the gateway did not see (a plain one)
+    # A request seen without tokens (a plain one, or a stream before its first) is taken to prefill its
+    # prompt up to here, its start plus the GPU's recent time to first token when it began; None: unknown.
+    prefill_until: float | None = None
 
     @property
     def known_until(self) -> float:
@@ -87,7 +89,7 @@ class Request:
 
     @property
     def tokens_seen(self) -> int:
-        return int(self.counted + sum(self.counts))
+        return int(self.counted + sum(self.counts)) + self.unseen_tokens
 
     @property
     def completion(self) -> int:
@@ -111,20 +113,6 @@ class Request:
         elif pending > 0 and abs(pending - seen) > 0.5:
             scale = pending / seen
             self.counts[:] = [c * scale for c in self.counts]
-
-    def place_unseen(self, ttfts: list[float]) -> None:
-        """Arrivals for a plain response's tokens: the first at the GPUs' recent time to first token
-        (``ttfts``, one per GPU that has seen a stream), the rest at the end."""
-        assert self.end is not None
-        n, self.unseen_tokens = self.unseen_tokens, 0
-        first = self.start + sum(ttfts) / len(ttfts) if ttfts else self.end
-        last = self.times[-1] if self.times else self.start
-        if n > 1 and last < first < self.end - MIN_SPAN_S:
-            self.times.append(first)
-            self.counts.append(1)
-            n -= 1
-        self.times.append(self.end)
-        self.counts.append(n)
 
 
 def measurement(req: Request, method: Method, joules: dict[int, float], settled: bool, host_j: float,

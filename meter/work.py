@@ -3,6 +3,17 @@
 A request's work is its decode tokens, each spread over the time since the
 previous one, plus its prompt tokens times the model's prefill weight, spread
 over the time to its first token (see :mod:`meter.attribution`).
+
+A request whose tokens the gateway does not see (a plain response, whose tokens
+come only at its end; a stream before its first token) is modelled the same way
+by the live split behind provisional figures and by the settled one: its
+prompt's work up to ``prefill_until`` (its start plus the GPU's recent time to
+first token when it began), then an average head's share (rate unknown) up to its
+end. Each of its decode steps costs the GPU about what anyone else's does, and
+how its tokens fell in time is not known, so the same guess serves both passes
+and they agree (before, the settled pass placed its tokens evenly after a first
+one and the live one gave it heads: the first plain request of a burst came out
+10-18 % apart, ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ class Work(Protocol):
     prefill_weight: float
     times: list[float]  # arrival time of each token record
     counts: list[float]  # tokens in each record
+    unseen_tokens: int  # tokens that came without arrival times (a plain response)
+    prefill_until: float | None  # see the module's docstring
 
 
 def span_from(req: Work, t: float) -> tuple[int, float, float]:
@@ -39,9 +52,13 @@ def span_from(req: Work, t: float) -> tuple[int, float, float]:
 
 
 def spans_since(reqs: Sequence[Work], t: float) -> Spans:
-    """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`~meter.attribution.activity_spans`)."""
+    """Flat work-rate spans of ``reqs`` from ``t`` on (see :func:`~meter.attribution.activity_spans`),
+    those of requests without seen tokens as the module's docstring says."""
     starts, prefill, ends, per, times, counts = [], [], [], [], [], []
-    for req in reqs:
+    unseen = []  # requests seen without tokens: open ones, and plain responses
+    for k, req in enumerate(reqs):
+        if not req.times and (req.end is None or req.unseen_tokens):
+            unseen.append(k)
         i, start, work = span_from(req, t)
         starts.append(start)
         prefill.append(work)
@@ -52,5 +69,27 @@ def spans_since(reqs: Sequence[Work], t: float) -> Spans:
         ends.append(math.nan if req.end is None else req.end)
     f = np.asarray
     # fromiter with a count: a third faster than asarray on the long lists (one entry per token).
-    return activity_spans(f(starts, float), f(prefill, float), f(ends, float), f(per, np.intp),
-                          np.fromiter(times, float, len(times)), np.fromiter(counts, float, len(counts)))
+    spans = activity_spans(f(starts, float), f(prefill, float), f(ends, float), f(per, np.intp),
+                           np.fromiter(times, float, len(times)), np.fromiter(counts, float, len(counts)))
+    return _prefill_then_heads(spans, reqs, unseen, prefill) if unseen else spans
+
+
+def _prefill_then_heads(spans: Spans, reqs: Sequence[Work], unseen: list[int], prefill: list[float]) -> Spans:
+    """``spans`` with each request in ``unseen`` (indices into ``reqs``, which have no token records, so
+    one span each: the last of each request's) made its prompt's work up to its ``prefill_until``, then
+    an average head's share (rate unknown) up to its end."""
+    key_idx, start, end, rate = spans
+    first_tail = len(key_idx) - len(reqs)  # activity_spans puts each request's last span at the end, in order
+    extra: list[tuple[int, float, float, float]] = []
+    for k in unseen:
+        tail, req = first_tail + k, reqs[k]
+        until = req.prefill_until
+        if until is not None and until > req.start and prefill[k] > 0:
+            extra.append((k, req.start, min(until, end[tail]), prefill[k] / (until - req.start)))
+            start[tail] = min(max(start[tail], until), end[tail])
+        rate[tail] = math.nan
+    if not extra:
+        return key_idx, start, end, rate
+    k_extra, s_extra, e_extra, r_extra = (np.array(col) for col in zip(*extra))
+    return (np.concatenate((key_idx, k_extra.astype(key_idx.dtype))), np.concatenate((start, s_extra)),
+            np.concatenate((end, e_extra)), np.concatenate((rate, r_extra)))

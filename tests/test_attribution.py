@@ -192,3 +192,27 @@ def test_vectorised_spans_match_spans(trace, acts, open_flags):
         # Arrivals closer than MIN_SPAN_S are merged by one and clamped by the other: equal to 1e-3 of the total.
         assert by_arrays.shares[i] == pytest.approx(by_spans.shares[i], abs=1e-3 * total)
     assert by_arrays.idle == pytest.approx(by_spans.idle, abs=1e-3 * total)
+
+
+def test_a_request_seen_without_tokens_prefills_then_takes_an_average_head():
+    """meter.work: a plain response, or a stream before its first token, is its prompt's work up to
+    ``prefill_until``, then rate unknown (an average head); one with no tokens at all (embeddings)
+    keeps its prompt's work over its whole window."""
+    from wattgate.meter.window import Request
+    from wattgate.meter.work import spans_since
+
+    plain = Request("p", (0,), 1.0, 0.2, 8.0, 100, end=3.0, unseen_tokens=50, prefill_until=1.1)
+    opened = Request("o", (0,), 1.5, 0.2, 8.0, 100, prefill_until=1.6)
+    early = Request("e", (0,), 1.5, 0.2, 8.0, 100)  # no time to first token known yet: a head from its start
+    embedding = Request("m", (0,), 1.0, 0.2, 8.0, 100, end=2.0)
+    key_idx, start, end, rate = spans_since([plain, opened, early, embedding], 0.0)
+    got = sorted((int(k), float(s), float(e), None if math.isnan(r) else round(float(r), 6))
+                 for k, s, e, r in zip(key_idx, start, end, rate) if e > s)
+    assert got == [
+        (0, 1.0, 1.1, 200.0),  # 100 prompt tokens x 0.2 over 0.1 s
+        (0, 1.1, 3.0, None),
+        (1, 1.5, 1.6, 200.0),
+        (1, 1.6, math.inf, None),
+        (2, 1.5, math.inf, None),
+        (3, 1.0, 2.0, 20.0),
+    ]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.inline import SPARSE_COUNTER_S, Planned, Replayed, Scripted, replay, simulate, summary, workload
+from bench.inline import SPARSE_COUNTER_S, Planned, Replayed, Scripted, replay, run_trace, simulate, summary, workload
 
 POLL_S = 0.05
 # Requests come once the sampler has learnt when the counter steps (meter.counter_steps: about 2.5 s
@@ -126,6 +126,15 @@ def test_streamed_and_plain_requests_doing_the_same_work_get_the_same_figures():
 def test_the_issue_workload_meets_its_targets_on_the_scripted_gpu():
     """``python -m bench.inline --mode trace``, first line: p95 <= 5 %, worst <= 15 %."""
     results = replay(*simulate(), counter_every_s=SPARSE_COUNTER_S)
+    for kind, s in summary([(r.stream, r.inline.joules, r.settled.joules) for r in results]).items():
+        assert s["p95"] <= 0.05 and s["worst"] <= 0.15, (kind, s)
+
+
+def test_bursts_reaching_the_gpu_over_milliseconds_stay_within_5_percent():
+    """Through a gateway a wave's requests begin a few ms apart, and the first plain request of a burst
+    was the worst case (+10 to +18 %): `python -m bench.inline --mode trace --arrival-gap-ms 5`, counter
+    read every poll."""
+    results = run_trace(arrival_gap_s=0.005)
     for kind, s in summary([(r.stream, r.inline.joules, r.settled.joules) for r in results]).items():
         assert s["p95"] <= 0.05 and s["worst"] <= 0.15, (kind, s)
 

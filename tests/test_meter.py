@@ -307,17 +307,20 @@ def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier
     meter, settled = make_meter({0: counter_trace(lambda t: 300.0)}, clock, settle_lag_s=10.0)
     run_until(meter, clock, 1.0)
     stream = meter.begin("s", [0])
+    stream.tokens(1, 1.05)  # the GPU's time to first token: 50 ms
+    run_until(meter, clock, 1.1, lambda t: stream.tokens(1, t))
     plain = meter.begin("p", [0], prompt_tokens=300)
     run_until(meter, clock, 4.0, lambda t: stream.tokens(1, t))
     plain.completed(60)  # a plain response: 60 tokens the gateway saw only at the end
     provisional = plain.end(t=4.0)
     stream.end(t=4.0)
     run_until(meter, clock, 5.0)
-    # 900 J over the 3 s; the plain request's share is larger for its prompt (placed where the
-    # stream's first token came: see RequestWindow.completed).
+    # 900 J from 1 s to 4 s. The plain request prefills its prompt for the GPU's time to first token
+    # (its 60 work units against the stream's one per poll), then takes an average head's share: half.
     assert settled["p"].joules + settled["s"].joules == pytest.approx(900.0, rel=0.03)
-    assert settled["p"].joules > settled["s"].joules
-    assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.05)
+    assert settled["p"].joules == pytest.approx(0.5 * 300.0 * 2.9 + 300.0 * 0.05 * 60 / 61, rel=0.03)
+    assert settled["p"].completion_tokens == 60
+    assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.02)
 
 
 @pytest.mark.parametrize("counter_every_s", [None, 1.0, 8.0])
