@@ -132,9 +132,9 @@ def buffer_bytes(horizon_s: float = 900.0, interval_s: float = 0.05) -> int:
     tracemalloc.start()
     sampler = Sampler(CostlySource(), [0], interval_s=interval_s, horizon_s=horizon_s)
     before = tracemalloc.get_traced_memory()[0]
-    st = sampler._gpu[0]
-    for k in range(st.samples.maxlen or 0):
-        st.samples.append((k * interval_s, float(k)))
+    samples = sampler._gpu[0].trace.samples
+    for k in range(samples.maxlen or 0):
+        samples.append((k * interval_s, float(k)))
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return used
