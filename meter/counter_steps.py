@@ -99,6 +99,10 @@ class CounterSteps:
     def period_s(self) -> float | None:
         return None if math.isnan(self._period) else self._period
 
+    def step_period_s(self) -> float | None:
+        """The counter's period once its phase is known (steps are then stamped by them), else None."""
+        return None if self._phase is None else self._period
+
     def _fit(self) -> None:
         """The period and phase that fit every interval seen, if any; else start over from the newest."""
         k, lo, hi = (np.array(col, dtype=float) for col in zip(*self._seen))

@@ -211,10 +211,12 @@ class GpuPasses:
         out: dict[str, dict[str, object]] = {}
         for g, st in self.gpu.items():
             last, agreement = self.sampler.last_ok(g), self.sampler.power_vs_counter(g)
+            step = self.sampler.counter_step_s(g)
             out[str(g)] = {
                 "fault": st.faulted,
                 "last_reading_age_s": None if last is None else round(now - last, 3),
                 "power_vs_counter": None if agreement is None else round(agreement, 3),
+                "counter_step_ms": None if step is None else round(step * 1e3, 2),
             }
         return out
 

@@ -223,6 +223,10 @@ class Sampler:
         """
         return self._gpu[gpu].trace.power_vs_counter()
 
+    def counter_step_s(self, gpu: int) -> float | None:
+        """How often one GPU's energy counter steps, once learnt (read every poll; see :mod:`meter.counter_steps`)."""
+        return self._gpu[gpu].trace.steps.step_period_s()
+
     def last_ok(self, gpu: int) -> float | None:
         """Time of the last successful reading of one GPU."""
         return self._gpu[gpu].last_ok

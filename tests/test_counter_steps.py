@@ -35,7 +35,7 @@ def test_steps_are_stamped_within_a_few_ms_once_learnt(period, first_poll):
     assert errors, "never learnt"
     late = errors[-int(6.0 / period):]  # the last 6 s
     assert max(abs(e) for e in late) <= 0.005, max(late, key=abs)
-    assert steps.period_s == pytest.approx(period, abs=2e-4)
+    assert steps.period_s == pytest.approx(period, abs=2e-4) == steps.step_period_s()
 
 
 def test_a_counter_that_changes_at_every_read_gives_no_phase_and_no_sweep():
@@ -50,6 +50,23 @@ def test_a_counter_that_changes_at_every_read_gives_no_phase_and_no_sweep():
         now[0] = clock()
         sampler.poll()
     assert sampler.next_delay() == sampler.interval_s
+    assert sampler.counter_step_s(0) is None
+
+
+def test_readyz_shows_the_learnt_counter_step():
+    from bench.inline import _Clock  # the bench's scripted clock
+    from wattgate.meter import Meter
+
+    trace = [(round(0.01 * k, 6), 1000.0 + 30.0 * (k // 10), 300.0) for k in range(600)]  # steps every 100 ms
+    clock = _Clock()
+    meter = Meter(TraceSource({0: trace}, clock), [0], clock=clock)
+    assert meter.sampler is not None
+    t = 0.05
+    while t < 5.0:
+        clock.t = t
+        meter.sampler.poll()
+        t += meter.sampler.next_delay()
+    assert meter.state()["gpus"]["0"]["counter_step_ms"] == pytest.approx(100.0, abs=0.2)
 
 
 def test_a_stepping_counter_read_every_poll_sweeps_the_polls_around_their_interval():

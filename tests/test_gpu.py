@@ -127,8 +127,10 @@ def test_overlapping_windows_sum_to_counter_delta(meter, gpu_work):
     wait_settled(settled, list(schedule))
     total = sum(settled[r].joules for r in schedule)
     shares = {r: round(settled[r].joules, 1) for r in schedule}
-    agreement = m.state()["gpus"][str(GPU)]["power_vs_counter"]  # None when the counter is read every poll
-    print(f"\noverlap: attributed {total:.1f} J {shares}, NVML bracket {e1 - e0:.1f} J, power_vs_counter {agreement}")
+    health = m.state()["gpus"][str(GPU)]
+    agreement = health["power_vs_counter"]  # None when the counter is read every poll
+    print(f"\noverlap: attributed {total:.1f} J {shares}, NVML bracket {e1 - e0:.1f} J, power_vs_counter {agreement}, "
+          f"counter_step_ms {health['counter_step_ms']}")  # learnt when read every poll (meter.counter_steps)
     assert math.isclose(total, e1 - e0, rel_tol=0.02)
     # One token each per step: a is alone for 1 s, shares 1 s by two and 1 s by three
     # (1 + 1/2 + 1/3 = 11/6 s of GPU); c mirrors a; b never runs alone (1/2 + 1/3 + 1/2 = 4/3).
