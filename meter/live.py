@@ -74,6 +74,10 @@ class LiveSplit:
             for key, joules in done.shares.items():
                 self._joules[key] = self._joules.get(key, 0.0) + joules * scale
 
+    def since(self, t: float) -> float:
+        """The earliest of ``t`` and the start of the oldest slice whose energy may still be revised."""
+        return min(t, self._open[0].a) if self._open else t
+
     def began(self) -> None:
         """A request began after the last live slice."""
         self.heads += 1

@@ -309,9 +309,9 @@ class Meter:
         if self._estimated(req):
             return self._measurement(req, {}, settled=False, host_j=0.0)
         assert self.passes is not None  # else the request is estimated
-        joules = self.passes.provisional(req)
+        joules, seconds = self.passes.provisional(req)
         return self._measurement(req, joules, settled=False, host_j=self.passes.host_share(joules),
-                                 gpu_seconds=self.passes.provisional_seconds(req, joules))
+                                 gpu_seconds=seconds)
 
     def _settle(self, req: Request) -> Measurement:
         """The final measurement of an ended request, which leaves the meter; never raises."""

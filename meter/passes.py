@@ -153,21 +153,20 @@ class GpuPasses:
                 log.exception("meter: live split failed on GPU %d", g)
                 self.count_error(Fault.INTERNAL)
 
-    def provisional(self, req: Request) -> dict[int, float]:
-        """``req``'s provisional joules per GPU (see :meth:`GpuState.provisional`)."""
-        assert req.end is not None
-        return {g: self.gpu[g].provisional(req, partial(self.sampler.energy_between, g)) for g in req.gpus}
-
-    def provisional_seconds(self, req: Request, joules: Mapping[int, float]) -> dict[int, float]:
-        """The GPU time that goes with ``req``'s provisional ``joules``: on each GPU, the window times the
-        request's share of the GPU's energy over it (the settled pass splits the time itself)."""
+    def provisional(self, req: Request) -> tuple[dict[int, float], dict[int, float]]:
+        """``req``'s provisional joules per GPU (see :meth:`GpuState.provisional`), and the GPU time that
+        goes with them: on each GPU, the window times the request's share of the GPU's energy over it
+        (the settled pass splits the time itself). One curve per GPU serves both."""
         assert req.end is not None
         window = req.end - req.start
-        seconds = {}
-        for g, j in joules.items():
-            total = self.sampler.energy_between(g, req.start, req.end) if window > 0 else 0.0
+        joules, seconds = {}, {}
+        for g in req.gpus:
+            st = self.gpu[g]
+            energy = self.sampler.energy_over(g, st.live.since(req.start), req.end)
+            joules[g] = j = st.provisional(req, energy)
+            total = energy(req.start, req.end) if window > 0 else 0.0
             seconds[g] = window * min(j / total, 1.0) if total > 0 else 0.0
-        return seconds
+        return joules, seconds
 
     def host_share(self, joules: Mapping[int, float]) -> float:
         """Host joules for provisional GPU ``joules``, at each GPU's latest host-per-GPU ratio."""

@@ -200,8 +200,13 @@ class Sampler:
 
     def energy_between(self, gpu: int, a: float, b: float) -> float:
         """Energy (J) of one GPU over ``[a, b]`` on :meth:`energy_curve`, extrapolated to ``b``."""
-        curve = self.energy_curve(gpu, a, until=b)
-        return max(interp(curve, b) - interp(curve, a), 0.0) if curve else 0.0
+        return self.energy_over(gpu, a, b)(a, b)
+
+    def energy_over(self, gpu: int, since: float, until: float) -> Callable[[float, float], float]:
+        """:meth:`energy_between` for any stretch within ``[since, until]``, on one curve read now: for
+        callers that need many (a request's provisional figure revalues each of its recent live slices)."""
+        curve = self.energy_curve(gpu, since, until=until)
+        return lambda a, b: max(interp(curve, b) - interp(curve, a), 0.0) if curve else 0.0
 
     def power_w(self, gpu: int) -> float | None:
         """Latest instantaneous power of one GPU in watts, if known."""
