@@ -12,12 +12,12 @@ stamped where it happened.
 
 The counter steps on its own clock, at a steady period. Each change seen
 between two consecutive reads says a step fell in ``(previous read, this read]``;
-step ``k`` is at ``phase + k * period``. The period comes from a least-squares
-fit of the intervals' midpoints; the phase is then bounded by every interval at
-once: it is after the latest of their starts and at or before the earliest of
+step ``k`` is at ``phase + k * period``. The period is the middle of the range
+that every pair of intervals allows; the phase is then bounded by every interval
+at once: it is after the latest of their starts and at or before the earliest of
 their ends, taken back to step 0. Polls that keep the same phase against the
 counter never narrow that bound, so the sampler sweeps its polls' phase back and forth (see
-:func:`poll_delays`); within two seconds the bound narrows to a few ms.
+:func:`poll_delays`); within about 2.5 s the bound narrows to a few ms.
 Anything that does not fit (a missed step, a counter whose period drifts, one
 that steps at every read) starts the fit over, and until it fits again a step
 is stamped at the midpoint as before.
@@ -36,9 +36,9 @@ import numpy as np
 MIN_STEPS = 4  # changes seen before the phase is used (the period is known from pairs of them)
 KEEP_STEPS = 64  # the fit uses the newest this many (about 6 s at 100 ms)
 SWEEP_POLLS = 40  # the polls' phase sweeps back and forth over this many (2 s at 50 ms)
-TOLERANCE_S = 0.001
+TOLERANCE_S = 0.001  # slack for the poll's own clock reads (a read takes time)
 TALLY_READS = 20  # reads over which a counter that changes at nearly every read is noticed
-FAST_SHARE = 0.8  # slack for the poll's own clock reads (a read takes time)
+FAST_SHARE = 0.8  # of those reads, the share that saw a new value for the counter to count as one
 
 
 class CounterSteps:
