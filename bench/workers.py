@@ -9,13 +9,17 @@ workers) in front of fast simulated upstreams (``--itl-ms``, 1 ms per token by
 default, so that the gateway is the bottleneck), streamed 128-token answers at
 each concurrency. The gateway is pinned to ``--gateway-cores`` (give it one thread of
 each physical core: the bench prints which of them share one); the upstreams and
-the load generators (``--clients`` processes, aiohttp) to the other cores.
+the load generators (``--clients`` processes) to the other cores. Both are
+``bench/load_side.py``'s bare protocols, a few microseconds per chunk, so that
+the gateway, not the load side, is the limit (aiohttp clients and
+``simulate-upstream`` capped the curve at about 55k tokens/s on 13 cores).
 
 Prints, per N and level: tokens (chunks) relayed per second, the CPU of all the
 gateway's processes per chunk (from /proc, their idle CPU taken off: the meter's
 sampler runs whatever the load), the hub's CPU per chunk on its own (its event
 loop, which reads the workers' events; its other threads, the meter's passes and
-the ledger), and the throughput against N = 1 at the same level.
+the ledger), the throughput against N = 1 at the same level, and the busiest
+load-side process's share of a core (near 100 %, the load side is the limit).
 
 ``--hub-alone``: the hub with no relay around it, fed the events one worker sends
 for that many streams by a synthetic worker on the other cores; its CPU per token
@@ -34,13 +38,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import aiohttp
 import httpx
 import orjson
+import uvloop
 import yaml
 
+from bench.load_side import stream_requests
 from bench.overhead import _cpu_s, _pinned, _wait
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
@@ -52,39 +57,25 @@ TOKENS = 128
 IDLE_S = 2.0
 
 
-async def _client(url: str, models: list[str], concurrency: int, n: int) -> int:
-    """``n`` streams, ``concurrency`` at a time; the data chunks received."""
-    body = {"messages": [{"role": "user", "content": "Tell me about energy."}], "max_tokens": TOKENS, "stream": True}
-    sem = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
-
-        async def one(i: int) -> int:
-            chunks = 0
-            async with sem, session.post(url, json={**body, "model": models[i % len(models)]}) as r:
-                async for line in r.content:
-                    chunks += line.startswith(b"data: {")
-            return chunks
-
-        return sum(await asyncio.gather(*(one(i) for i in range(n))))
-
-
-def _client_process(url: str, models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
+def _client_process(port: int, models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
                     out: Any) -> None:
     os.sched_setaffinity(0, cores)
     go.wait()  # every client imported and ready: the load starts together
-    t0 = time.monotonic()
-    chunks = asyncio.run(_client(url, models, concurrency, n))
-    out.put((chunks, t0, time.monotonic()))
+    t0, cpu0 = time.monotonic(), time.process_time()
+    chunks = uvloop.run(stream_requests("127.0.0.1", port, "/v1/chat/completions", models, concurrency, n, TOKENS))
+    t1 = time.monotonic()
+    out.put((chunks, t0, t1, (time.process_time() - cpu0) / (t1 - t0)))
 
 
-def _load(url: str, models: list[str], concurrency: int, n: int, clients: int, cores: list[int]) -> tuple[int, float]:
-    """Chunks relayed and seconds taken (from the first client's start to the last one's end: the
-    processes' own start-up left out), the load split over ``clients`` processes."""
+def _load(port: int, models: list[str], concurrency: int, n: int, clients: int,
+          cores: list[int]) -> tuple[int, float, float]:
+    """Chunks relayed, seconds taken (from the first client's start to the last one's end: the
+    processes' own start-up left out) and the busiest client's share of a core; the load split over
+    ``clients`` processes."""
     ctx = multiprocessing.get_context("spawn")
     out, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_client_process,
-                         args=(url, models, concurrency // clients, n // clients, cores, go, out))
+                         args=(port, models, concurrency // clients, n // clients, cores, go, out))
              for _ in range(clients)]
     for p in procs:
         p.start()
@@ -93,7 +84,8 @@ def _load(url: str, models: list[str], concurrency: int, n: int, clients: int, c
     results = [out.get(timeout=600) for _ in procs]  # a client that failed raised in its own process
     for p in procs:
         p.join()
-    return sum(r[0] for r in results), max(r[2] for r in results) - min(r[1] for r in results)
+    wall = max(r[2] for r in results) - min(r[1] for r in results)
+    return sum(r[0] for r in results), wall, max(r[3] for r in results)
 
 
 def _hub_cpu(hub: int | None) -> tuple[float, float]:
@@ -122,7 +114,9 @@ def _registry(models: dict[str, Any]) -> Path:
     return tmp
 
 
-def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: list[int]) -> dict[int, dict[str, float]]:
+def _run(args: argparse.Namespace, workers: int, upstreams: dict[int, int], other: list[int]
+         ) -> dict[int, dict[str, float]]:
+    """One gateway of ``workers`` in front of ``upstreams`` (port: pid), loaded at each level."""
     port = free_port()
     models = {f"m{i}": {"served_name": SERVED, "upstream": f"http://127.0.0.1:{p}/v1", "gpus": [0]}
               for i, p in enumerate(upstreams)}
@@ -140,7 +134,7 @@ def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: li
                 raise RuntimeError("workers did not connect to the hub")
             time.sleep(0.2)
         pids, hub = _gateway_pids(url, gateway.pid, workers)
-        _load(f"{url}/v1/chat/completions", list(models), 8, 16, 1, other)  # warm up
+        _load(port, list(models), 8, 16, 1, other)  # warm up
         for level in args.levels:
             cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
             time.sleep(IDLE_S)
@@ -148,13 +142,16 @@ def _run(args: argparse.Namespace, workers: int, upstreams: list[int], other: li
             idle_rate = (sum(_cpu_s(p) for p in pids) - cpu0) / idle_s
             hub_idle = [(b - a) / idle_s for a, b in zip(hub0, _hub_cpu(hub), strict=True)]
             cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
-            chunks, wall = _load(f"{url}/v1/chat/completions", list(models), level,
-                                 level * args.requests_per_level, args.clients, other)
+            up0 = [_cpu_s(p) for p in upstreams.values()]
+            chunks, wall, client_busy = _load(port, list(models), level,
+                                              level * args.requests_per_level, args.clients, other)
+            up_busy = max(_cpu_s(p) - c for p, c in zip(upstreams.values(), up0, strict=True)) / wall
             spent = time.monotonic() - t0  # the clients' start-up too: idle CPU comes off over all of it
             cpu = sum(_cpu_s(p) for p in pids) - cpu0 - idle_rate * spent
             loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
             out[level] = {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
-                          "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6}
+                          "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
+                          "load_busiest": max(up_busy, client_busy)}
     finally:
         gateway.terminate()
         gateway.wait(timeout=60)
@@ -177,7 +174,7 @@ async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float
     per_tick = FLUSH_S / token_gap_s  # tokens per stream per flush
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        now, tokens = time.monotonic(), []
+        now, tokens = time.monotonic(), cast(list[Any], [])
         for cid in list(left):
             due = min(int((tick + 1 + cid) * per_tick) - int((tick + cid) * per_tick), left[cid])
             for _ in range(due):  # one event per token, as a worker reading them one by one sends
@@ -230,12 +227,17 @@ def _hub_alone(args: argparse.Namespace, other: list[int]) -> None:
         hub.join(30)
 
 
-def _siblings(cpu: int) -> str:
-    """The CPUs that share ``cpu``'s physical core (SMT), as Linux lists them."""
+def _siblings(cpu: int) -> set[int]:
+    """The CPUs that share ``cpu``'s physical core (SMT), itself included, as Linux lists them."""
     try:
-        return Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        listed = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
     except OSError:
-        return "?"
+        return {cpu}
+    out: set[int] = set()
+    for part in listed.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
 
 
 def main() -> None:
@@ -253,33 +255,38 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="--hub-alone: seconds per level")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
-    other = [c for c in cores if c not in args.gateway_cores] or cores
+    # The load side off the gateway's physical cores: a process on the other thread of a gateway core
+    # would take part of that core's speed from the gateway.
+    other = ([c for c in cores if not _siblings(c) & set(args.gateway_cores)]
+             or [c for c in cores if c not in args.gateway_cores] or cores)
     os.sched_setaffinity(0, other)
     if args.hub_alone:
         _hub_alone(args, other)
         return
     up_ports = [free_port() for _ in range(args.upstreams)]
-    exe = [sys.executable, "-m", "wattgate.proxy.cli", "simulate-upstream", "--itl-ms", str(args.itl_ms)]
+    exe = [sys.executable, "-m", "bench.load_side", "upstream", "--itl-ms", str(args.itl_ms)]
     ups = [subprocess.Popen(_pinned(other, [*exe, "--port", str(p)]), stdout=subprocess.DEVNULL) for p in up_ports]
     try:
         for p in up_ports:
             _wait(f"http://127.0.0.1:{p}/v1/models")
         # Two processes on the two threads of one physical core each run at a fraction of its speed, so
         # their CPU per chunk looks higher: say which cores share one.
-        shared = sorted({_siblings(c) for c in args.gateway_cores if "," in _siblings(c) or "-" in _siblings(c)})
-        print(f"gateway cores' SMT siblings: {', '.join(shared) if shared else 'none (one thread per core)'}")
+        shared = [c for c in args.gateway_cores if len(_siblings(c) & set(args.gateway_cores)) > 1]
+        print(f"gateway cores sharing a physical core: {shared or 'none'}; "
+              f"CPUs per physical core: {len(_siblings(args.gateway_cores[0]))}")
         print(f"gateway on cores {args.gateway_cores}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
         print(f"{'N':>3}{'c':>5}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'hub: events':>13}{'meter':>7}"
-              "  (us per chunk)")
+              f"{'load':>6}  (us per chunk; load: the busiest upstream or client process, share of a core)")
         base: dict[int, float] = {}
         for n in args.workers:
-            for level, r in _run(args, n, up_ports, other).items():
+            for level, r in _run(args, n, {p: u.pid for p, u in zip(up_ports, ups, strict=True)}, other).items():
                 if n == 1:
                     base[level] = r["tokens_per_s"]
                 ratio = r["tokens_per_s"] / base[level] if level in base else float("nan")
                 hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if n > 1 else f"{'-':>13}{'-':>7}"
-                print(f"{n:>3}{level:>5}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}{hub}", flush=True)
+                print(f"{n:>3}{level:>5}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}{hub}"
+                      f"{r['load_busiest']:>6.0%}", flush=True)
     finally:
         for u in ups:
             u.terminate()
