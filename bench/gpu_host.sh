@@ -8,13 +8,14 @@
 # not the gateway's web stack: `prepare` downloads those wheels (no dependencies resolved: the list is
 # what the image lacks, as seen on 2026-11-27) and builds one of wattgate itself (19 MB in all). Each
 # step of `run` has its own timeout and writes its output as it goes, so one that fails leaves the
-# others' results. About 6 minutes on an H200 host; figures go to bench/RESULTS.md by hand.
+# others' results. 5 m 14 s on an H100 host (2026-11-27); figures go to bench/RESULTS.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 MISSING=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection annotated-doc opentelemetry-api
          orjson uvicorn ecologits openai httpx2 httpcore2 truststore jiter distro sniffio typing-extensions
-         codecarbon arrow authlib joserfc questionary prompt-toolkit wcwidth pycountry rapidfuzz types-python-dateutil)
+         codecarbon arrow authlib joserfc questionary prompt-toolkit wcwidth pycountry rapidfuzz types-python-dateutil
+         httptools)  # uvicorn[standard]'s HTTP parser: without it uvicorn falls back to h11, slower per chunk
 
 prepare() {
   rm -rf .whl && mkdir -p .whl
@@ -35,11 +36,34 @@ run() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
   step() { echo "=== $1 ($(date +%T))"; }
-  step env; { nproc; lscpu -e 2>/dev/null; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } \
+  step env; { nproc; lscpu -e 2>/dev/null; python3 -c "import httptools, uvloop; print('httptools, uvloop: there')"; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } \
     | tee "$out/env.txt"
   step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
   lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
-  step nvml_cost; timeout 20 python3 - <<'PY' 2>&1 | tee "$out/nvml_cost.txt"
+  lag=${lag:-60}  # what it measured on the H200 on 2026-11-27, should it fail this time
+  step "test_gpu, power_lag_ms $lag"
+  WATTGATE_TEST_POWER_LAG_MS=$lag timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 \
+    | tail -60 | tee "$out/test_gpu_lag$lag.txt"
+  step "inline figures on the GPU, power_lag_ms $lag"
+  timeout 120 python3 -m bench.inline --mode gpu --power-lag-ms "$lag" 2>&1 | grep -v WARNING | tee "$out/inline_gpu.txt"
+  # The gateway on one thread of each of five physical cores (two workers sharing one core's two threads
+  # would each run at a fraction of its speed); bench.workers keeps the load side off those cores.
+  cores=$(python3 -c '
+import pathlib
+seen, first = set(), []
+for cpu in sorted(int(p.name[3:]) for p in pathlib.Path("/sys/devices/system/cpu").glob("cpu[0-9]*")):
+    f = pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    core = f.read_text().strip() if f.exists() else str(cpu)
+    if core not in seen:
+        seen.add(core)
+        first.append(cpu)
+print(",".join(map(str, first[:5])))')
+  step "workers, gateway on cores $cores"; timeout 150 python3 -m bench.workers --workers 1 2 4 --levels 256 512 \
+    --gateway-cores "$cores" --upstreams 3 --clients 3 --requests-per-level 4 2>&1 | grep -v WARNING | tee "$out/workers.txt"
+  step "test_gpu (meter windows only), power_lag_ms 0"
+  WATTGATE_TEST_POWER_LAG_MS=0 timeout 90 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider \
+    -k "not gateway" 2>&1 | tail -40 | tee "$out/test_gpu_lag0.txt"
+  step nvml_cost; timeout 20 python3 - <<'PY' 2>&1 | tee -a "$out/env.txt"  # $OUT brings back 8 files at most
 import time
 
 import pynvml
@@ -62,26 +86,7 @@ try:
 except pynvml.NVMLError as exc:
     print("MIG mode: NVMLError", exc)
 PY
-  for ms in 0 ${lag:-}; do
-    step "test_gpu, power_lag_ms $ms"
-    WATTGATE_TEST_POWER_LAG_MS=$ms timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 \
-      | tail -60 | tee "$out/test_gpu_lag$ms.txt"
-  done
   step sampler; timeout 60 python3 -m bench.meter --only sampler --seconds 4 2>&1 | tee "$out/sampler.txt"
-  # The gateway on one thread of each of three physical cores (two workers sharing one core's two threads
-  # would each run at a fraction of its speed).
-  cores=$(python3 -c '
-import pathlib
-seen, first = set(), []
-for cpu in sorted(int(p.name[3:]) for p in pathlib.Path("/sys/devices/system/cpu").glob("cpu[0-9]*")):
-    f = pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-    core = f.read_text().strip() if f.exists() else str(cpu)
-    if core not in seen:
-        seen.add(core)
-        first.append(cpu)
-print(",".join(map(str, first[:3])))')
-  step "workers, gateway on cores $cores"; timeout 150 python3 -m bench.workers --workers 1 2 --levels 256 512 --gateway-cores "$cores" \
-    --upstreams 7 --clients 6 --requests-per-level 4 2>&1 | grep -v WARNING | tee "$out/workers.txt"
   step done
 }
 

@@ -1,6 +1,6 @@
 """How close the inline figures (headers, the body's and the stream's ``energy``) are to the settled ones.
 
-    python -m bench.inline [--mode gateway|trace|both] [--runs 3] [--spaced-json]
+    python -m bench.inline [--mode gateway|trace|both|gpu] [--runs 3] [--spaced-json]
 
 The workload of issue 12: waves of 1, 8, 1, 16, 2, 1, 4, 12, 1 concurrent chat
 requests, alternately streamed and plain, of 24 to 72 tokens (so concurrency
@@ -16,6 +16,11 @@ also changes inside a wave), on a simulated H100 decoding at 5 ms per token.
   no HTTP and no timing noise, the same figures every run. Once with the counter
   read every second (what ``auto`` chose on the H200 host), once every poll.
   The GPU idles ``LEAD_S`` first, as a gateway's sampler runs from start-up.
+- ``gpu`` (on a host with an NVIDIA GPU, PyTorch and transformers; issue 19):
+  the gateway with ``meter.source: nvml`` in front of a transformer on GPU 0
+  (``tests/gpu_upstream.py``; requests take turns step by step), the same waves.
+  Also prints the settled figures' sum against GPU 0's energy counter read
+  around the workload.
 
 Prints p50, p95 and worst of |inline / settled - 1| for streams and plain
 requests separately. Targets (issue 12): p95 <= 5 %, worst <= 15 %.
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +52,7 @@ from bench.overhead import _stop, _wait
 from wattgate.meter import Measurement, Meter
 from wattgate.meter.sources.simulated import GpuProfile
 from wattgate.meter.sources.trace import TraceSource
-from wattgate.proxy.serving import free_port
+from wattgate.proxy.serving import ServerThread, free_port
 
 WAVES = (1, 8, 1, 16, 2, 1, 4, 12, 1)
 PROFILE = GpuProfile(itl_1_s=0.005)  # 5 ms per token alone (issue 12's workload)
@@ -55,10 +61,11 @@ SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT_TOKENS = 12
 SPARSE_COUNTER_S = 1.0  # what `counter_interval_ms: auto` chose on the H200 host (a read cost 4 ms of CPU)
 PHASES = (0.0, 0.0137, 0.0251, 0.0377)  # poll times past the counter's 100 ms steps (s): a poll can see a step at once or late
-ARRIVAL_GAP_S = 0.0005
+ARRIVAL_GAP_S = 0.0005  # a wave's requests reach the GPU one after another, as through one gateway
 # The scripted GPU idles this long before the first wave: a gateway's sampler runs from start-up, and
 # has learnt when the counter steps (about 2.5 s, see meter.counter_steps) before requests come.
-LEAD_S = 4.0  # a wave's requests reach the GPU one after another, as through one gateway
+LEAD_S = 4.0
+CLI = [sys.executable, "-m", "wattgate.proxy.cli"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,50 +144,82 @@ async def _gateway_workload(url: str) -> list[tuple[bool, str, float]]:
     return out
 
 
-def _settled(url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, float]:
-    found: dict[str, float] = {}
+def _settled(url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The settled records of ``ids`` (those that settle within ``timeout_s``)."""
+    found: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=url) as http:
         while len(found) < len(ids) and time.monotonic() < deadline:
             for rid in ids:
                 if rid not in found and (rec := http.get(f"/v1/energy/{rid}").json()).get("settled"):
-                    found[rid] = rec["joules"]
+                    found[rid] = rec
             time.sleep(0.1)
     return found
 
 
-def run_gateway(spaced_json: bool = False, workers: int = 1) -> list[tuple[bool, float, float]]:
-    """The workload through ``wattgate serve`` (with ``--workers``) in front of ``wattgate
-    simulate-upstream``, each in its own process as a user would run them; ``(stream, inline J,
-    settled J)`` per request."""
-    up_port, gw_port = free_port(), free_port()
+@contextmanager
+def _gateway(upstream: str, meter: str, workers: int) -> Iterator[str]:
+    """``wattgate serve`` (with ``--workers``) in its own process in front of ``upstream``, as a user runs
+    it, with ``meter`` as the registry's meter settings; its URL once every worker is connected."""
+    port = free_port()
     home = Path(tempfile.mkdtemp(prefix="wattgate-inline-"))
     registry = home / "registry.yaml"
     registry.write_text(
-        f"models:\n  {MODEL}:\n    served_name: {SERVED}\n    upstream: http://127.0.0.1:{up_port}/v1\n"
-        f"    gpus: [0]\nmeter: {{source: simulated}}\nledger: {{path: {registry.parent / 'ledger.db'}}}\n"
+        f"models:\n  {MODEL}:\n    served_name: {SERVED}\n    upstream: {upstream}/v1\n"
+        f"    gpus: [0]\nmeter: {meter}\nledger: {{path: {home / 'ledger.db'}}}\n"
     )
-    cli = [sys.executable, "-m", "wattgate.proxy.cli"]
-    upstream_cmd = [*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", str(PROFILE.itl_1_s * 1000)]
-    gateway_cmd = [*cli, "serve", "--config", str(registry), "--port", str(gw_port), "--log-level", "warning",
-                   "--workers", str(workers)]
-    procs = [subprocess.Popen([*upstream_cmd, *(["--spaced-json"] if spaced_json else [])]),
-             subprocess.Popen(gateway_cmd)]
-    url = f"http://127.0.0.1:{gw_port}"
+    gateway = subprocess.Popen([*CLI, "serve", "--config", str(registry), "--port", str(port), "--log-level", "warning",
+                                "--workers", str(workers)])
+    url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"http://127.0.0.1:{up_port}/v1/models")
         _wait(f"{url}/healthz")
         while workers > 1 and len(httpx.get(f"{url}/readyz").json().get("workers", [])) < workers:
             time.sleep(0.1)  # every worker connected to the hub, else its first calls are estimates
-        inline = asyncio.run(_gateway_workload(url))
-        settled = _settled(url, [rid for _, rid, _ in inline])
+        yield url
     finally:
-        _stop(*procs)
+        _stop(gateway)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _inline_and_settled(url: str) -> tuple[list[tuple[bool, float, float]], set[str]]:
+    """The workload through the gateway at ``url``: ``(stream, inline J, settled J)`` per request, and the
+    methods the settled figures were obtained by."""
+    inline = asyncio.run(_gateway_workload(url))
+    settled = _settled(url, [rid for _, rid, _ in inline])
     missing = [rid for _, rid, _ in inline if rid not in settled]
     if missing:
         raise RuntimeError(f"{len(missing)} requests did not settle")
-    return [(stream, joules, settled[rid]) for stream, rid, joules in inline]
+    pairs = [(stream, joules, settled[rid]["joules"]) for stream, rid, joules in inline]
+    return pairs, {rec["method"] for rec in settled.values()}
+
+
+def run_gateway(spaced_json: bool = False, workers: int = 1) -> list[tuple[bool, float, float]]:
+    """The workload through the gateway (simulated meter) in front of ``wattgate simulate-upstream``."""
+    up_port = free_port()
+    upstream_cmd = [*CLI, "simulate-upstream", "--port", str(up_port), "--itl-ms", str(PROFILE.itl_1_s * 1000)]
+    upstream = subprocess.Popen([*upstream_cmd, *(["--spaced-json"] if spaced_json else [])])
+    try:
+        _wait(f"http://127.0.0.1:{up_port}/v1/models")
+        with _gateway(f"http://127.0.0.1:{up_port}", "{source: simulated}", workers) as url:
+            return _inline_and_settled(url)[0]
+    finally:
+        _stop(upstream)
+
+
+def run_gpu(power_lag_ms: int | None, workers: int = 1) -> tuple[list[tuple[bool, float, float]], set[str], float]:
+    """The workload through the gateway (NVML meter) in front of a transformer on GPU 0
+    (``tests/gpu_upstream.py``): the pairs, the settled figures' methods, and GPU 0's counter over the workload."""
+    from tests.gpu_upstream import TorchUpstream
+    from tests.test_gpu import counter_j
+
+    lag = "" if power_lag_ms is None else f", power_lag_ms: {power_lag_ms}"
+    with ServerThread(TorchUpstream(served_name=SERVED, max_model_len=2048)) as up, \
+            _gateway(up.url, f"{{source: nvml{lag}}}", workers) as url:
+        time.sleep(LEAD_S)  # the sampler learns the counter's steps before requests come, as in a running gateway
+        e0 = counter_j()
+        pairs, methods = _inline_and_settled(url)
+        e1 = counter_j()
+    return pairs, methods, e1 - e0
 
 
 # -- on a scripted clock ---------------------------------------------------------------------------
@@ -356,14 +395,23 @@ def show_trace(title: str, results: list[Replayed]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["gateway", "trace", "both"], default="both")
+    parser.add_argument("--mode", choices=["gateway", "trace", "both", "gpu"], default="both")
     parser.add_argument("--runs", type=int, default=3, help="gateway runs (the summary pools them)")
     parser.add_argument("--spaced-json", action="store_true", help="the upstream writes JSON with spaces")
     parser.add_argument("--workers", type=int, default=1, help="gateway: wattgate serve --workers")
     parser.add_argument("--scale-tokens", type=int, default=1, help="trace: requests this many times longer")
     parser.add_argument("--arrival-gap-ms", type=float, default=ARRIVAL_GAP_S * 1000,
                         help="trace: time between a wave's requests reaching the GPU")
+    parser.add_argument("--power-lag-ms", type=int, help="gpu: meter.power_lag_ms (default: the registry's)")
     args = parser.parse_args()
+    if args.mode == "gpu":
+        pairs, methods, counter = run_gpu(args.power_lag_ms, args.workers)
+        settled_j = sum(settled for _, _, settled in pairs)
+        lag = "the registry's default" if args.power_lag_ms is None else f"{args.power_lag_ms} ms"
+        show(f"gpu (wattgate serve --workers {args.workers}, NVML meter at its defaults, power_lag_ms {lag}, a "
+             "transformer on GPU 0):", pairs)
+        print(f"  settled, all requests: {settled_j:.1f} J; GPU 0's energy counter over the workload: {counter:.1f} J "
+              f"({settled_j / counter:.3f}; the gaps between waves are idle, no request's); methods {sorted(methods)}")
     if args.mode in ("trace", "both"):
         waves, gap = workload(scale=args.scale_tokens), args.arrival_gap_ms / 1000
         phases = f"polls at {len(PHASES)} phases of the counter's steps, pooled"
