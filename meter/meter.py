@@ -107,7 +107,7 @@ class Meter:
     energy with instantaneous power (see :class:`~meter.sampler.Sampler`); None
     reads it at every poll; ``counter_cpu_budget`` lets the sampler choose that
     interval from what a counter read costs; ``power_lag_s``: how late the power
-    sensor reports a change of load (see the sampler). Settling then waits for the next
+    sensor reports a change of load (see the sampler; None: the source's own). Settling then waits for the next
     counter read, and a GPU is stale after ``stale_after_s`` plus that interval. ``idle`` is
     ``exclude`` or ``amortize``. Settled measurements are passed to
     ``on_settled`` from the sampler thread; faults to ``on_error`` by kind.
@@ -124,7 +124,7 @@ class Meter:
         settle_every_s: float = 0.25,
         counter_every_s: float | None = None,
         counter_cpu_budget: float | None = None,
-        power_lag_s: float = 0.0,
+        power_lag_s: float | None = None,
         stale_after_s: float = 2.0,
         horizon_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,

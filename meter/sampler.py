@@ -42,7 +42,7 @@ class Sampler:
     GPU turns busy or idle, where power most likely stepped.
     ``power_lag_s`` says how late the power sensor reports a change of load,
     relative to the counter (``bench/sensor_lag.py`` measures it): its readings
-    are placed that much earlier.
+    are placed that much earlier. None: the source's own (``PowerSource.power_lag_s``).
 
     With ``counter_cpu_budget`` set instead (a fraction of one core), the
     sampler chooses that interval itself: it reads the counter at every poll for
@@ -67,7 +67,7 @@ class Sampler:
         counter_lag_s: float = 0.05,
         counter_cpu_budget: float | None = None,
         cpu_clock: Callable[[], float] = time.thread_time,
-        power_lag_s: float = 0.0,
+        power_lag_s: float | None = None,
     ) -> None:
         self.source = source
         self.gpus = tuple(gpus)
@@ -77,7 +77,7 @@ class Sampler:
         self.counter_every_s = counter_every_s
         self.counter_cpu_budget = counter_cpu_budget
         self.cpu_clock = cpu_clock
-        self.power_lag_s = power_lag_s
+        self.power_lag_s = source.power_lag_s if power_lag_s is None else power_lag_s
         self.continuous = getattr(source, "continuous_counter", False)
         self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16

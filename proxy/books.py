@@ -120,7 +120,7 @@ def build_meter(
         stale_after_s=m.stale_after_ms / 1000,
         counter_every_s=None if m.counter_interval_ms == "auto" else m.counter_interval_ms / 1000 or None,
         counter_cpu_budget=m.counter_cpu_budget if m.counter_interval_ms == "auto" else None,
-        power_lag_s=m.power_lag_ms / 1000,
+        power_lag_s=None if m.power_lag_ms == "auto" else m.power_lag_ms / 1000,
     )
     if init_fault:
         meter.errors[init_fault] += 1

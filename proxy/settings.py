@@ -99,9 +99,10 @@ class MeterSettings(_Strict):
     # Share of one CPU core that counter reads may use, all GPUs together, for "auto".
     counter_cpu_budget: float = Field(default=0.004, gt=0, le=1)
     # How late the GPU's instantaneous power reports a change of load, relative to the energy
-    # counter (measure it with `python -m bench.sensor_lag`): power readings are placed that much
-    # earlier when they place the counter's energy. 0 until measured on your GPUs.
-    power_lag_ms: int = Field(default=0, ge=-1000, le=1000)
+    # counter: power readings are placed that much earlier when they place the counter's energy.
+    # "auto": the source's own (NVML: 60 ms, measured on H100 and H200; simulated: 0); a number of
+    # ms measured on your GPUs with `python -m bench.sensor_lag`.
+    power_lag_ms: Literal["auto"] | int = "auto"
     # How long attribution waits for a request's next token before splitting without it (the
     # request then takes an average head's share). Non-stream requests report their tokens only at
     # the end, so this bounds how long a plain request can run and still be split by its work.
@@ -121,6 +122,13 @@ class MeterSettings(_Strict):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 60_000):
             return v
         raise ValueError("must be 'auto' or a number of milliseconds from 0 to 60000")
+
+    @field_validator("power_lag_ms", mode="before")
+    @classmethod
+    def _power_lag(cls, v: object) -> object:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and -1000 <= v <= 1000):
+            return v
+        raise ValueError("must be 'auto' or a number of milliseconds from -1000 to 1000")
 
 
 class EstimateSettings(_Strict):

@@ -43,6 +43,9 @@ class PowerSource(Protocol):
     #: True when a counter reading is the energy up to the moment it was read (a simulated GPU);
     #: False when the counter steps now and then, as NVML's does (every ~100 ms on H100).
     continuous_counter: bool
+    #: How late instantaneous power reports a change of load relative to the energy counter, in
+    #: seconds (``bench/sensor_lag.py`` measures it): the sampler's default ``power_lag_s``.
+    power_lag_s: float
 
     @property
     def unmeasurable(self) -> Mapping[int, str]:

@@ -37,6 +37,9 @@ class NvmlSource:
 
     method = Method.NVML
     continuous_counter = False
+    # bench/sensor_lag.py, 2026-11-27: 55 and 80 ms on an H100 (two runs), 60 ms on an H200; with 60 ms the
+    # mirror windows of tests/test_gpu.py came within 2 % in every counter mode on the H100 (bench/RESULTS.md).
+    power_lag_s = 0.06
 
     def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
         try:

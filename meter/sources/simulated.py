@@ -92,6 +92,7 @@ class SimulatedSource:
 
     method = Method.SIMULATED
     continuous_counter = True  # energy is integrated exactly up to each read
+    power_lag_s = 0.0  # its power is the power of the moment
 
     def __init__(self, gpus: dict[int, SimulatedGpu]) -> None:
         self.gpus = gpus

@@ -22,6 +22,7 @@ class TraceSource:
 
     method = Method.TRACE
     continuous_counter = False
+    power_lag_s = 0.0  # a script's sensors report on time unless it says otherwise (the meter's power_lag_s)
 
     def __init__(
         self,
