@@ -68,7 +68,7 @@ class _Stream:
         finish = b'"length"' if self.n == self.left else b"null"
         stop = b',"stop_reason":null' if self.n == self.left else b""
         out = _chunk(self.head + b'{"index":0,"logprobs":null,"finish_reason":%s,"delta":{"content":"%s"}%s,'
-                     b'"token_ids":null}]}\n\n' % (finish, _WORDS[self.n % len(_WORDS)], stop))
+                     b'"token_ids":null}]}\n\n' % (finish, _WORDS[(self.n - 1) % len(_WORDS)], stop))
         if self.n < self.left:
             self.transport.write(out)
             return True
