@@ -127,8 +127,11 @@ def measurement(req: Request, method: Method, joules: dict[int, float], settled:
         joules = {g: est.gpu_j / len(req.gpus) for g in req.gpus} if req.gpus else {-1: est.gpu_j}
         settled, host_j = True, est.host_j
         gpu_seconds = {g: (end - req.start) / ESTIMATE_BATCH for g in joules}
-    return Measurement(req.request_id, joules, method, settled, req.start, end, req.prompt_tokens, req.completion,
-                       req.status, req.fault, host_j, gpu_seconds or {})
+    # Plain floats leave the meter: the splits' NumPy floats pass arithmetic, but orjson writes no float
+    # subclass, and a figure that cannot be written would fail the request it describes.
+    return Measurement(req.request_id, {g: float(j) for g, j in joules.items()}, method, settled, req.start, end,
+                       req.prompt_tokens, req.completion, req.status, req.fault, float(host_j),
+                       {g: float(s) for g, s in (gpu_seconds or {}).items()})
 
 
 def final_measurement(req: Request, method: Method, now: float, count_error: Callable[[Fault], None]) -> Measurement:

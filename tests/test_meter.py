@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import orjson
 import pytest
 
 from wattgate.meter import Measurement, Meter
@@ -428,3 +429,16 @@ def test_gpus_given_as_an_iterator_are_read_once():
     source = TraceSource({0: trace, 1: trace}, clock, unmeasurable={1: "MIG mode"})
     meter = Meter(source, (g for g in (0, 1)), clock=clock)
     assert meter.gpus == (0,) and meter.unmeasured == {1: "MIG mode"} and meter.method == "trace"
+
+
+@pytest.mark.parametrize("step", [0.1, 0.05], ids=["counter-steps-every-100ms", "counter-changes-every-read"])
+def test_figures_leave_the_meter_as_plain_floats(step):
+    """The splits compute in NumPy; a NumPy float in a figure broke orjson (no float subclasses) and so
+    the plain response it described, on a counter that changes at every read."""
+    clock = Clock()
+    meter, settled = make_meter({0: counter_trace(lambda t: 300.0, step=step)}, clock)
+    provisional = one_request(meter, clock, 1.0, 2.0)
+    for m in (provisional, settled["r"]):
+        numbers = [m.joules, m.gpu_joules, m.host_joules, *m.joules_by_gpu.values(), *m.gpu_seconds.values()]
+        assert all(type(x) is float for x in numbers), [type(x) for x in numbers]
+        orjson.dumps(numbers)
