@@ -9,8 +9,10 @@ The primary reading is the total-energy counter
 and later). On H100 it advances only about every 100 ms; the sampler therefore
 timestamps a reading when the value changes. Instantaneous power
 (``NVML_FI_DEV_POWER_INSTANT``) is read beside it to extrapolate past the last
-counter step. GPUs without the counter fall back to ``nvmlDeviceGetPowerUsage``
-(on H100 a 1 s average), integrated by the sampler.
+counter step. GPUs without the counter are metered by integrating power. Where
+the driver has no instantaneous power field, power is ``nvmlDeviceGetPowerUsage``
+(on Ampere and later but GA100, a 1 s average, NVML's reference says), and the
+source warns at start-up: energy between counter reads then lands late.
 
 MIG: NVML has no power or energy reading per MIG instance, only for the whole
 GPU. By default (``mig="estimate"``) a GPU in MIG mode is listed in
@@ -37,8 +39,9 @@ class NvmlSource:
 
     method = Method.NVML
     continuous_counter = False
-    # bench/sensor_lag.py, 2026-11-27: 55 and 80 ms on an H100 (two runs), 60 ms on an H200; with 60 ms the
-    # mirror windows of tests/test_gpu.py came within 2 % in every counter mode on the H100 (bench/RESULTS.md).
+    # How late NVML_FI_DEV_POWER_INSTANT reports a load change against the counter. bench/sensor_lag.py,
+    # 2026-11-27: 55 and 80 ms on an H100 (two runs), 60 ms on an H200; with 60 ms the mirror windows of
+    # tests/test_gpu.py came within 2 % in every counter mode on the H100 (bench/RESULTS.md).
     power_lag_s = 0.06
 
     def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
@@ -57,6 +60,7 @@ class NvmlSource:
             raise MeterFault(Fault.INIT, f"GPU indices {missing} not visible to NVML ({count} GPUs)")
         self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
+        self.has_instant_power = {g: self._probe_instant_power(h) for g, h in self._handles.items()}
         self.unmeasurable: dict[int, str] = {}
         for g, h in self._handles.items():
             if self._in_mig_mode(h):
@@ -67,13 +71,27 @@ class NvmlSource:
                 else:
                     log.warning("GPU %d is in MIG mode: metered as a whole GPU (meter.mig: whole_gpu)", g)
             if not self.has_counter[g]:
-                log.warning("GPU %d has no energy counter; integrating nvmlDeviceGetPowerUsage", g)
+                log.warning("GPU %d has no energy counter; integrating its power", g)
+            if not self.has_instant_power[g]:
+                log.warning("GPU %d reports no instantaneous power (NVML_FI_DEV_POWER_INSTANT): reading "
+                            "nvmlDeviceGetPowerUsage, a 1 s average on Ampere and later GPUs, so energy between "
+                            "counter reads is placed late. meter.counter_interval_ms: 0 reads the counter every "
+                            "poll, where placement matters least; meter.power_lag_ms takes a delay measured "
+                            "with `python -m bench.sensor_lag`", g)
 
     def _probe_counter(self, handle: object) -> bool:
         try:
             self._nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
             return True
         except self._nvml.NVMLError:
+            return False
+
+    def _probe_instant_power(self, handle: object) -> bool:
+        nv = self._nvml
+        try:
+            (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
+            return bool(field.nvmlReturn == nv.NVML_SUCCESS)
+        except nv.NVMLError:
             return False
 
     def _in_mig_mode(self, handle: object) -> bool:
@@ -83,14 +101,17 @@ class NvmlSource:
         except self._nvml.NVMLError:
             return False
 
-    def _instant_power_w(self, handle: object) -> float | None:
+    def _power_w(self, gpu: int, handle: object) -> float | None:
+        """Instantaneous power where the driver has it (a failed read falls back for that poll), else the
+        averaged reading; None when neither answers (the sampler then has the counter alone)."""
         nv = self._nvml
-        try:
-            (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
-            if field.nvmlReturn == nv.NVML_SUCCESS:
-                return field.value.uiVal / 1000.0
-        except nv.NVMLError:
-            pass
+        if self.has_instant_power[gpu]:
+            try:
+                (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
+                if field.nvmlReturn == nv.NVML_SUCCESS:
+                    return field.value.uiVal / 1000.0
+            except nv.NVMLError:
+                pass
         try:
             return nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
         except nv.NVMLError:
@@ -109,7 +130,7 @@ class NvmlSource:
         except self._nvml.NVMLError as exc:
             kind = Fault.LOST_GPU if "lost" in str(exc).lower() else Fault.READ
             raise MeterFault(kind, f"GPU {gpu}: {exc}") from exc
-        return Reading(energy_j, self._instant_power_w(handle))
+        return Reading(energy_j, self._power_w(gpu, handle))
 
     def close(self) -> None:
         try:
