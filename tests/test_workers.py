@@ -322,3 +322,24 @@ def test_keys_teams_ids_and_cors_behave_as_with_one_process(tmp_path: Path, upst
         assert team_series and all('team="team-a"' in line for line in team_series)
         assert 'team="team-b"' in get("/metrics", "sk-scrape").text
 
+
+
+def test_the_hub_meters_through_nvml_and_its_figures_reach_every_worker(tmp_path: Path, upstream_url: str):
+    """``meter.source: nvml`` in the hub, with tests/fake_nvml.py standing in for the driver (as
+    ``pynvml`` on the processes' path): calls on both workers get ``nvml`` figures, inline and settled."""
+    (tmp_path / "pynvml.py").write_text("from tests.fake_nvml import FakeGpu, FakeNvml\n\n"
+                                        "globals().update(vars(FakeNvml([FakeGpu()]).module()))\n")
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(tmp_path), str(root), os.environ.get("PYTHONPATH")) if p)
+    registry = {
+        "meter": {"source": "nvml", "settle_lag_ms": 300, "foreign_poll_ms": 0},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
+    }
+    with _serving(tmp_path, registry, {"PYTHONPATH": path}) as gw:
+        results = asyncio.run(_wave(gw.url, 8))
+        records = settled_records(gw.url, [rid for rid, _ in results])
+        meter = gw.ready()["meter"]
+    assert all(e["method"] == "nvml" and e["joules"] > 0 for _, e in results)
+    assert len(records) == 8 and all(r["method"] == "nvml" and r["settled"] for r in records.values())
+    assert meter["ok"] is True and meter["errors"] == {}
