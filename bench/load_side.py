@@ -45,13 +45,13 @@ def _chunk(payload: bytes) -> bytes:
 
 
 class _Stream:
-    """One streamed answer: its chunks, made ahead, written one per tick."""
+    """One streamed answer, written a token per tick."""
 
     def __init__(self, transport: asyncio.Transport, rid: int, model: bytes, max_tokens: int, usage: bool) -> None:
         head = b'data: {"id":"chatcmpl-%032x","created":%d,"model":"%s","object":"chat.completion.chunk","choices":[' % (
             rid, int(time.time()), model)
         self.transport = transport
-        self.left = max_tokens
+        self.max_tokens = max_tokens
         self.head = head
         self.n = 0
         self.usage = usage
@@ -65,11 +65,12 @@ class _Stream:
         if self.transport.is_closing():
             return False
         self.n += 1
-        finish = b'"length"' if self.n == self.left else b"null"
-        stop = b',"stop_reason":null' if self.n == self.left else b""
+        last = self.n == self.max_tokens
+        finish = b'"length"' if last else b"null"
+        stop = b',"stop_reason":null' if last else b""
         out = _chunk(self.head + b'{"index":0,"logprobs":null,"finish_reason":%s,"delta":{"content":"%s"}%s,'
                      b'"token_ids":null}]}\n\n' % (finish, _WORDS[(self.n - 1) % len(_WORDS)], stop))
-        if self.n < self.left:
+        if not last:
             self.transport.write(out)
             return True
         if self.usage:
@@ -88,8 +89,13 @@ class Upstream:
         self.ids = itertools.count()
 
     async def tick_forever(self) -> None:
+        """A tick every ``itl_s`` on a fixed schedule; one that overruns it delays the next, with no burst
+        to catch up (as a decode step that takes longer)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.itl_s)
+            due = max(due + self.itl_s, loop.time())
+            await asyncio.sleep(due - loop.time())
             self.streams = [s for s in self.streams if s.tick()]
 
     def protocol(self) -> _UpstreamConnection:
