@@ -197,6 +197,8 @@ class Meter:
             "ok": ok,
             "sampler_alive": sampler_ok,
             "counter_interval_s": None if self.sampler is None else round(self.sampler.counter_period_s, 3),
+            # How much earlier power readings are placed (the source's own delay unless the registry set one).
+            "power_lag_ms": None if self.sampler is None else round(self.sampler.power_lag_s * 1000, 1),
             "gpus": gpus,
             "unmeasurable_gpus": {str(g): why for g, why in self.unmeasured.items()},
             "open_requests": len(self._requests) - len(self._ended),

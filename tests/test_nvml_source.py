@@ -108,5 +108,5 @@ def test_the_gateway_on_nvml_reports_nvml_figures(nvml):
             ready = httpx.get(f"{gw.url}/readyz").json()["meter"]
     (rec,) = record.values()
     assert rec["method"] == "nvml" and rec["joules"] > 0
-    assert ready["ok"] is True and ready["errors"] == {}
+    assert ready["ok"] is True and ready["errors"] == {} and ready["power_lag_ms"] == 60.0  # NVML's own delay
     assert fake.calls["energy"] > 0 and fake.calls["shutdown"] == 1  # the gateway closed NVML when it stopped

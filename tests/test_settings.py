@@ -67,6 +67,7 @@ def test_power_lag_auto_is_the_sources_own_and_a_number_overrides_it():
     told, _ = build_meter(parse_settings(f"meter: {{source: simulated, power_lag_ms: 80}}\n{models}"))
     assert auto.sampler is not None and auto.sampler.power_lag_s == SimulatedSource.power_lag_s == 0.0
     assert told.sampler is not None and told.sampler.power_lag_s == 0.08
+    assert (auto.state()["power_lag_ms"], told.state()["power_lag_ms"]) == (0.0, 80.0)  # /readyz says which
     assert NvmlSource.power_lag_s == 0.06  # measured on H100 and H200 (bench/RESULTS.md, issue 19)
     for bad in ("'60ms'", "2000", "true"):
         with pytest.raises(ConfigError, match="power_lag_ms.*'auto' or a number of milliseconds"):
