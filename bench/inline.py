@@ -18,7 +18,7 @@ also changes inside a wave), on a simulated H100 decoding at 5 ms per token.
   The GPU idles ``LEAD_S`` first, as a gateway's sampler runs from start-up.
 - ``gpu`` (on a host with an NVIDIA GPU, PyTorch and transformers; issue 19):
   the gateway with ``meter.source: nvml`` in front of a transformer on GPU 0
-  (``tests/gpu_upstream.py``; requests take turns step by step), the same waves.
+  (``bench/gpu_upstream.py``; requests take turns step by step), the same waves.
   Also prints the settled figures' sum against GPU 0's energy counter read
   around the workload.
 
@@ -208,9 +208,8 @@ def run_gateway(spaced_json: bool = False, workers: int = 1) -> list[tuple[bool,
 
 def run_gpu(power_lag_ms: int | None, workers: int = 1) -> tuple[list[tuple[bool, float, float]], set[str], float]:
     """The workload through the gateway (NVML meter) in front of a transformer on GPU 0
-    (``tests/gpu_upstream.py``): the pairs, the settled figures' methods, and GPU 0's counter over the workload."""
-    from tests.gpu_upstream import TorchUpstream
-    from tests.test_gpu import counter_j
+    (``bench/gpu_upstream.py``): the pairs, the settled figures' methods, and GPU 0's counter over the workload."""
+    from bench.gpu_upstream import TorchUpstream, counter_j
 
     lag = "" if power_lag_ms is None else f", power_lag_ms: {power_lag_ms}"
     with ServerThread(TorchUpstream(served_name=SERVED, max_model_len=2048)) as up, \

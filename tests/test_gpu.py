@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from bench.gpu_upstream import counter_j
 from wattgate.meter import Measurement, Meter
 from wattgate.meter.sources.nvml import NvmlSource, visible_gpu_count
 
@@ -25,16 +26,6 @@ GPU = 0
 # `meter.power_lag_ms`. Unset: the NVML source's own (60 ms); set WATTGATE_TEST_POWER_LAG_MS to run the
 # checks with another delay (0: no correction).
 POWER_LAG_MS = os.environ.get("WATTGATE_TEST_POWER_LAG_MS")
-
-
-def counter_j() -> float:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(GPU)) / 1000.0
-    finally:
-        pynvml.nvmlShutdown()
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +77,14 @@ def wait_settled(settled, ids, timeout=5.0):
 
 def test_lone_window_matches_independent_counter_bracket(meter, gpu_work):
     m, settled = meter
-    e0 = counter_j()
+    e0 = counter_j(GPU)
     w = m.begin("lone", [GPU])
     t_end = time.monotonic() + 4.0
     while time.monotonic() < t_end:
         gpu_work()
         w.tokens(1)
     w.end()
-    e1 = counter_j()
+    e1 = counter_j(GPU)
     wait_settled(settled, ["lone"])
     got = settled["lone"]
     print(f"\nlone window: attributed {got.joules:.1f} J, NVML bracket {e1 - e0:.1f} J, method {got.method}")
@@ -108,7 +99,7 @@ def test_overlapping_windows_sum_to_counter_delta(meter, gpu_work):
     symmetry_tol = 0.05 if m.sampler.counter_every_s is None else 0.08
     schedule = {"a": (0.0, 3.0), "b": (1.0, 4.0), "c": (2.0, 5.0)}  # seconds after t0
     windows = {}
-    e0 = counter_j()
+    e0 = counter_j(GPU)
     t0 = time.monotonic()
     while (now := time.monotonic() - t0) < 5.0:
         for rid, (s, e) in schedule.items():
@@ -124,7 +115,7 @@ def test_overlapping_windows_sum_to_counter_delta(meter, gpu_work):
     for w in windows.values():
         if w is not None:
             w.end()
-    e1 = counter_j()
+    e1 = counter_j(GPU)
     wait_settled(settled, list(schedule))
     total = sum(settled[r].joules for r in schedule)
     shares = {r: round(settled[r].joules, 1) for r in schedule}
@@ -148,8 +139,8 @@ def test_gateway_end_to_end_on_the_gpu():
     import httpx
     import openai
 
+    from bench.gpu_upstream import TorchUpstream
     from tests.conftest import settled_records
-    from tests.gpu_upstream import TorchUpstream
     from wattgate.proxy.app import create_app
     from wattgate.proxy.serving import ServerThread
     from wattgate.proxy.settings import MeterSettings, Model, Settings, Site
@@ -182,9 +173,9 @@ def test_gateway_end_to_end_on_the_gpu():
                 return await asyncio.gather(*(stream() for _ in range(4)), *(plain() for _ in range(2)))
 
             time.sleep(1.5)
-            e0 = counter_j()
+            e0 = counter_j(GPU)
             inline = asyncio.run(workload())
-            e1 = counter_j()
+            e1 = counter_j(GPU)
             ids = [e["request_id"] for e in inline]
             records = settled_records(gw.url, ids)
             totals = httpx.get(f"{gw.url}/metrics").text

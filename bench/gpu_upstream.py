@@ -16,6 +16,18 @@ from typing import Any
 from wattgate.proxy.simulated_upstream import Scenario, SimulatedUpstream
 
 
+def counter_j(gpu: int = 0) -> float:
+    """GPU ``gpu``'s energy counter now, in joules, read on its own NVML session: an independent bracket
+    around what the meter attributes."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(gpu)) / 1000.0
+    finally:
+        pynvml.nvmlShutdown()
+
+
 class TorchUpstream(SimulatedUpstream):
     def __init__(self, device: str = "cuda:0", **kw: Any) -> None:
         super().__init__(**kw)
