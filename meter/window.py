@@ -146,7 +146,7 @@ def final_measurement(req: Request, method: Method, now: float, count_error: Cal
         req.fault = Fault.INTERNAL
     try:
         return measurement(req, method, {}, True, 0.0, now)
-    except Exception:  # the estimate failed too (logged above)
+    except Exception:  # noqa: BLE001 - the estimate failed too (logged above); the record must still be made
         end = req.end if req.end is not None else now
         return Measurement(req.request_id, {}, Method.ESTIMATE, True, req.start, end, req.prompt_tokens,
                            req.completion_tokens or 0, req.status, Fault.INTERNAL)
