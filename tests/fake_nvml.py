@@ -31,6 +31,7 @@ class FakeGpu:
     has_counter: bool = True
     has_instant_power: bool = True
     mig: bool = False
+    open_error: str | None = None  # an NVMLError message nvmlDeviceGetHandleByIndex raises for this GPU
     fail: str | None = None  # an NVMLError message every counter read raises, once set
 
 
@@ -70,13 +71,18 @@ class FakeNvml:
             return [SimpleNamespace(nvmlReturn=NVML_SUCCESS if ok else NVML_ERROR_NOT_SUPPORTED,
                                     value=SimpleNamespace(uiVal=gpu(h).power_mw if ok else 0))]
 
+        def handle(i: int) -> int:
+            if self.gpus[i].open_error:
+                raise NVMLError(self.gpus[i].open_error)
+            return i
+
         def mig_mode(h: int) -> tuple[int, int]:
             return (1, 1) if gpu(h).mig else (0, 0)
 
         return SimpleNamespace(
             NVMLError=NVMLError, NVML_SUCCESS=NVML_SUCCESS, NVML_FI_DEV_POWER_INSTANT=NVML_FI_DEV_POWER_INSTANT,
             nvmlInit=counted("init", init), nvmlShutdown=counted("shutdown", lambda: None),
-            nvmlDeviceGetCount=lambda: len(self.gpus), nvmlDeviceGetHandleByIndex=lambda i: i,
+            nvmlDeviceGetCount=lambda: len(self.gpus), nvmlDeviceGetHandleByIndex=handle,
             nvmlDeviceGetTotalEnergyConsumption=counted("energy", energy),
             nvmlDeviceGetFieldValues=counted("instant_power", fields),
             nvmlDeviceGetPowerUsage=counted("averaged_power", lambda h: gpu(h).power_mw),

@@ -93,6 +93,10 @@ def test_no_driver_or_a_missing_gpu_fails_at_start_saying_why(nvml):
     assert visible_gpu_count() == 2
     with pytest.raises(MeterFault, match=r"GPU indices \[3\] not visible to NVML \(2 GPUs\)"):
         NvmlSource([0, 3])
+    nvml(FakeGpu(), FakeGpu(open_error="Insufficient Permissions"))
+    with pytest.raises(MeterFault, match=r"NVML cannot open the GPUs \[0, 1\]: Insufficient Permissions") as exc:
+        NvmlSource([0, 1])
+    assert exc.value.kind == Fault.INIT
 
 
 def test_the_gateway_on_nvml_reports_nvml_figures(nvml):

@@ -58,7 +58,10 @@ class NvmlSource:
         missing = [g for g in gpus if not 0 <= g < count]
         if missing:
             raise MeterFault(Fault.INIT, f"GPU indices {missing} not visible to NVML ({count} GPUs)")
-        self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
+        try:
+            self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in gpus}
+        except pynvml.NVMLError as exc:  # a GPU lost or not ours to read: the gateway starts on estimates
+            raise MeterFault(Fault.INIT, f"NVML cannot open the GPUs {list(gpus)}: {exc}") from exc
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
         self.has_instant_power = {g: self._probe_instant_power(h) for g, h in self._handles.items()}
         self.unmeasurable: dict[int, str] = {}
