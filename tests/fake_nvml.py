@@ -32,7 +32,7 @@ class FakeGpu:
     has_instant_power: bool = True
     mig: bool = False
     open_error: str | None = None  # an NVMLError message nvmlDeviceGetHandleByIndex raises for this GPU
-    fail: str | None = None  # an NVMLError message every counter read raises, once set
+    fail: str | None = None  # an NVMLError message every read raises, once set (a GPU lost, say)
 
 
 @dataclass
@@ -67,9 +67,16 @@ class FakeNvml:
 
         def fields(h: int, ids: list[int]) -> list[SimpleNamespace]:
             assert ids == [NVML_FI_DEV_POWER_INSTANT]
+            if gpu(h).fail:
+                raise NVMLError(gpu(h).fail)
             ok = gpu(h).has_instant_power
             return [SimpleNamespace(nvmlReturn=NVML_SUCCESS if ok else NVML_ERROR_NOT_SUPPORTED,
                                     value=SimpleNamespace(uiVal=gpu(h).power_mw if ok else 0))]
+
+        def averaged_power(h: int) -> int:
+            if gpu(h).fail:
+                raise NVMLError(gpu(h).fail)
+            return gpu(h).power_mw
 
         def handle(i: int) -> int:
             if self.gpus[i].open_error:
@@ -85,6 +92,6 @@ class FakeNvml:
             nvmlDeviceGetCount=lambda: len(self.gpus), nvmlDeviceGetHandleByIndex=handle,
             nvmlDeviceGetTotalEnergyConsumption=counted("energy", energy),
             nvmlDeviceGetFieldValues=counted("instant_power", fields),
-            nvmlDeviceGetPowerUsage=counted("averaged_power", lambda h: gpu(h).power_mw),
+            nvmlDeviceGetPowerUsage=counted("averaged_power", averaged_power),
             nvmlDeviceGetMigMode=mig_mode,
         )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import SERVED, settled_records
+from tests.conftest import SERVED, settled_records, wait_until
 from tests.fake_nvml import FakeGpu, FakeNvml
 from wattgate.meter.kinds import Fault
 from wattgate.meter.sources import MeterFault
@@ -73,14 +73,18 @@ def test_a_gpu_in_mig_mode_is_estimated_unless_metered_whole(nvml, mig, unmeasur
 
 
 @pytest.mark.parametrize("message, kind", [("GPU is lost", Fault.LOST_GPU), ("Unknown Error", Fault.READ)])
-def test_a_failed_counter_read_is_a_fault_of_its_kind(nvml, message, kind):
+def test_a_failed_read_is_a_fault_of_its_kind(nvml, message, kind):
     fake = nvml(FakeGpu())
     source = NvmlSource([0])
     fake.gpus[0].fail = message
     with pytest.raises(MeterFault) as exc:
         source.read(0)
     assert exc.value.kind == kind and "GPU 0" in str(exc.value)
-    assert source.read(0, energy=False).power_w == 300.0  # power alone still reads
+    if kind == Fault.LOST_GPU:  # a lost GPU fails between counter reads too
+        with pytest.raises(MeterFault):
+            source.read(0, energy=False)
+    else:  # a power read that fails once is a poll without power
+        assert source.read(0, energy=False).power_w is None
 
 
 def test_no_driver_or_a_missing_gpu_fails_at_start_saying_why(nvml):
@@ -114,3 +118,24 @@ def test_the_gateway_on_nvml_reports_nvml_figures(nvml):
     assert rec["method"] == "nvml" and rec["joules"] > 0
     assert ready["ok"] is True and ready["errors"] == {} and ready["power_lag_ms"] == 60.0  # NVML's own delay
     assert fake.calls["energy"] > 0 and fake.calls["shutdown"] == 1  # the gateway closed NVML when it stopped
+
+
+def test_a_gpu_lost_while_serving_turns_its_calls_into_estimates_and_readyz_says_so(nvml):
+    fake = nvml(FakeGpu())
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=4)) as up:
+        settings = Settings(meter=MeterSettings(source="nvml", settle_lag_ms=200, stale_after_ms=300),
+                            models={"m": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            def call() -> httpx.Response:
+                return httpx.post(f"{gw.url}/v1/chat/completions",
+                                  json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+            assert call().headers["x-energy-method"] == "nvml"
+            fake.gpus[0].fail = "GPU is lost"
+            wait_until(lambda: httpx.get(f"{gw.url}/readyz").json()["meter"]["gpus"]["0"]["fault"] is not None,
+                       what="the lost GPU faulted")
+            r = call()
+            meter = httpx.get(f"{gw.url}/readyz").json()["meter"]
+    assert r.status_code == 200 and r.headers["x-energy-method"] == "estimate"
+    # The GPU's state is "stale" whatever stopped its readings; the errors say why.
+    assert meter["ok"] is False and meter["gpus"]["0"]["fault"] == "stale" and meter["errors"]["lost_gpu"] >= 1

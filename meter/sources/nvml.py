@@ -106,7 +106,8 @@ class NvmlSource:
 
     def _power_w(self, gpu: int, handle: object) -> float | None:
         """Instantaneous power where the driver has it (a failed read falls back for that poll), else the
-        averaged reading; None when neither answers (the sampler then has the counter alone)."""
+        averaged reading; None when neither answers (the sampler then has the counter alone). A GPU
+        that is lost raises, as a counter read would."""
         nv = self._nvml
         if self.has_instant_power[gpu]:
             try:
@@ -117,7 +118,9 @@ class NvmlSource:
                 pass
         try:
             return nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
-        except nv.NVMLError:
+        except nv.NVMLError as exc:
+            if _lost(exc):
+                raise MeterFault(Fault.LOST_GPU, f"GPU {gpu}: {exc}") from exc
             return None
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
@@ -131,8 +134,7 @@ class NvmlSource:
                 else None
             )
         except self._nvml.NVMLError as exc:
-            kind = Fault.LOST_GPU if "lost" in str(exc).lower() else Fault.READ
-            raise MeterFault(kind, f"GPU {gpu}: {exc}") from exc
+            raise MeterFault(Fault.LOST_GPU if _lost(exc) else Fault.READ, f"GPU {gpu}: {exc}") from exc
         return Reading(energy_j, self._power_w(gpu, handle))
 
     def close(self) -> None:
@@ -140,6 +142,11 @@ class NvmlSource:
             self._nvml.nvmlShutdown()
         except self._nvml.NVMLError:
             pass
+
+
+def _lost(exc: Exception) -> bool:
+    """Whether an NVML error says the GPU is gone ("GPU is lost"), not that one read failed."""
+    return "lost" in str(exc).lower()
 
 
 def visible_gpu_count() -> int:
