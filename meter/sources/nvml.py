@@ -63,7 +63,7 @@ class NvmlSource:
         except pynvml.NVMLError as exc:  # a GPU lost or not ours to read: the gateway starts on estimates
             raise MeterFault(Fault.INIT, f"NVML cannot open the GPUs {list(gpus)}: {exc}") from exc
         self.has_counter = {g: self._probe_counter(h) for g, h in self._handles.items()}
-        self.has_instant_power = {g: self._probe_instant_power(h) for g, h in self._handles.items()}
+        self.has_instant_power = {g: self._instant_power_w(h) is not None for g, h in self._handles.items()}
         self.unmeasurable: dict[int, str] = {}
         for g, h in self._handles.items():
             if self._in_mig_mode(h):
@@ -89,13 +89,14 @@ class NvmlSource:
         except self._nvml.NVMLError:
             return False
 
-    def _probe_instant_power(self, handle: object) -> bool:
+    def _instant_power_w(self, handle: object) -> float | None:
+        """``NVML_FI_DEV_POWER_INSTANT`` in watts; None when the driver does not answer it."""
         nv = self._nvml
         try:
             (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
-            return bool(field.nvmlReturn == nv.NVML_SUCCESS)
         except nv.NVMLError:
-            return False
+            return None
+        return field.value.uiVal / 1000.0 if field.nvmlReturn == nv.NVML_SUCCESS else None
 
     def _in_mig_mode(self, handle: object) -> bool:
         try:
@@ -109,13 +110,8 @@ class NvmlSource:
         averaged reading; None when neither answers (the sampler then has the counter alone). A GPU
         that is lost raises, as a counter read would."""
         nv = self._nvml
-        if self.has_instant_power[gpu]:
-            try:
-                (field,) = nv.nvmlDeviceGetFieldValues(handle, [nv.NVML_FI_DEV_POWER_INSTANT])
-                if field.nvmlReturn == nv.NVML_SUCCESS:
-                    return field.value.uiVal / 1000.0
-            except nv.NVMLError:
-                pass
+        if self.has_instant_power[gpu] and (watts := self._instant_power_w(handle)) is not None:
+            return watts
         try:
             return nv.nvmlDeviceGetPowerUsage(handle) / 1000.0
         except nv.NVMLError as exc:
