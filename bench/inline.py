@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.overhead import _stop, _wait
+from bench.overhead import _stop, _wait, _wait_workers
 from wattgate.meter import Measurement, Meter
 from wattgate.meter.sources.simulated import GpuProfile
 from wattgate.meter.sources.trace import TraceSource
@@ -173,8 +173,7 @@ def _gateway(upstream: str, meter: str, workers: int) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{url}/healthz")
-        while workers > 1 and len(httpx.get(f"{url}/readyz").json().get("workers", [])) < workers:
-            time.sleep(0.1)  # every worker connected to the hub, else its first calls are estimates
+        _wait_workers(url, workers)
         yield url
     finally:
         _stop(gateway)

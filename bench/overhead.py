@@ -53,6 +53,16 @@ def _wait(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def _wait_workers(url: str, workers: int) -> None:
+    """Until every relay worker of the gateway at ``url`` is connected to its hub (else a worker's first
+    calls are estimates); nothing to wait for with one process."""
+    deadline = time.monotonic() + 30
+    while workers > 1 and len(httpx.get(f"{url}/readyz").json().get("workers", [])) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError("workers did not connect to the hub")
+        time.sleep(0.1)
+
+
 def _cpu_s(pid: int, thread: int | None = None) -> float:
     """CPU seconds of a process (user + system), or of one of its threads."""
     stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")

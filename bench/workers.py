@@ -46,7 +46,7 @@ import uvloop
 import yaml
 
 from bench.load_side import stream_requests
-from bench.overhead import _cpu_s, _pinned, _wait
+from bench.overhead import _cpu_s, _pinned, _wait, _wait_workers
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -128,11 +128,7 @@ def _run(args: argparse.Namespace, workers: int, upstreams: dict[int, int], othe
     out: dict[int, dict[str, float]] = {}
     try:
         _wait(f"{url}/readyz")
-        deadline = time.monotonic() + 30
-        while workers > 1 and len(httpx.get(f"{url}/readyz").json().get("workers", [])) < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not connect to the hub")
-            time.sleep(0.2)
+        _wait_workers(url, workers)
         pids, hub = _gateway_pids(url, gateway.pid, workers)
         _load(port, list(models), 8, 16, 1, other)  # warm up
         for level in args.levels:
