@@ -12,10 +12,11 @@ import argparse
 import random
 import time
 import tracemalloc
+from typing import Any
 
-from wattgate.meter import Meter, RequestWindow
+from wattgate.meter import Measurement, Meter, Method, RequestWindow
 from wattgate.meter.sampler import Sampler
-from wattgate.meter.sources import Reading
+from wattgate.meter.sources import PowerSource, Reading
 from wattgate.meter.sources.nvml import visible_gpu_count
 from wattgate.meter.sources.trace import TraceSource
 
@@ -26,7 +27,9 @@ NVML_POWER_CPU_S = 4e-6  # one NVML_FI_DEV_POWER_INSTANT read, same host
 class CostlySource:
     """Stands in for NVML without a GPU: burns the CPU a real read pair costs."""
 
-    method = "bench"
+    method = Method.SIMULATED
+    continuous_counter = False  # as NVML's, so that the sampler spaces its counter reads as with NVML
+    power_lag_s = 0.06  # NVML's default
 
     def __init__(self) -> None:
         self.energy = 0.0
@@ -46,13 +49,15 @@ class CostlySource:
 class NvmlFanout:
     """Reads physical GPU 0 once per logical GPU: the NVML call cost of an n-GPU host."""
 
-    method = "nvml"
+    method = Method.NVML
 
     def __init__(self) -> None:
         from wattgate.meter.sources.nvml import NvmlSource
 
         self.inner = NvmlSource([0])
         self.unmeasurable: dict[int, str] = {}
+        self.continuous_counter = self.inner.continuous_counter
+        self.power_lag_s = self.inner.power_lag_s
 
     def read(self, gpu: int, energy: bool = True) -> Reading:
         return self.inner.read(0, energy)
@@ -61,9 +66,9 @@ class NvmlFanout:
         self.inner.close()
 
 
-def sampler_cpu(n_gpus: int, seconds: float, real: bool, **counter: float) -> tuple[float, float]:
+def sampler_cpu(n_gpus: int, seconds: float, real: bool, **counter: Any) -> tuple[float, float]:
     """Share of one core the sampler uses, and the counter interval it ran with."""
-    source = NvmlFanout() if real else CostlySource()
+    source: PowerSource = NvmlFanout() if real else CostlySource()
     sampler = Sampler(source, list(range(n_gpus)), interval_s=0.05, **counter)
     cpu0, t0 = time.process_time(), time.monotonic()
     sampler.start()
@@ -85,8 +90,10 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, f
     clock_t = [0.0]
     clock = lambda: clock_t[0]
     trace = [(k * 0.1, 1000.0 + k * 40.0, 400.0) for k in range(int((seconds + 5) * 10))]
-    settled = []
+    settled: list[Measurement] = []
     meter = Meter(TraceSource({0: trace}, clock), [0], interval_s=0.05, clock=clock, on_settled=settled.append)
+    sampler = meter.sampler
+    assert sampler is not None  # a trace source always has one
     rng = random.Random(1)
     # Streams of ~2 s at ~30 tokens/s, started so that ``concurrent`` are open at any time.
     dur = 2.0
@@ -121,7 +128,7 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, f
             open_ += [(w, now + dur, now) for w in started]
         if round(now / step) % 5 == 0:  # every 50 ms, like the sampler thread
             t = clock_wall()
-            meter.sampler.poll()
+            sampler.poll()
             meter._after_poll()
             spent["attribution"] += clock_wall() - t
     n = max(len(settled), 1)

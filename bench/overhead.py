@@ -37,7 +37,7 @@ TOKENS = 128
 
 def _pinned(cores: Sequence[int], cmd: list[str]) -> list[str]:
     """``cmd`` run on ``cores`` (taskset), where there is more than one core to choose from."""
-    multi = shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+    multi = shutil.which("taskset") and (os.cpu_count() or 1) > 1
     return ["taskset", "-c", ",".join(map(str, cores)), *cmd] if multi else cmd
 
 
@@ -63,11 +63,16 @@ def _wait_workers(url: str, workers: int) -> None:
         time.sleep(0.1)
 
 
-def _cpu_s(pid: int, thread: int | None = None) -> float:
-    """CPU seconds of a process (user + system), or of one of its threads."""
+def _cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of a process, or of one of its threads."""
     stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
     fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process (user + system), or of one of its threads."""
+    return sum(_cpu_times(pid, thread))
 
 
 def _stop(*procs: subprocess.Popen[bytes]) -> None:

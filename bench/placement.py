@@ -24,7 +24,7 @@ import statistics
 
 import numpy as np
 
-from wattgate.meter import Measurement, Meter
+from wattgate.meter import Measurement, Meter, RequestWindow
 from wattgate.meter.sources.trace import TraceSource
 
 TICK_S = 0.05  # the sampler's poll and the token pace
@@ -62,7 +62,9 @@ def mirror_windows(counter_every_s: float | None, phase: float, offset: float, p
     meter = Meter(TraceSource({0: trace}, lambda: clock[0]), [0], interval_s=TICK_S, clock=lambda: clock[0],
                   settle_lag_s=0.5, counter_every_s=counter_every_s, power_lag_s=power_lag,
                   on_settled=lambda m: settled.__setitem__(m.request_id, m))
-    windows = {}
+    windows: dict[str, RequestWindow] = {}
+    sampler = meter.sampler
+    assert sampler is not None  # a trace source always has one
     k = 0
     while clock[0] < t0 + 9:
         clock[0] = round(clock[0] + TICK_S, 6)
@@ -77,7 +79,7 @@ def mirror_windows(counter_every_s: float | None, phase: float, offset: float, p
                 if k == s:
                     windows[r] = meter.begin(r, [0], t=t)
             k += 1
-        meter.sampler.poll()
+        sampler.poll()
         meter.advance()
     return settled
 

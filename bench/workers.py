@@ -1,7 +1,7 @@
 """Relay throughput and CPU with ``wattgate serve --workers N``.
 
     python -m bench.workers [--workers 1 2 4] [--levels 64 256] [--requests-per-level 2]
-                            [--gateway-cores 0] [--upstreams 1] [--clients 1]
+                            [--gateway-cores 0] [--upstreams 1] [--clients 1] [--apart]
     python -m bench.workers --hub-alone [--levels 64 256] [--token-gap-ms 10] [--seconds 10]
 
 For each N, one gateway (N = 1: the single process; N > 1: a hub and N relay
@@ -10,16 +10,24 @@ default, so that the gateway is the bottleneck), streamed 128-token answers at
 each concurrency. The gateway is pinned to ``--gateway-cores`` (give it one thread of
 each physical core: the bench prints which of them share one); the upstreams and
 the load generators (``--clients`` processes) to the other cores. Both are
-``bench/load_side.py``'s bare protocols, a few microseconds per chunk, so that
-the gateway, not the load side, is the limit (aiohttp clients and
-``simulate-upstream`` capped the curve at about 55k tokens/s on 13 cores).
+``bench/load_side.py``'s bare protocols (aiohttp clients and ``simulate-upstream``
+capped the curve at about 55k tokens/s on 13 cores); even so each costs about
+11-12 us of CPU per chunk, two thirds of it in the kernel, against the gateway's
+25-35 (2-core VM, 2026-11-28), so N workers need nearly as many cores again for
+their load.
+
+``--apart``: for each N > 1, also N separate single-process gateways, each its own
+meter, the load split evenly over them. They share nothing, so their throughput
+is what N processes relay on this host with this load side: the ceiling for N
+workers, whatever limits it (the load side, the kernel, the cores' clock).
 
 Prints, per N and level: tokens (chunks) relayed per second, the CPU of all the
 gateway's processes per chunk (from /proc, their idle CPU taken off: the meter's
-sampler runs whatever the load), the hub's CPU per chunk on its own (its event
-loop, which reads the workers' events; its other threads, the meter's passes and
-the ledger), the throughput against N = 1 at the same level, and the busiest
-load-side process's share of a core (near 100 %, the load side is the limit).
+sampler runs whatever the load) and the share of it spent in the kernel, the
+hub's CPU per chunk on its own (its event loop, which reads the workers' events;
+its other threads, the meter's passes and the ledger), the throughput against
+N = 1 at the same level, and the busiest load-side process's share of a core
+(near 100 %, the load side is the limit).
 
 ``--hub-alone``: the hub with no relay around it, fed the events one worker sends
 for that many streams by a synthetic worker on the other cores; its CPU per token
@@ -46,7 +54,7 @@ import uvloop
 import yaml
 
 from bench.load_side import stream_requests
-from bench.overhead import _cpu_s, _pinned, _wait, _wait_workers
+from bench.overhead import _cpu_s, _cpu_times, _pinned, _wait, _wait_workers
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -57,26 +65,37 @@ TOKENS = 128
 IDLE_S = 2.0
 
 
-def _client_process(port: int, models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` nearly equal whole shares."""
+    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
+
+
+async def _streams(ports: list[int], models: list[str], concurrency: int, n: int) -> int:
+    """``n`` streamed requests, ``concurrency`` at a time, split evenly over the gateways at ``ports``."""
+    return sum(await asyncio.gather(*(
+        stream_requests("127.0.0.1", port, "/v1/chat/completions", models, c, k, TOKENS)
+        for port, c, k in zip(ports, _split(concurrency, len(ports)), _split(n, len(ports)), strict=True))))
+
+
+def _client_process(ports: list[int], models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
                     out: Any) -> None:
     os.sched_setaffinity(0, cores)
     go.wait()  # every client imported and ready: the load starts together
     t0, cpu0 = time.monotonic(), time.process_time()
-    chunks = uvloop.run(stream_requests("127.0.0.1", port, "/v1/chat/completions", models, concurrency, n, TOKENS))
+    chunks = uvloop.run(_streams(ports, models, concurrency, n))
     t1 = time.monotonic()
     out.put((chunks, t0, t1, (time.process_time() - cpu0) / (t1 - t0)))
 
 
-def _load(port: int, models: list[str], concurrency: int, n: int, clients: int,
+def _load(ports: list[int], models: list[str], concurrency: int, n: int, clients: int,
           cores: list[int]) -> tuple[int, float, float]:
     """Chunks relayed, seconds taken (from the first client's start to the last one's end: the
     processes' own start-up left out) and the busiest client's share of a core; the load split over
-    ``clients`` processes."""
+    ``clients`` processes, and each client's over the gateways at ``ports``."""
     ctx = multiprocessing.get_context("spawn")
     out, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_client_process,
-                         args=(port, models, concurrency // clients, n // clients, cores, go, out))
-             for _ in range(clients)]
+    procs = [ctx.Process(target=_client_process, args=(ports, models, c, k, cores, go, out))
+             for c, k in zip(_split(concurrency, clients), _split(n, clients), strict=True)]
     for p in procs:
         p.start()
     time.sleep(0.5 + 0.2 * clients)  # let them import
@@ -114,43 +133,66 @@ def _registry(models: dict[str, Any]) -> Path:
     return tmp
 
 
-def _run(args: argparse.Namespace, workers: int, upstreams: dict[int, int], other: list[int]
-         ) -> dict[int, dict[str, float]]:
-    """One gateway of ``workers`` in front of ``upstreams`` (port: pid), loaded at each level."""
+def _start_gateway(args: argparse.Namespace, models: dict[str, Any], workers: int
+                   ) -> tuple[subprocess.Popen[bytes], int]:
+    """A gateway of ``workers`` on the gateway cores, with its own registry and ledger; it and its port."""
     port = free_port()
-    models = {f"m{i}": {"served_name": SERVED, "upstream": f"http://127.0.0.1:{p}/v1", "gpus": [0]}
-              for i, p in enumerate(upstreams)}
     tmp = _registry(models)
     cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(tmp / "registry.yaml"),
            "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    gateway = subprocess.Popen(_pinned(args.gateway_cores, cmd))
-    url = f"http://127.0.0.1:{port}"
+    return subprocess.Popen(_pinned(args.gateway_cores, cmd)), port
+
+
+def _gateway_cpu(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds of the gateway's processes together: in all, and in the kernel."""
+    times = [_cpu_times(p) for p in pids]
+    return sum(u + k for u, k in times), sum(k for _, k in times)
+
+
+def _run(args: argparse.Namespace, workers: int, apart: bool, upstreams: dict[int, int], other: list[int]
+         ) -> dict[int, dict[str, float]]:
+    """One gateway of ``workers`` (``apart``: that many single-process gateways, each its own meter) in
+    front of ``upstreams`` (port: pid), loaded at each level."""
+    models = {f"m{i}": {"served_name": SERVED, "upstream": f"http://127.0.0.1:{p}/v1", "gpus": [0]}
+              for i, p in enumerate(upstreams)}
+    per_gateway = 1 if apart else workers
+    gateways = [_start_gateway(args, models, per_gateway) for _ in range(workers // per_gateway)]
+    ports = [port for _, port in gateways]
     out: dict[int, dict[str, float]] = {}
     try:
-        _wait(f"{url}/readyz")
-        _wait_workers(url, workers)
-        pids, hub = _gateway_pids(url, gateway.pid, workers)
-        _load(port, list(models), 8, 16, 1, other)  # warm up
+        pids: list[int] = []
+        hub = None
+        for gateway, port in gateways:
+            url = f"http://127.0.0.1:{port}"
+            _wait(f"{url}/readyz")
+            _wait_workers(url, per_gateway)
+            gateway_pids, hub = _gateway_pids(url, gateway.pid, per_gateway)
+            pids += gateway_pids
+        _load(ports, list(models), 8 * len(ports), 16 * len(ports), 1, other)  # warm up
         for level in args.levels:
-            cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
+            (cpu0, _), hub0, t0 = _gateway_cpu(pids), _hub_cpu(hub), time.monotonic()
             time.sleep(IDLE_S)
             idle_s = time.monotonic() - t0
-            idle_rate = (sum(_cpu_s(p) for p in pids) - cpu0) / idle_s
+            idle_rate = (_gateway_cpu(pids)[0] - cpu0) / idle_s
             hub_idle = [(b - a) / idle_s for a, b in zip(hub0, _hub_cpu(hub), strict=True)]
-            cpu0, hub0, t0 = sum(_cpu_s(p) for p in pids), _hub_cpu(hub), time.monotonic()
+            (cpu0, sys0), hub0, t0 = _gateway_cpu(pids), _hub_cpu(hub), time.monotonic()
             up0 = [_cpu_s(p) for p in upstreams.values()]
-            chunks, wall, client_busy = _load(port, list(models), level,
+            chunks, wall, client_busy = _load(ports, list(models), level,
                                               level * args.requests_per_level, args.clients, other)
             up_busy = max(_cpu_s(p) - c for p, c in zip(upstreams.values(), up0, strict=True)) / wall
             spent = time.monotonic() - t0  # the clients' start-up too: idle CPU comes off over all of it
-            cpu = sum(_cpu_s(p) for p in pids) - cpu0 - idle_rate * spent
+            cpu1, sys1 = _gateway_cpu(pids)
+            cpu = cpu1 - cpu0 - idle_rate * spent
             loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
             out[level] = {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
+                          "kernel_share": (sys1 - sys0) / (cpu1 - cpu0),
                           "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
                           "load_busiest": max(up_busy, client_busy)}
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=60)
+        for gateway, _ in gateways:
+            gateway.terminate()
+        for gateway, _ in gateways:
+            gateway.wait(timeout=60)
     return out
 
 
@@ -246,6 +288,9 @@ def main() -> None:
     parser.add_argument("--upstreams", type=int, default=1, help="simulated upstream processes")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--itl-ms", type=float, default=1.0, help="upstream's time between two tokens")
+    parser.add_argument("--apart", action="store_true",
+                        help="for each N > 1, also N single-process gateways sharing nothing, the load split "
+                             "evenly over them: what N processes reach on this host, the workers' ceiling")
     parser.add_argument("--hub-alone", action="store_true", help="measure the hub alone, fed by a synthetic worker")
     parser.add_argument("--token-gap-ms", type=float, default=10.0, help="--hub-alone: time between two tokens")
     parser.add_argument("--seconds", type=float, default=10.0, help="--hub-alone: seconds per level")
@@ -272,17 +317,22 @@ def main() -> None:
               f"CPUs per physical core: {len(_siblings(args.gateway_cores[0]))}")
         print(f"gateway on cores {args.gateway_cores}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
-        print(f"{'N':>3}{'c':>5}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'hub: events':>13}{'meter':>7}"
-              f"{'load':>6}  (us per chunk; load: the busiest upstream or client process, share of a core)")
+        print(f"{'N':>3}{'how':>7}{'c':>6}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'kernel':>8}"
+              f"{'hub: events':>13}{'meter':>7}{'load':>6}")
+        print("  (how: hub = a hub and N workers, apart = N single-process gateways; us per chunk; kernel: the "
+              "gateway's CPU spent in the kernel; load: the busiest upstream or client process, share of a core)")
         base: dict[int, float] = {}
-        for n in args.workers:
-            for level, r in _run(args, n, {p: u.pid for p, u in zip(up_ports, ups, strict=True)}, other).items():
+        runs = [(n, apart) for n in args.workers for apart in ([False, True] if args.apart and n > 1 else [False])]
+        for n, apart in runs:
+            results = _run(args, n, apart, {p: u.pid for p, u in zip(up_ports, ups, strict=True)}, other)
+            for level, r in results.items():
                 if n == 1:
                     base[level] = r["tokens_per_s"]
                 ratio = r["tokens_per_s"] / base[level] if level in base else float("nan")
-                hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if n > 1 else f"{'-':>13}{'-':>7}"
-                print(f"{n:>3}{level:>5}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}{hub}"
-                      f"{r['load_busiest']:>6.0%}", flush=True)
+                how = "one" if n == 1 else "apart" if apart else "hub"
+                hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if how == "hub" else f"{'-':>13}{'-':>7}"
+                print(f"{n:>3}{how:>7}{level:>6}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}"
+                      f"{r['kernel_share']:>8.0%}{hub}{r['load_busiest']:>6.0%}", flush=True)
     finally:
         for u in ups:
             u.terminate()
