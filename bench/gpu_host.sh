@@ -8,8 +8,8 @@
 # not the gateway's web stack: `prepare` downloads those wheels (no dependencies resolved: the list is
 # what the image lacks, as seen on 2026-11-27) and builds one of wattgate itself (19 MB in all). Each
 # step of `run` has its own timeout and writes its output as it goes, so one that fails leaves the
-# others' results. About 6 minutes on an H100 host (5 m 14 s on 2026-11-27, before the workers curve
-# grew to N = 8); figures go to bench/RESULTS.md by hand.
+# others' results. About 7 minutes on an H100 host (5 m 14 s on 2026-11-27, before the workers curve
+# grew to N = 8 and its `--apart` rows); figures go to bench/RESULTS.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,18 +39,12 @@ run() {
   step() { echo "=== $1 ($(date +%T))"; }
   step env; { nproc; lscpu -e 2>/dev/null; python3 -c "import httptools, uvloop; print('httptools, uvloop: there')"; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } \
     | tee "$out/env.txt"
-  step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
-  lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
-  lag=${lag:-60}  # what it measured on the H200 on 2026-11-27, should it fail this time
-  step "test_gpu, power_lag_ms $lag"
-  WATTGATE_TEST_POWER_LAG_MS=$lag timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 \
-    | tail -60 | tee "$out/test_gpu_lag$lag.txt"
-  step "inline figures on the GPU, power_lag_ms $lag"
-  timeout 120 python3 -m bench.inline --mode gpu --power-lag-ms "$lag" 2>&1 | grep -v WARNING | tee "$out/inline_gpu.txt"
-  # The gateway on one thread of each of nine physical cores (two workers sharing one core's two threads
-  # would each run at a fraction of its speed); bench.workers keeps the load side off those cores. On the
-  # H100 host (2026-11-27) the workers stayed at 78-92 % of their cores: its `load` column says whether
-  # the load side, now one process more, was the limit.
+  # Issue 16 (open) first. The gateway on one thread of each of nine physical cores (two workers sharing
+  # one core's two threads would each run at a fraction of its speed); bench.workers keeps the load side
+  # off those cores. On the H100 host (2026-11-27) the workers stayed at 78-92 % of their cores and their
+  # CPU per chunk grew with N: `--apart` runs N gateways that share nothing beside the N workers, so the
+  # host's own ceiling for N processes (load side, kernel, clock) is measured in the same run; the `load`
+  # column says whether the load side was at a full core.
   cores=$(python3 -c '
 import pathlib
 seen, first = set(), []
@@ -61,9 +55,17 @@ for cpu in sorted(int(p.name[3:]) for p in pathlib.Path("/sys/devices/system/cpu
         seen.add(core)
         first.append(cpu)
 print(",".join(map(str, first[:9])))')
-  step "workers, gateway on cores $cores"; timeout 200 python3 -m bench.workers --workers 1 2 4 8 \
+  step "workers, gateway on cores $cores"; timeout 280 python3 -m bench.workers --workers 1 2 4 8 --apart \
     --levels 128 512 1024 --gateway-cores "$cores" --upstreams 4 --clients 3 --requests-per-level 4 2>&1 \
     | grep -v WARNING | tee "$out/workers.txt"
+  step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
+  lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
+  lag=${lag:-60}  # what it measured on the H200 on 2026-11-27, should it fail this time
+  step "test_gpu, power_lag_ms $lag"
+  WATTGATE_TEST_POWER_LAG_MS=$lag timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider 2>&1 \
+    | tail -60 | tee "$out/test_gpu_lag$lag.txt"
+  step "inline figures on the GPU, power_lag_ms $lag"
+  timeout 120 python3 -m bench.inline --mode gpu --power-lag-ms "$lag" 2>&1 | grep -v WARNING | tee "$out/inline_gpu.txt"
   step "test_gpu (meter windows only), power_lag_ms 0"
   WATTGATE_TEST_POWER_LAG_MS=0 timeout 90 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider \
     -k "not gateway" 2>&1 | tail -40 | tee "$out/test_gpu_lag0.txt"

@@ -149,6 +149,34 @@ def _gateway_cpu(pids: list[int]) -> tuple[float, float]:
     return sum(u + k for u, k in times), sum(k for _, k in times)
 
 
+def _level(args: argparse.Namespace, level: int, ports: list[int], models: list[str], pids: list[int],
+           hub: int | None, upstreams: list[int], other: list[int]) -> dict[str, float]:
+    """One level of load on the gateway's processes ``pids`` (its hub, if any), fed by ``upstreams``."""
+
+    def cpu_now() -> tuple[tuple[float, float], tuple[float, float], list[float], float]:
+        return _gateway_cpu(pids), _hub_cpu(hub), [_cpu_s(p) for p in upstreams], time.monotonic()
+
+    # Idle CPU first (the meter's sampler, the upstreams' tickers: a wake-up costs ~200 us on the 2-core
+    # VM), to be taken off what the load costs.
+    (gateway0, _), hub0, up0, t0 = cpu_now()
+    time.sleep(IDLE_S)
+    (gateway1, _), hub1, up1, t1 = cpu_now()
+    gateway_idle = (gateway1 - gateway0) / (t1 - t0)
+    hub_idle = [(b - a) / (t1 - t0) for a, b in zip(hub0, hub1, strict=True)]
+    up_idle = [(b - a) / (t1 - t0) for a, b in zip(up0, up1, strict=True)]
+    (gateway0, kernel0), hub0, up0, t0 = cpu_now()
+    chunks, wall, client_busy = _load(ports, models, level, level * args.requests_per_level, args.clients, other)
+    (gateway1, kernel1), hub1, up1, t1 = cpu_now()
+    spent = t1 - t0  # the clients' start-up too: idle CPU comes off over all of it
+    cpu = gateway1 - gateway0 - gateway_idle * spent
+    loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, hub1, hub_idle, strict=True))
+    up_busy = max((b - a - idle * (spent - wall)) / wall for a, b, idle in zip(up0, up1, up_idle, strict=True))
+    return {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
+            "kernel_share": (kernel1 - kernel0) / (gateway1 - gateway0),
+            "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
+            "load_busiest": max(up_busy, client_busy)}
+
+
 def _run(args: argparse.Namespace, workers: int, apart: bool, upstreams: dict[int, int], other: list[int]
          ) -> dict[int, dict[str, float]]:
     """One gateway of ``workers`` (``apart``: that many single-process gateways, each its own meter) in
@@ -170,24 +198,7 @@ def _run(args: argparse.Namespace, workers: int, apart: bool, upstreams: dict[in
             pids += gateway_pids
         _load(ports, list(models), 8 * len(ports), 16 * len(ports), 1, other)  # warm up
         for level in args.levels:
-            (cpu0, _), hub0, t0 = _gateway_cpu(pids), _hub_cpu(hub), time.monotonic()
-            time.sleep(IDLE_S)
-            idle_s = time.monotonic() - t0
-            idle_rate = (_gateway_cpu(pids)[0] - cpu0) / idle_s
-            hub_idle = [(b - a) / idle_s for a, b in zip(hub0, _hub_cpu(hub), strict=True)]
-            (cpu0, sys0), hub0, t0 = _gateway_cpu(pids), _hub_cpu(hub), time.monotonic()
-            up0 = [_cpu_s(p) for p in upstreams.values()]
-            chunks, wall, client_busy = _load(ports, list(models), level,
-                                              level * args.requests_per_level, args.clients, other)
-            up_busy = max(_cpu_s(p) - c for p, c in zip(upstreams.values(), up0, strict=True)) / wall
-            spent = time.monotonic() - t0  # the clients' start-up too: idle CPU comes off over all of it
-            cpu1, sys1 = _gateway_cpu(pids)
-            cpu = cpu1 - cpu0 - idle_rate * spent
-            loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, _hub_cpu(hub), hub_idle, strict=True))
-            out[level] = {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
-                          "kernel_share": (sys1 - sys0) / (cpu1 - cpu0),
-                          "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
-                          "load_busiest": max(up_busy, client_busy)}
+            out[level] = _level(args, level, ports, list(models), pids, hub, list(upstreams.values()), other)
     finally:
         for gateway, _ in gateways:
             gateway.terminate()
