@@ -9,16 +9,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from wattgate.meter.counter_schedule import CounterSchedule
 from wattgate.meter.counter_steps import poll_delays
 from wattgate.meter.energy_trace import EnergyTrace, interp
 from wattgate.meter.kinds import Fault
 from wattgate.meter.sources import MeterFault, PowerSource
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_READS = 5  # counter reads timed before the interval is chosen (``counter_cpu_budget``)
-MAX_COUNTER_EVERY_S = 10.0
-
 
 @dataclass(slots=True)
 class _GpuState:
@@ -45,11 +42,8 @@ class Sampler:
     are placed that much earlier. None: the source's own (``PowerSource.power_lag_s``).
 
     With ``counter_cpu_budget`` set instead (a fraction of one core), the
-    sampler chooses that interval itself: it reads the counter at every poll for
-    the first few reads, times them on ``cpu_clock``, then reads it as often as
-    the budget allows for all GPUs (every poll when it is cheap, up to every
-    ``MAX_COUNTER_EVERY_S``). The counter's cost is a property of the host and
-    driver, so it is measured once.
+    sampler chooses that interval itself from the first reads' cost on
+    ``cpu_clock`` (see :mod:`meter.counter_schedule`).
 
     ``poll()`` takes one round of readings; ``start()`` runs it in a daemon
     thread (NVML calls release the GIL) and calls ``after_poll`` after each.
@@ -74,12 +68,9 @@ class Sampler:
         self.interval_s = interval_s
         self.clock = clock
         self.after_poll = after_poll
-        self.counter_every_s = counter_every_s
-        self.counter_cpu_budget = counter_cpu_budget
-        self.cpu_clock = cpu_clock
+        self.counters = CounterSchedule(len(self.gpus), interval_s, counter_every_s, counter_cpu_budget, cpu_clock)
         self.power_lag_s = source.power_lag_s if power_lag_s is None else power_lag_s
         self.continuous = getattr(source, "continuous_counter", False)
-        self._read_costs: list[float] = []  # CPU seconds of timed counter reads, while calibrating
         maxlen = int(horizon_s / interval_s) + 16
         self._gpu = {g: _GpuState(EnergyTrace(maxlen, continuous=self.continuous, counter_lag_s=counter_lag_s,
                                               on_reset=lambda: self._fault(Fault.COUNTER_RESET)))
@@ -93,7 +84,7 @@ class Sampler:
         """Time to the next poll: ``interval_s``; on average only while a stepping counter is read at
         every poll, whose polls' phase sweeps against its steps to learn when they fall (see
         :mod:`meter.counter_steps`)."""
-        sweep = self.counter_every_s is None and not self.continuous and any(
+        sweep = self.counters.every_s is None and not self.continuous and any(
             not st.trace.steps.fast for st in self._gpu.values())
         return next(self._delays) if sweep else self.interval_s
 
@@ -106,13 +97,8 @@ class Sampler:
         for gpu in self.gpus:
             st = self._gpu[gpu]
             now = self.clock()
-            due = (
-                self.counter_every_s is None
-                or st.last_counter_read is None
-                or now - st.last_counter_read >= self.counter_every_s - self.interval_s / 2
-            )
-            calibrating = due and self.counter_cpu_budget is not None and len(self._read_costs) < CALIBRATION_READS
-            cpu0 = self.cpu_clock() if calibrating else 0.0
+            due = self.counters.due(st.last_counter_read, now)
+            timer = self.counters.timer(due)
             try:
                 reading = self.source.read(gpu, energy=due)
             except MeterFault as exc:
@@ -122,7 +108,7 @@ class Sampler:
                 log.exception("power source failed on GPU %d", gpu)
                 self._fault(Fault.READ)
                 continue
-            cost = self.cpu_clock() - cpu0 if calibrating else 0.0
+            cost = self.counters.elapsed(timer)
             st.last_poll = st.last_ok = now
             prev_power, st.power_w = st.power_w, reading.power_w
             # With power beside the counter, power places each counter step's energy in time,
@@ -133,9 +119,10 @@ class Sampler:
             if reading.energy_j is not None:
                 prev_read, st.last_counter_read = st.last_counter_read, now
                 st.trace.counter(reading.energy_j, now, prev_read, (prev_power, reading.power_w), anchored=anchored,
-                                 every_poll=self.counter_every_s is None)
-                if calibrating:
-                    self._calibrate(cost)
+                                 every_poll=self.counters.every_s is None)
+                if cost is not None and self.counters.calibrate(cost):
+                    for other in self._gpu.values():  # power from here on places the next counter step's energy
+                        other.trace.reanchor(other.last_poll)
             elif not due and st.trace.last_raw is not None:
                 pass  # between counter reads: power is in the trace's ``pending``
             elif reading.power_w is not None:
@@ -143,33 +130,15 @@ class Sampler:
             else:
                 self._fault(Fault.READ)
 
-    def _calibrate(self, cost_s: float) -> None:
-        self._read_costs.append(cost_s)
-        if len(self._read_costs) < CALIBRATION_READS:
-            return
-        assert self.counter_cpu_budget is not None
-        cost = sorted(self._read_costs)[len(self._read_costs) // 2]
-        every = len(self.gpus) * cost / self.counter_cpu_budget
-        self.counter_every_s = None if every <= self.interval_s else min(every, MAX_COUNTER_EVERY_S)
-        if self.counter_every_s is not None:
-            for st in self._gpu.values():  # power from here on places the energy of the next counter step
-                st.trace.reanchor(st.last_poll)
-        if every > MAX_COUNTER_EVERY_S:
-            log.warning(
-                "energy counter read costs %.1f ms of CPU: even every %.0f s, reads of %d GPU(s) take %.1f %% of a core",
-                cost * 1e3, MAX_COUNTER_EVERY_S, len(self.gpus), 100 * len(self.gpus) * cost / MAX_COUNTER_EVERY_S,
-            )
-        log.info(
-            "energy counter read costs %.0f us of CPU: reading it %s for %d GPU(s)",
-            cost * 1e6,
-            "every poll" if self.counter_every_s is None else f"every {self.counter_every_s:.2f} s",
-            len(self.gpus),
-        )
+    @property
+    def counter_every_s(self) -> float | None:
+        """How often each GPU's counter is read (None: every poll), once chosen."""
+        return self.counters.every_s
 
     @property
     def counter_period_s(self) -> float:
         """Time between two counter reads of one GPU."""
-        return self.counter_every_s if self.counter_every_s is not None else self.interval_s
+        return self.counters.period_s
 
     def mark(self, gpu: int, t: float) -> None:
         """Note that GPU ``gpu`` went from idle to busy, or back, at ``t`` (its user knows: a first
@@ -196,7 +165,7 @@ class Sampler:
         samples are final.
         """
         st = self._gpu[gpu]
-        return st.trace.curve(since, until, st.power_w, sparse=self.counter_every_s is not None)
+        return st.trace.curve(since, until, st.power_w, sparse=self.counters.every_s is not None)
 
     def energy_between(self, gpu: int, a: float, b: float) -> float:
         """Energy (J) of one GPU over ``[a, b]`` on :meth:`energy_curve`, extrapolated to ``b``."""

@@ -224,7 +224,8 @@ class CostlyCounter(TraceSource):
     [(8, 4e-3, 6.4), (1, 4e-3, 0.8), (8, 20e-6, None), (8, 0.5, 10.0)],
 )
 def test_auto_counter_interval_keeps_counter_reads_within_the_cpu_budget(gpus, cost_s, expected_every_s, caplog):
-    from wattgate.meter.sampler import CALIBRATION_READS, Sampler
+    from wattgate.meter.counter_schedule import CALIBRATION_READS
+    from wattgate.meter.sampler import Sampler
 
     clock, cpu = Clock(), Clock()
     source = CostlyCounter({g: counter_trace(lambda t: 300.0, until=40.0) for g in range(gpus)}, clock, cpu, cost_s)
