@@ -21,9 +21,10 @@ anywhere:
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from collections import deque
 from collections.abc import Callable
+from operator import itemgetter
 
 from wattgate.meter.counter_steps import CounterSteps
 
@@ -220,12 +221,18 @@ def _placed(
     return [(step, e0 + (e1 - e0) * before / (before + after)), (t1, e1)]
 
 
+_time = itemgetter(0)  # a point's time
+
+
 def interp(points: list[tuple[float, float]], t: float) -> float:
-    """Linear interpolation of ``(time, value)`` points at ``t`` (clamped at the ends)."""
+    """Linear interpolation of ``(time, value)`` points, in time order, at ``t`` (clamped at the ends).
+
+    A binary search: a request's provisional figure reads its window's curve (a point per poll, a
+    few hundred for a long request) several times, for each live slice it may revalue."""
     if t <= points[0][0]:
         return points[0][1]
-    for (t0, v0), (t1, v1) in itertools.pairwise(points):
-        if t <= t1:
-            return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
-    return points[-1][1]
-
+    i = bisect.bisect_left(points, t, key=_time)  # the first point at or after t; the one before is earlier
+    if i == len(points):
+        return points[-1][1]
+    (t0, v0), (t1, v1) = points[i - 1], points[i]
+    return v0 + (v1 - v0) * (t - t0) / (t1 - t0)

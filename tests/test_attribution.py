@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wattgate.meter.attribution import Activity, energy_at, spans, split_energy
+from wattgate.meter.energy_trace import interp
 
 T_END = 10.0
 
@@ -216,3 +218,12 @@ def test_a_request_seen_without_tokens_prefills_then_takes_an_average_head():
         (2, 1.5, math.inf, None),
         (3, 1.0, 2.0, 20.0),
     ]
+
+
+@given(traces(), st.lists(st.floats(-1.0, T_END + 1.0), min_size=1, max_size=20))
+def test_a_curve_read_between_its_points_is_numpys_linear_interpolation(trace, times):
+    # The sampler reads provisional figures off a curve with this binary search (meter.energy_trace.interp);
+    # the settled pass reads the same curves with np.interp. Both clamp at the ends.
+    ts, es = zip(*trace, strict=True)
+    for t in times:
+        assert interp(trace, t) == pytest.approx(float(np.interp(t, ts, es)), rel=1e-12, abs=1e-9)
