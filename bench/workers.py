@@ -92,6 +92,8 @@ def _load(ports: list[int], models: list[str], concurrency: int, n: int, clients
     """Chunks relayed, seconds taken (from the first client's start to the last one's end: the
     processes' own start-up left out) and the busiest client's share of a core; the load split over
     ``clients`` processes, and each client's over the gateways at ``ports``."""
+    if concurrency < clients * len(ports):  # else some connections would get no streams, and drop requests
+        raise ValueError(f"{concurrency} streams cannot be split over {clients} clients x {len(ports)} gateways")
     ctx = multiprocessing.get_context("spawn")
     out, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_client_process, args=(ports, models, c, k, cores, go, out))
