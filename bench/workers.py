@@ -26,8 +26,11 @@ gateway's processes per chunk (from /proc, their idle CPU taken off: the meter's
 sampler runs whatever the load) and the share of it spent in the kernel, the
 hub's CPU per chunk on its own (its event loop, which reads the workers' events;
 its other threads, the meter's passes and the ledger), the throughput against
-N = 1 at the same level, and the busiest load-side process's share of a core
-(near 100 %, the load side is the limit).
+N = 1 at the same level, the busiest and the mean relay process's share of a
+core over the load (the kernel hashes connections to the workers, so some get
+more streams than others: the busiest sets the pace, the others then idle), and
+the busiest load-side process's share of a core (near 100 %, the load side is
+the limit).
 
 ``--hub-alone``: the hub with no relay around it, fed the events one worker sends
 for that many streams by a synthetic worker on the other cores; its CPU per token
@@ -141,41 +144,41 @@ def _start_gateway(args: argparse.Namespace, models: dict[str, Any], workers: in
     port = free_port()
     tmp = _registry(models)
     cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(tmp / "registry.yaml"),
-           "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+           "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+           *(["--shared-socket"] if args.shared_socket else [])]
     return subprocess.Popen(_pinned(args.gateway_cores, cmd)), port
-
-
-def _gateway_cpu(pids: list[int]) -> tuple[float, float]:
-    """CPU seconds of the gateway's processes together: in all, and in the kernel."""
-    times = [_cpu_times(p) for p in pids]
-    return sum(u + k for u, k in times), sum(k for _, k in times)
 
 
 def _level(args: argparse.Namespace, level: int, ports: list[int], models: list[str], pids: list[int],
            hub: int | None, upstreams: list[int], other: list[int]) -> dict[str, float]:
     """One level of load on the gateway's processes ``pids`` (its hub, if any), fed by ``upstreams``."""
 
-    def cpu_now() -> tuple[tuple[float, float], tuple[float, float], list[float], float]:
-        return _gateway_cpu(pids), _hub_cpu(hub), [_cpu_s(p) for p in upstreams], time.monotonic()
+    def cpu_now() -> tuple[dict[int, tuple[float, float]], tuple[float, float], list[float], float]:
+        return {p: _cpu_times(p) for p in pids}, _hub_cpu(hub), [_cpu_s(p) for p in upstreams], time.monotonic()
 
     # Idle CPU first (the meter's sampler, the upstreams' tickers: a wake-up costs ~200 us on the 2-core
     # VM), to be taken off what the load costs.
-    (gateway0, _), hub0, up0, t0 = cpu_now()
+    gateway0, hub0, up0, t0 = cpu_now()
     time.sleep(IDLE_S)
-    (gateway1, _), hub1, up1, t1 = cpu_now()
-    gateway_idle = (gateway1 - gateway0) / (t1 - t0)
+    gateway1, hub1, up1, t1 = cpu_now()
+    gateway_idle = {p: (sum(gateway1[p]) - sum(gateway0[p])) / (t1 - t0) for p in pids}
     hub_idle = [(b - a) / (t1 - t0) for a, b in zip(hub0, hub1, strict=True)]
     up_idle = [(b - a) / (t1 - t0) for a, b in zip(up0, up1, strict=True)]
-    (gateway0, kernel0), hub0, up0, t0 = cpu_now()
+    gateway0, hub0, up0, t0 = cpu_now()
     chunks, wall, client_busy = _load(ports, models, level, level * args.requests_per_level, args.clients, other)
-    (gateway1, kernel1), hub1, up1, t1 = cpu_now()
+    gateway1, hub1, up1, t1 = cpu_now()
     spent = t1 - t0  # the clients' start-up too: idle CPU comes off over all of it
-    cpu = gateway1 - gateway0 - gateway_idle * spent
+    used = {p: sum(gateway1[p]) - sum(gateway0[p]) for p in pids}
+    cpu = sum(used.values()) - sum(gateway_idle.values()) * spent
     loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, hub1, hub_idle, strict=True))
     up_busy = max((b - a - idle * (spent - wall)) / wall for a, b, idle in zip(up0, up1, up_idle, strict=True))
+    # Each relay process's share of a core over the load: with connections spread unevenly over the
+    # workers (the kernel hashes them to the port's sockets), the busiest sets the pace while the others idle.
+    relays = [(used[p] - gateway_idle[p] * (spent - wall)) / wall for p in pids if p != hub]
     return {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
-            "kernel_share": (kernel1 - kernel0) / (gateway1 - gateway0),
+            "kernel_share": sum(gateway1[p][1] - gateway0[p][1] for p in pids) / sum(used.values()),
             "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
+            "relay_busiest": max(relays), "relay_mean": sum(relays) / len(relays),
             "load_busiest": max(up_busy, client_busy)}
 
 
@@ -301,6 +304,8 @@ def main() -> None:
     parser.add_argument("--upstreams", type=int, default=1, help="simulated upstream processes")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--itl-ms", type=float, default=1.0, help="upstream's time between two tokens")
+    parser.add_argument("--shared-socket", action="store_true",
+                        help="the workers accept from one socket (wattgate serve --shared-socket)")
     parser.add_argument("--apart", action="store_true",
                         help="for each N > 1, also N single-process gateways sharing nothing, the load split "
                              "evenly over them: what N processes reach on this host, the workers' ceiling")
@@ -328,12 +333,14 @@ def main() -> None:
         shared = [c for c in args.gateway_cores if len(_siblings(c) & set(args.gateway_cores)) > 1]
         print(f"gateway cores sharing a physical core: {shared or 'none'}; "
               f"CPUs per physical core: {len(_siblings(args.gateway_cores[0]))}")
-        print(f"gateway on cores {args.gateway_cores}; upstreams ({args.upstreams}) and clients ({args.clients}) "
+        print(f"gateway on cores {args.gateway_cores}, workers on "
+              f"{'one shared socket' if args.shared_socket else 'a socket each (SO_REUSEPORT)'}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
         print(f"{'N':>3}{'how':>7}{'c':>6}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'kernel':>8}"
-              f"{'hub: events':>13}{'meter':>7}{'load':>6}")
+              f"{'hub: events':>13}{'meter':>7}{'relays: max':>13}{'mean':>6}{'load':>6}")
         print("  (how: hub = a hub and N workers, apart = N single-process gateways; us per chunk; kernel: the "
-              "gateway's CPU spent in the kernel; load: the busiest upstream or client process, share of a core)")
+              "gateway's CPU spent in the kernel; relays: the busiest relay process's and the mean one's share "
+              "of a core; load: the busiest upstream or client process's)")
         base: dict[int, float] = {}
         runs = [(n, apart) for n in args.workers for apart in ([False, True] if args.apart and n > 1 else [False])]
         for n, apart in runs:
@@ -345,7 +352,8 @@ def main() -> None:
                 how = "one" if n == 1 else "apart" if apart else "hub"
                 hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if how == "hub" else f"{'-':>13}{'-':>7}"
                 print(f"{n:>3}{how:>7}{level:>6}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}"
-                      f"{r['kernel_share']:>8.0%}{hub}{r['load_busiest']:>6.0%}", flush=True)
+                      f"{r['kernel_share']:>8.0%}{hub}{r['relay_busiest']:>13.0%}{r['relay_mean']:>6.0%}"
+                      f"{r['load_busiest']:>6.0%}", flush=True)
     finally:
         for u in ups:
             u.terminate()

@@ -9,8 +9,11 @@
   records, the metrics, the ledger and the foreign-load poller, and answers
   ``/metrics``, ``/readyz`` and ``/v1/energy/{id}`` over a Unix socket.
 - Each worker (:func:`run_worker`) listens on the port with SO_REUSEPORT, so the
-  kernel spreads connections over them, relays calls, and sends their windows to
-  the hub (:mod:`proxy.hub_link`).
+  kernel spreads connections over them by a hash of their addresses, whatever
+  each worker's load; or, with ``shared_socket``, all accept from one socket the
+  supervisor opened, as uvicorn's and gunicorn's workers do, and a connection
+  goes to whichever worker gets to it first. It relays calls and sends their
+  windows to the hub (:mod:`proxy.hub_link`).
 
 Every child runs in its own process group, so a terminal's Ctrl-C reaches only the
 supervisor, which stops them in that order; a child whose supervisor is gone
@@ -52,14 +55,16 @@ FAST_EXIT_S = 10.0  # a process that exits this soon after starting counts towar
 GIVE_UP_AFTER = 5  # fast exits in a row
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` that other processes of this user can bind too (SO_REUSEPORT)."""
+def listening_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
+    """A socket bound to ``host:port``; with ``reuse_port``, one that other processes of this user can
+    bind too (SO_REUSEPORT)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError:
         sock.close()
@@ -104,8 +109,10 @@ def run_hub(config: str, runtime_dir: str, log_level: str) -> None:
     uvicorn.Server(config_).run()
 
 
-def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, log_level: str) -> None:
-    """A relay worker: the calls on the shared port; the books at the hub."""
+def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, log_level: str,
+               shared: socket.socket | None = None) -> None:
+    """A relay worker: the calls on the shared port (from the ``shared`` socket, else from its own); the
+    books at the hub."""
     _as_child(log_level)
     settings = load_settings(config)
     link = HubLink(settings, runtime_dir, index)
@@ -113,7 +120,7 @@ def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, 
     app = new_app(gw, link.running)
     add_call_routes(app, gw)
     add_hub_routes(app, link)
-    sock = listening_socket(host, port)
+    sock = shared if shared is not None else listening_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=GRACE_S))
     server.run(sockets=[sock])
@@ -162,12 +169,13 @@ class Child:
 class Supervisor:
     """Starts the hub and the workers, keeps them running, stops them in order."""
 
-    def __init__(self, config: str, host: str, port: int, workers: int, log_level: str) -> None:
+    def __init__(self, config: str, host: str, port: int, workers: int, log_level: str,
+                 shared: socket.socket | None = None) -> None:
         self.runtime_dir = tempfile.mkdtemp(prefix="wattgate-")
         self.ctx = multiprocessing.get_context("spawn")
         self.hub = Child("wattgate-hub", run_hub, (config, self.runtime_dir, log_level))
-        self.workers = [
-            Child(f"wattgate-worker-{i}", run_worker, (config, host, port, self.runtime_dir, i, log_level))
+        self.workers = [  # a socket passes to a spawned process as a duplicate of its descriptor
+            Child(f"wattgate-worker-{i}", run_worker, (config, host, port, self.runtime_dir, i, log_level, shared))
             for i in range(1, workers + 1)
         ]
         self.stopping = False
@@ -227,15 +235,20 @@ class Supervisor:
         return 0
 
 
-def serve_workers(config: str, host: str, port: int, workers: int, log_level: str) -> int:
-    """Run the gateway as ``workers`` relay processes and a hub; returns the exit code."""
+def serve_workers(config: str, host: str, port: int, workers: int, log_level: str, shared_socket: bool = False) -> int:
+    """Run the gateway as ``workers`` relay processes and a hub; returns the exit code. ``shared_socket``:
+    the workers accept from one socket (see the module's docstring)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     load_settings(config)  # a wrong file is refused before any process starts
     try:
-        reserved = listening_socket(host, port)  # held, never listened on: the port is ours, or a clear error now
+        # Per-worker sockets: held, never listened on, so that the port is ours, or a clear error now.
+        reserved = listening_socket(host, port, reuse_port=not shared_socket)
+        if shared_socket:
+            reserved.listen(2048)  # connections wait here for a worker, also while one restarts
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     with reserved:
         port = reserved.getsockname()[1]
-        log.info("wattgate: %d workers on http://%s:%d, one hub", workers, host, port)
-        return Supervisor(config, host, port, workers, log_level).run()
+        log.info("wattgate: %d workers on http://%s:%d (%s), one hub", workers, host, port,
+                 "one shared socket" if shared_socket else "a socket each")
+        return Supervisor(config, host, port, workers, log_level, reserved if shared_socket else None).run()

@@ -65,12 +65,13 @@ class Gateway:
 
 
 @contextmanager
-def _serving(home: Path, registry: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[Gateway]:
-    """``wattgate serve --workers 2`` with ``registry``, as a user starts it; stopped with SIGTERM."""
+def _serving(home: Path, registry: dict[str, Any], env: dict[str, str] | None = None,
+             options: tuple[str, ...] = ()) -> Iterator[Gateway]:
+    """``wattgate serve --workers 2`` with ``registry`` (and ``options``), as a user starts it; stopped with SIGTERM."""
     (home / "registry.yaml").write_text(yaml.safe_dump(registry))
     port = free_port()
     cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(home / "registry.yaml"),
-           "--port", str(port), "--workers", str(WORKERS), "--log-level", "warning"]
+           "--port", str(port), "--workers", str(WORKERS), "--log-level", "warning", *options]
     process = subprocess.Popen(cmd, cwd=home, env={**os.environ, **(env or {})})
     gw = Gateway(f"http://127.0.0.1:{port}", process)
     try:
@@ -248,6 +249,26 @@ def test_the_hub_killed_calls_are_still_served_and_nothing_settled_is_lost(gatew
     assert len(after) == 4 and all(r["method"] == "estimate" for r in after.values())
     errors = gateway.metrics()['wattgate_meter_errors_total{kind="unreachable"}']
     assert errors >= 4
+
+
+def test_workers_on_one_shared_socket_serve_and_one_killed_is_replaced(tmp_path: Path, upstream_url: str):
+    registry = {
+        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
+    }
+    with _serving(tmp_path, registry, options=("--shared-socket",)) as gw:
+        ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
+        assert len(settled_records(gw.url, ids)) == len(ids)
+        victim = gw.ready()["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        # The socket stays open at the supervisor: the other worker takes every call meanwhile.
+        ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
+        assert len(settled_records(gw.url, ids)) == len(ids)
+        pids = [w["pid"] for w in gw.all_workers_connected()["workers"]]
+        assert victim not in pids and len(pids) == WORKERS
+        ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
+        assert len(settled_records(gw.url, ids)) == len(ids)
 
 
 def test_the_supervisor_refuses_a_port_in_use(tmp_path: Path):
