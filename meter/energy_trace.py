@@ -22,6 +22,7 @@ anywhere:
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import deque
 from collections.abc import Callable
 from operator import itemgetter
@@ -53,6 +54,9 @@ class EnergyTrace:
         # Times the GPU went from idle to busy or back, as its user saw it (see ``mark``).
         self.marks: deque[float] = deque(maxlen=MAX_MARKS)
         self.steps = CounterSteps()  # when the counter steps, once learnt
+        # Held while ``samples`` grows (the sampler's thread) and while it is walked (a request's thread):
+        # a deque walked in Python while another thread appends raises RuntimeError.
+        self._lock = threading.Lock()
 
     # -- readings in -------------------------------------------------------------
 
@@ -69,6 +73,10 @@ class EnergyTrace:
 
     def integrate(self, now: float, prev_power: float | None, power_w: float) -> None:
         """No counter: power ``power_w`` read at ``now`` integrated since the last sample (trapezoid)."""
+        with self._lock:
+            self._integrate(now, prev_power, power_w)
+
+    def _integrate(self, now: float, prev_power: float | None, power_w: float) -> None:
         if not self.samples:
             self.samples.append((now, 0.0))
             return
@@ -85,6 +93,11 @@ class EnergyTrace:
         """Store a counter reading ``raw`` taken at ``now`` when it changed; ``prev_read``: when the counter
         was read before; ``powers``: the instantaneous power read at the previous poll and at this one;
         ``every_poll``: the counter is read at every poll (else sparsely)."""
+        with self._lock:
+            self._counter(raw, now, prev_read, powers, anchored=anchored, every_poll=every_poll)
+
+    def _counter(self, raw: float, now: float, prev_read: float | None, powers: tuple[float | None, float | None],
+                 *, anchored: bool, every_poll: bool) -> None:
         power_w = powers[1]
         if self.last_raw is None:
             # The counter last stepped about counter_lag_s ago, as every later sparse read is
@@ -167,13 +180,14 @@ class EnergyTrace:
 
     def samples_since(self, t: float | None) -> list[tuple[float, float]]:
         """Buffered samples from the last one at or before ``t`` on (all when ``t`` is None)."""
-        if t is None:
-            return list(self.samples)
         out: list[tuple[float, float]] = []
-        for sample in reversed(self.samples):  # new samples are few; walk back from the end
-            out.append(sample)
-            if sample[0] <= t:
-                break
+        with self._lock:
+            if t is None:
+                return list(self.samples)
+            for sample in reversed(self.samples):  # new samples are few; walk back from the end
+                out.append(sample)
+                if sample[0] <= t:
+                    break
         out.reverse()
         return out
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+import threading
 
 import orjson
 import pytest
 
 from wattgate.meter import Measurement, Meter
+from wattgate.meter.energy_trace import EnergyTrace
 from wattgate.meter.sources.trace import TraceSource
 
 
@@ -443,3 +446,41 @@ def test_figures_leave_the_meter_as_plain_floats(step):
         numbers = [m.joules, m.gpu_joules, m.host_joules, *m.joules_by_gpu.values(), *m.gpu_seconds.values()]
         assert all(type(x) is float for x in numbers), [type(x) for x in numbers]
         orjson.dumps(numbers)
+
+
+def test_a_curve_read_while_the_sampler_appends_to_it_never_fails():
+    # A request ending on the event loop reads a GPU's curve while the sampler thread adds readings; a
+    # deque walked in Python while another thread appends raised RuntimeError ("deque mutated during
+    # iteration"), seen as "meter failed to close window" in a hub under load, and the call's figure
+    # became an estimate. Thread switches every microsecond make the race show within the run.
+    trace = EnergyTrace(200, continuous=True, counter_lag_s=0.05, on_reset=lambda: None)
+    trace.counter(0.0, 0.0, None, (None, 300.0), anchored=False, every_poll=False)
+    stop, failures = threading.Event(), []
+
+    def sample() -> None:
+        t = 0.0
+        while not stop.is_set():
+            t += 0.05
+            trace.counter(300.0 * t, t, t - 0.05, (300.0, 300.0), anchored=False, every_poll=False)
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                trace.samples_since(-1.0)  # the whole buffer: the longest walk
+            except RuntimeError as exc:
+                failures.append(exc)
+                return
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=sample), threading.Thread(target=read)]
+        for th in threads:
+            th.start()
+        stop.wait(1.0)
+        stop.set()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures
