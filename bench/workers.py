@@ -145,7 +145,7 @@ def _start_gateway(args: argparse.Namespace, models: dict[str, Any], workers: in
     tmp = _registry(models)
     cmd = [sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(tmp / "registry.yaml"),
            "--port", str(port), "--workers", str(workers), "--log-level", "warning",
-           *(["--shared-socket"] if args.shared_socket else [])]
+           "--spread", args.spread]
     return subprocess.Popen(_pinned(args.gateway_cores, cmd)), port
 
 
@@ -304,8 +304,8 @@ def main() -> None:
     parser.add_argument("--upstreams", type=int, default=1, help="simulated upstream processes")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--itl-ms", type=float, default=1.0, help="upstream's time between two tokens")
-    parser.add_argument("--shared-socket", action="store_true",
-                        help="the workers accept from one socket (wattgate serve --shared-socket)")
+    parser.add_argument("--spread", choices=("even", "kernel"), default="even",
+                        help="how connections reach the workers (wattgate serve --spread)")
     parser.add_argument("--apart", action="store_true",
                         help="for each N > 1, also N single-process gateways sharing nothing, the load split "
                              "evenly over them: what N processes reach on this host, the workers' ceiling")
@@ -333,8 +333,7 @@ def main() -> None:
         shared = [c for c in args.gateway_cores if len(_siblings(c) & set(args.gateway_cores)) > 1]
         print(f"gateway cores sharing a physical core: {shared or 'none'}; "
               f"CPUs per physical core: {len(_siblings(args.gateway_cores[0]))}")
-        print(f"gateway on cores {args.gateway_cores}, workers on "
-              f"{'one shared socket' if args.shared_socket else 'a socket each (SO_REUSEPORT)'}; upstreams ({args.upstreams}) and clients ({args.clients}) "
+        print(f"gateway on cores {args.gateway_cores}, connections spread {args.spread}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
         print(f"{'N':>3}{'how':>7}{'c':>6}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'kernel':>8}"
               f"{'hub: events':>13}{'meter':>7}{'relays: max':>13}{'mean':>6}{'load':>6}")

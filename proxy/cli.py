@@ -30,10 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level of the gateway and uvicorn")
     serve.add_argument("--workers", type=_positive, default=1,
                        help="relay processes sharing the port; above 1, a hub process keeps the meter and the books")
-    serve.add_argument("--shared-socket", action="store_true",
-                       help="with --workers: the workers accept from one listening socket, whichever is free first "
-                            "(as uvicorn's and gunicorn's do), instead of each from its own (SO_REUSEPORT), which "
-                            "the kernel fills by a hash of the client's address whatever each worker's load")
+    serve.add_argument("--spread", choices=("even", "kernel"), default="even",
+                       help="with --workers: how connections reach the workers: dealt to each in turn by the "
+                            "supervisor, or spread by the kernel over a socket per worker (SO_REUSEPORT: by a hash "
+                            "of the client's address, whatever each worker's load)")
     demo = sub.add_parser("demo", help="run the gateway on a simulated upstream and GPU, send a workload, print figures",
                           formatter_class=defaults)
     demo.add_argument("--port", type=int, default=0, help="the gateway's port (0: a free one)")
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from wattgate.proxy.workers import serve_workers
 
-        return serve_workers(args.config, args.host, args.port, args.workers, args.log_level, args.shared_socket)
+        return serve_workers(args.config, args.host, args.port, args.workers, args.log_level, args.spread)
 
     import uvicorn
 

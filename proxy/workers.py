@@ -8,12 +8,11 @@
 - The hub (:func:`run_hub`, :mod:`proxy.hub`) owns the sampler, the meter, the
   records, the metrics, the ledger and the foreign-load poller, and answers
   ``/metrics``, ``/readyz`` and ``/v1/energy/{id}`` over a Unix socket.
-- Each worker (:func:`run_worker`) listens on the port with SO_REUSEPORT, so the
-  kernel spreads connections over them by a hash of their addresses, whatever
-  each worker's load; or, with ``shared_socket``, all accept from one socket the
-  supervisor opened, as uvicorn's and gunicorn's workers do, and a connection
-  goes to whichever worker gets to it first. It relays calls and sends their
-  windows to the hub (:mod:`proxy.hub_link`).
+- Each worker (:func:`run_worker`) relays the calls on the connections the
+  supervisor deals it in turn (:mod:`proxy.dealer`), or, with ``spread="kernel"``,
+  on those the kernel hands the listening socket each worker opens with
+  SO_REUSEPORT (by a hash of the client's address, whatever each worker's load),
+  and sends their windows to the hub (:mod:`proxy.hub_link`).
 
 Every child runs in its own process group, so a terminal's Ctrl-C reaches only the
 supervisor, which stops them in that order; a child whose supervisor is gone
@@ -22,6 +21,7 @@ supervisor, which stops them in that order; a child whose supervisor is gone
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -42,6 +42,7 @@ import uvicorn
 
 from wattgate.proxy.app import GatewayState, add_book_routes, add_call_routes, books_running, new_app
 from wattgate.proxy.books import build_meter
+from wattgate.proxy.dealer import Dealer, DealtServer
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
 from wattgate.proxy.settings import ConfigError, load_settings
@@ -110,9 +111,9 @@ def run_hub(config: str, runtime_dir: str, log_level: str) -> None:
 
 
 def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, log_level: str,
-               shared: socket.socket | None = None) -> None:
-    """A relay worker: the calls on the shared port (from the ``shared`` socket, else from its own); the
-    books at the hub."""
+               channel: socket.socket | None = None) -> None:
+    """A relay worker: the calls on the connections dealt over ``channel`` (None: on its own socket on the
+    shared port); the books at the hub."""
     _as_child(log_level)
     settings = load_settings(config)
     link = HubLink(settings, runtime_dir, index)
@@ -120,10 +121,11 @@ def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, 
     app = new_app(gw, link.running)
     add_call_routes(app, gw)
     add_hub_routes(app, link)
-    sock = shared if shared is not None else listening_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=GRACE_S))
-    server.run(sockets=[sock])
+    config_ = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
+    if channel is not None:
+        DealtServer(config_, channel).run()
+    else:
+        uvicorn.Server(config_).run(sockets=[listening_socket(host, port)])
 
 
 @dataclass
@@ -132,15 +134,19 @@ class Child:
 
     name: str
     target: Callable[..., None]
-    args: tuple[Any, ...]
+    make_args: Callable[[], tuple[Any, ...]]  # its arguments, made anew at each start
     process: BaseProcess | None = None
     started_at: float = 0.0
     fast_exits: int = 0
     restart_at: float | None = None
 
     def start(self, ctx: multiprocessing.context.SpawnContext) -> None:
-        self.process = ctx.Process(target=self.target, args=self.args, name=self.name, daemon=False)
+        args = self.make_args()
+        self.process = ctx.Process(target=self.target, args=args, name=self.name, daemon=False)
         self.process.start()
+        for arg in args:  # a socket went to the child as a duplicate of its descriptor, made at start
+            if isinstance(arg, socket.socket):
+                arg.close()
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -170,14 +176,18 @@ class Supervisor:
     """Starts the hub and the workers, keeps them running, stops them in order."""
 
     def __init__(self, config: str, host: str, port: int, workers: int, log_level: str,
-                 shared: socket.socket | None = None) -> None:
+                 dealer: Dealer | None = None) -> None:
         self.runtime_dir = tempfile.mkdtemp(prefix="wattgate-")
         self.ctx = multiprocessing.get_context("spawn")
-        self.hub = Child("wattgate-hub", run_hub, (config, self.runtime_dir, log_level))
-        self.workers = [  # a socket passes to a spawned process as a duplicate of its descriptor
-            Child(f"wattgate-worker-{i}", run_worker, (config, host, port, self.runtime_dir, i, log_level, shared))
-            for i in range(1, workers + 1)
-        ]
+        self.dealer = dealer
+        self.hub = Child("wattgate-hub", run_hub, lambda: (config, self.runtime_dir, log_level))
+
+        def worker_args(i: int) -> tuple[Any, ...]:
+            channel = dealer.channel(i) if dealer is not None else None  # a new one at each (re)start
+            return config, host, port, self.runtime_dir, i, log_level, channel
+
+        self.workers = [Child(f"wattgate-worker-{i}", run_worker, functools.partial(worker_args, i))
+                        for i in range(1, workers + 1)]
         self.stopping = False
 
     def run(self) -> int:
@@ -189,8 +199,12 @@ class Supervisor:
                 return 1
             for w in self.workers:
                 w.start(self.ctx)
+            if self.dealer is not None:
+                self.dealer.start()
             return self._supervise()
         finally:
+            if self.dealer is not None:
+                self.dealer.stop()  # first: no connection dealt to a worker that is stopping
             for w in self.workers:
                 w.stop(GRACE_S + 5)
             self.hub.stop(30)
@@ -235,20 +249,21 @@ class Supervisor:
         return 0
 
 
-def serve_workers(config: str, host: str, port: int, workers: int, log_level: str, shared_socket: bool = False) -> int:
-    """Run the gateway as ``workers`` relay processes and a hub; returns the exit code. ``shared_socket``:
-    the workers accept from one socket (see the module's docstring)."""
+def serve_workers(config: str, host: str, port: int, workers: int, log_level: str, spread: str = "even") -> int:
+    """Run the gateway as ``workers`` relay processes and a hub; returns the exit code. ``spread``: how
+    connections reach the workers, ``even`` (dealt in turn) or ``kernel`` (see the module's docstring)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     load_settings(config)  # a wrong file is refused before any process starts
+    dealt = spread == "even"
     try:
-        # Per-worker sockets: held, never listened on, so that the port is ours, or a clear error now.
-        reserved = listening_socket(host, port, reuse_port=not shared_socket)
-        if shared_socket:
-            reserved.listen(2048)  # connections wait here for a worker, also while one restarts
+        # Spread by the kernel: held, never listened on, so that the port is ours, or a clear error now.
+        sock = listening_socket(host, port, reuse_port=not dealt)
+        if dealt:
+            sock.listen(2048)  # connections wait here for the dealer, also while a worker restarts
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    with reserved:
-        port = reserved.getsockname()[1]
-        log.info("wattgate: %d workers on http://%s:%d (%s), one hub", workers, host, port,
-                 "one shared socket" if shared_socket else "a socket each")
-        return Supervisor(config, host, port, workers, log_level, reserved if shared_socket else None).run()
+    with sock:
+        port = sock.getsockname()[1]
+        log.info("wattgate: %d workers on http://%s:%d (connections spread %s), one hub", workers, host, port,
+                 "in turn" if dealt else "by the kernel")
+        return Supervisor(config, host, port, workers, log_level, Dealer(sock) if dealt else None).run()

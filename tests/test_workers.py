@@ -147,6 +147,14 @@ def test_calls_on_both_workers_reach_one_meter_and_settle_as_with_one_process(ga
     wait_until(conserved, 5, what="attributed + idle + unattributed = measured")
 
 
+def test_connections_are_dealt_to_the_workers_in_turn(gateway):
+    before = {w["pid"]: w["calls"] for w in gateway.all_workers_connected()["workers"]}
+    for _ in range(3 * WORKERS):  # one connection each, one after another
+        asyncio.run(_call(gateway.url, stream=True))
+    served = [w["calls"] - before.get(w["pid"], 0) for w in gateway.ready()["workers"]]
+    assert served == [3] * WORKERS, served
+
+
 def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway):
     gateway.all_workers_connected()
 
@@ -251,18 +259,18 @@ def test_the_hub_killed_calls_are_still_served_and_nothing_settled_is_lost(gatew
     assert errors >= 4
 
 
-def test_workers_on_one_shared_socket_serve_and_one_killed_is_replaced(tmp_path: Path, upstream_url: str):
+def test_workers_on_sockets_of_their_own_serve_and_one_killed_is_replaced(tmp_path: Path, upstream_url: str):
     registry = {
         "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
         "ledger": {"path": str(tmp_path / "ledger.db")},
         "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
     }
-    with _serving(tmp_path, registry, options=("--shared-socket",)) as gw:
+    with _serving(tmp_path, registry, options=("--spread", "kernel")) as gw:
         ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
         assert len(settled_records(gw.url, ids)) == len(ids)
         victim = gw.ready()["workers"][0]["pid"]
         os.kill(victim, signal.SIGKILL)
-        # The socket stays open at the supervisor: the other worker takes every call meanwhile.
+        # The kernel takes its socket out of the port's group: the other worker takes every call meanwhile.
         ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
         assert len(settled_records(gw.url, ids)) == len(ids)
         pids = [w["pid"] for w in gw.all_workers_connected()["workers"]]
