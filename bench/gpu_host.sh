@@ -8,7 +8,7 @@
 # not the gateway's web stack: `prepare` downloads those wheels (no dependencies resolved: the list is
 # what the image lacks, as seen on 2026-11-27) and builds one of wattgate itself (19 MB in all). Each
 # step of `run` has its own timeout and writes its output as it goes, so one that fails leaves the
-# others' results. About 7 minutes on an H100 host (5 m 14 s on 2026-11-27, before the workers curve
+# others' results. About 8 minutes on an H100 host (5 m 14 s on 2026-11-27, before the workers curve
 # grew to N = 8 and its `--apart` rows); figures go to bench/RESULTS.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +42,11 @@ run() {
   # Issue 16 (open) first. The gateway on one thread of each of nine physical cores (two workers sharing
   # one core's two threads would each run at a fraction of its speed); bench.workers keeps the load side
   # off those cores. On the H100 host (2026-11-27) the workers stayed at 78-92 % of their cores and their
-  # CPU per chunk grew with N: `--apart` runs N gateways that share nothing beside the N workers, so the
-  # host's own ceiling for N processes (load side, kernel, clock) is measured in the same run; the `load`
-  # column says whether the load side was at a full core.
+  # CPU per chunk grew with N. Since then: connections are dealt to the workers in turn (they were spread
+  # by a hash, 1.09-1.44x the mean on the busiest); `--apart` runs N gateways that share nothing beside
+  # the N workers, the host's own ceiling for N processes (load side, kernel, clock); the `relays`
+  # columns say whether the busiest worker was at a full core while the mean one was not, and `load`
+  # whether the load side was. Then N = 8 again with the kernel's spread, to compare.
   cores=$(python3 -c '
 import pathlib
 seen, first = set(), []
@@ -58,6 +60,8 @@ print(",".join(map(str, first[:9])))')
   step "workers, gateway on cores $cores"; timeout 280 python3 -m bench.workers --workers 1 2 4 8 --apart \
     --levels 128 512 1024 --gateway-cores "$cores" --upstreams 4 --clients 3 --requests-per-level 4 2>&1 \
     | grep -v WARNING | tee "$out/workers.txt"
+  timeout 90 python3 -m bench.workers --workers 1 8 --spread kernel --levels 512 1024 --gateway-cores "$cores" \
+    --upstreams 4 --clients 3 --requests-per-level 4 2>&1 | grep -v WARNING | tee -a "$out/workers.txt"
   step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
   lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
   lag=${lag:-60}  # what it measured on the H200 on 2026-11-27, should it fail this time

@@ -1,7 +1,7 @@
 """Relay throughput and CPU with ``wattgate serve --workers N``.
 
     python -m bench.workers [--workers 1 2 4] [--levels 64 256] [--requests-per-level 2]
-                            [--gateway-cores 0] [--upstreams 1] [--clients 1] [--apart]
+                            [--gateway-cores 0] [--upstreams 1] [--clients 1] [--apart] [--spread kernel]
     python -m bench.workers --hub-alone [--levels 64 256] [--token-gap-ms 10] [--seconds 10]
 
 For each N, one gateway (N = 1: the single process; N > 1: a hub and N relay
@@ -15,6 +15,9 @@ capped the curve at about 55k tokens/s on 13 cores); even so each costs about
 11-12 us of CPU per chunk, two thirds of it in the kernel, against the gateway's
 25-35 (2-core VM, 2026-11-28), so N workers need nearly as many cores again for
 their load.
+
+``--spread``: how the gateway's connections reach its workers (``wattgate serve
+--spread``: dealt in turn, the default, or by the kernel's hash).
 
 ``--apart``: for each N > 1, also N separate single-process gateways, each its own
 meter, the load split evenly over them. They share nothing, so their throughput
