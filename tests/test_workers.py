@@ -191,6 +191,15 @@ def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway
     assert record["status"] == "client_closed" and record["method"] == "simulated" and record["joules"] > 0
     workers = gateway.all_workers_connected()["workers"]
     assert killed not in [w["pid"] for w in workers]  # restarted: a new process in its place
+    # and is dealt connections again once it says it is ready (calls one after another: each /readyz
+    # below is a connection too, dealt in turn)
+    def dealt_to_both() -> bool:
+        before = {w["pid"]: w["calls"] for w in gateway.ready()["workers"]}
+        for _ in range(2 * WORKERS):
+            asyncio.run(_call(gateway.url, stream=False))
+        return all(w["calls"] > before.get(w["pid"], 0) for w in gateway.ready()["workers"])
+
+    wait_until(dealt_to_both, 30, what="the restarted worker dealt connections")
 
 
 def test_a_stalled_hub_never_stalls_a_stream(gateway):
