@@ -78,7 +78,10 @@ class Dealer:
                 self._stopping.wait(0.05)
                 continue
             with conn:  # the worker holds its own descriptor once it is sent
-                self._deal(conn)
+                try:
+                    self._deal(conn)
+                except Exception:  # a bug here must not stop the gateway taking connections
+                    log.exception("dealing a connection failed: it is closed")
 
     def _deal(self, conn: socket.socket) -> None:
         with self._lock:
