@@ -119,16 +119,19 @@ class MeterSettings(_Strict):
     @field_validator("counter_interval_ms", mode="before")
     @classmethod
     def _counter_interval(cls, v: object) -> object:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 60_000):
-            return v
-        raise ValueError("must be 'auto' or a number of milliseconds from 0 to 60000")
+        return _auto_or_ms(v, 0, 60_000)
 
     @field_validator("power_lag_ms", mode="before")
     @classmethod
     def _power_lag(cls, v: object) -> object:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and -1000 <= v <= 1000):
-            return v
-        raise ValueError("must be 'auto' or a number of milliseconds from -1000 to 1000")
+        return _auto_or_ms(v, -1000, 1000)
+
+
+def _auto_or_ms(v: object, low: int, high: int) -> object:
+    """``v`` if it is "auto" or a whole number of milliseconds from ``low`` to ``high``."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and low <= v <= high):
+        return v
+    raise ValueError(f"must be 'auto' or a number of milliseconds from {low} to {high}")
 
 
 class EstimateSettings(_Strict):
