@@ -88,15 +88,21 @@ def upstream_url() -> Iterator[str]:
         yield f"{up.url}/v1"
 
 
+def _registry(home: Path, upstream_url: str, source: str = "simulated", **more: Any) -> dict[str, Any]:
+    """One model on ``upstream_url``, the meter on ``source`` settling fast, the ledger in ``home``; ``more``:
+    other sections of the registry."""
+    return {
+        "meter": {"source": source, "settle_lag_ms": 300, "foreign_poll_ms": 0},
+        "ledger": {"path": str(home / "ledger.db")},
+        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
+        **more,
+    }
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[Gateway]:
     home = tmp_path_factory.mktemp("workers")
-    registry = {
-        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
-        "ledger": {"path": str(home / "ledger.db")},
-        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
-    }
-    with _serving(home, registry) as gw:
+    with _serving(home, _registry(home, upstream_url)) as gw:
         yield gw
 
 
@@ -269,12 +275,7 @@ def test_the_hub_killed_calls_are_still_served_and_nothing_settled_is_lost(gatew
 
 
 def test_workers_on_sockets_of_their_own_serve_and_one_killed_is_replaced(tmp_path: Path, upstream_url: str):
-    registry = {
-        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
-        "ledger": {"path": str(tmp_path / "ledger.db")},
-        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
-    }
-    with _serving(tmp_path, registry, options=("--spread", "kernel")) as gw:
+    with _serving(tmp_path, _registry(tmp_path, upstream_url), options=("--spread", "kernel")) as gw:
         ids = [rid for rid, _ in asyncio.run(_wave(gw.url, 8))]
         assert len(settled_records(gw.url, ids)) == len(ids)
         victim = gw.ready()["workers"][0]["pid"]
@@ -302,13 +303,9 @@ def test_the_supervisor_refuses_a_port_in_use(tmp_path: Path):
 def test_keys_teams_ids_and_cors_behave_as_with_one_process(tmp_path: Path, upstream_url: str):
     """Calls are checked by the worker that takes them; records, ids and metrics by the hub, whichever
     worker asks (tests/test_gateway_modes.py holds one process to the same)."""
-    registry = {
-        "meter": {"source": "simulated", "settle_lag_ms": 300, "foreign_poll_ms": 0},
-        "ledger": {"path": str(tmp_path / "ledger.db")},
-        "gateway": {"auth": {"keys_env": "WG_TEST_KEYS", "metrics_aliases": ["prometheus"]},
-                    "cors_allow_origins": ["https://app.example"]},
-        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
-    }
+    registry = _registry(tmp_path, upstream_url,
+                         gateway={"auth": {"keys_env": "WG_TEST_KEYS", "metrics_aliases": ["prometheus"]},
+                                  "cors_allow_origins": ["https://app.example"]})
     keys = {"WG_TEST_KEYS": "team-a:sk-a,team-b:sk-b,prometheus:sk-scrape"}
     with _serving(tmp_path, registry, keys) as gw:
         def call(key: str, rid: str, tokens: int) -> httpx.Response:
@@ -369,12 +366,7 @@ def test_the_hub_meters_through_nvml_and_its_figures_reach_every_worker(tmp_path
                                         "globals().update(vars(FakeNvml([FakeGpu()]).module()))\n")
     root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join(p for p in (str(tmp_path), str(root), os.environ.get("PYTHONPATH")) if p)
-    registry = {
-        "meter": {"source": "nvml", "settle_lag_ms": 300, "foreign_poll_ms": 0},
-        "ledger": {"path": str(tmp_path / "ledger.db")},
-        "models": {"llama": {"served_name": SERVED, "upstream": upstream_url, "gpus": [0]}},
-    }
-    with _serving(tmp_path, registry, {"PYTHONPATH": path}) as gw:
+    with _serving(tmp_path, _registry(tmp_path, upstream_url, source="nvml"), {"PYTHONPATH": path}) as gw:
         results = asyncio.run(_wave(gw.url, 8))
         records = settled_records(gw.url, [rid for rid, _ in results])
         meter = gw.ready()["meter"]
