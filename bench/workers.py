@@ -176,7 +176,7 @@ def _level(args: argparse.Namespace, level: int, ports: list[int], models: list[
     loop, meter = (b - a - idle * spent for a, b, idle in zip(hub0, hub1, hub_idle, strict=True))
     up_busy = max((b - a - idle * (spent - wall)) / wall for a, b, idle in zip(up0, up1, up_idle, strict=True))
     # Each relay process's share of a core over the load: with connections spread unevenly over the
-    # workers (the kernel hashes them to the port's sockets), the busiest sets the pace while the others idle.
+    # workers (--spread kernel hashes them to the port's sockets), the busiest sets the pace while the others idle.
     relays = [(used[p] - gateway_idle[p] * (spent - wall)) / wall for p in pids if p != hub]
     return {"tokens_per_s": chunks / wall, "us_per_chunk": cpu / chunks * 1e6,
             "kernel_share": sum(gateway1[p][1] - gateway0[p][1] for p in pids) / sum(used.values()),
