@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The checks that need a GPU host (issue 19) and its cores (issue 16's curve), as one device run.
 #
-#   bash bench/gpu_host.sh prepare   # here, with network: wheels the GPU host lacks, into .whl/ (ignored)
+#   bash bench/gpu_host.sh prepare   # here, in the dev virtualenv (it pins its versions): wheels into .whl/ (ignored)
 #   bash bench/gpu_host.sh run       # there (the device tool: carry .whl), results into $OUT (or ./gpu-out)
 #
 # The GPU host's image has Python 3.12 with PyTorch, NumPy, aiohttp, httpx, nvidia-ml-py and pytest, but
 # not the gateway's web stack: `prepare` downloads those wheels (no dependencies resolved: the list is
 # what the image lacks, as seen on 2026-11-27) and builds one of wattgate itself (19 MB in all). Each
 # step of `run` has its own timeout and writes its output as it goes, so one that fails leaves the
-# others' results. About 8 minutes on an H100 host (5 m 14 s on 2026-11-27, before the workers curve
-# grew to N = 8 and its `--apart` rows); figures go to bench/RESULTS.md by hand.
+# others' results. 9 m 7 s on an H200 host on 2026-11-28, with a second workers run (N = 8 with the
+# kernel's spread, 1-1.5 min) since dropped: keep the whole inside the device's 10-minute call;
+# figures go to bench/RESULTS.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,14 +40,11 @@ run() {
   step() { echo "=== $1 ($(date +%T))"; }
   step env; { nproc; lscpu -e 2>/dev/null; python3 -c "import httptools, uvloop; print('httptools, uvloop: there')"; nvidia-smi --query-gpu=name,driver_version,power.limit,mig.mode.current --format=csv; } \
     | tee "$out/env.txt"
-  # Issue 16 (open) first. The gateway on one thread of each of nine physical cores (two workers sharing
-  # one core's two threads would each run at a fraction of its speed); bench.workers keeps the load side
-  # off those cores. On the H100 host (2026-11-27) the workers stayed at 78-92 % of their cores and their
-  # CPU per chunk grew with N. Since then: connections are dealt to the workers in turn (they were spread
-  # by a hash, 1.09-1.44x the mean on the busiest); `--apart` runs N gateways that share nothing beside
-  # the N workers, the host's own ceiling for N processes (load side, kernel, clock); the `relays`
-  # columns say whether the busiest worker was at a full core while the mean one was not, and `load`
-  # whether the load side was. Then N = 8 again with the kernel's spread, to compare.
+  # The workers curve (issue 16) first. The gateway on one thread of each of nine physical cores (two
+  # workers sharing one core's two threads would each run at a fraction of its speed); bench.workers
+  # keeps the load side off those cores. `--apart` runs N gateways that share nothing beside the N
+  # workers, the host's own ceiling for N processes; the `relays` columns say whether the busiest worker
+  # was at a full core while the mean one was not, and `load` whether the load side was.
   cores=$(python3 -c '
 import pathlib
 seen, first = set(), []
@@ -60,8 +58,6 @@ print(",".join(map(str, first[:9])))')
   step "workers, gateway on cores $cores"; timeout 280 python3 -m bench.workers --workers 1 2 4 8 --apart \
     --levels 128 512 1024 --gateway-cores "$cores" --upstreams 4 --clients 3 --requests-per-level 4 2>&1 \
     | grep -v WARNING | tee "$out/workers.txt"
-  timeout 90 python3 -m bench.workers --workers 1 8 --spread kernel --levels 512 1024 --gateway-cores "$cores" \
-    --upstreams 4 --clients 3 --requests-per-level 4 2>&1 | grep -v WARNING | tee -a "$out/workers.txt"
   step sensor_lag; timeout 45 python3 -m bench.sensor_lag --cycles 6 2>&1 | tee "$out/sensor_lag.txt"
   lag=$(awk '/meter.power_lag_ms:/{print $NF}' "$out/sensor_lag.txt")
   lag=${lag:-60}  # what it measured on the H200 on 2026-11-27, should it fail this time
