@@ -16,8 +16,11 @@ registries it is sent with. Both ends here cost a few microseconds per chunk:
   open stream each ``itl`` seconds, as vLLM emits a batch's tokens together
   after each decode step.
 - ``stream_requests``: keep-alive connections, each sending its streamed chat
-  requests one after another; counts the ``data: {`` events received and
-  finds each response's end by chunked encoding's last chunk.
+  requests one after another; counts the ``data: {`` events received, finds
+  each response's end by chunked encoding's last chunk, and times each
+  response: from its request written to its end, and the gap between its last
+  two reads (behind a gateway, how long the end of a stream waited after its
+  last token: the inline energy object is in the last chunk).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import asyncio
 import functools
 import itertools
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -146,48 +151,78 @@ async def serve_upstream(port: int, itl_s: float) -> None:
         await upstream.tick_forever()
 
 
-class _ClientConnection(asyncio.Protocol):
-    """Sends ``requests`` one after another on one connection; counts the events received."""
+@dataclass
+class Streamed:
+    """What ``stream_requests`` received: the data events, and per response its time from request to
+    end and the gap between its last two reads (seconds)."""
 
-    def __init__(self, requests: list[bytes], done: asyncio.Future[int]) -> None:
+    events: int = 0
+    seconds: list[float] = field(default_factory=list)
+    end_gaps: list[float] = field(default_factory=list)
+
+    @classmethod
+    def merged(cls, parts: Iterable[Streamed]) -> Streamed:
+        out = cls()
+        for part in parts:
+            out.events += part.events
+            out.seconds += part.seconds
+            out.end_gaps += part.end_gaps
+        return out
+
+
+class _ClientConnection(asyncio.Protocol):
+    """Sends ``requests`` one after another on one connection; counts the events received, times each
+    response."""
+
+    def __init__(self, requests: list[bytes], done: asyncio.Future[Streamed]) -> None:
         self.requests = requests
         self.done = done
-        self.events = 0
+        self.got = Streamed()
         self.tail = b""
+        self.sent_at = self.read_at = 0.0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
         self.transport.write(self.requests.pop())
+        self.sent_at = self.read_at = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        now = time.monotonic()
         seen = self.tail + data
         if seen.startswith(b"HTTP/1.1 ") and not seen.startswith(b"HTTP/1.1 200"):
             self._finish(RuntimeError(f"gateway answered {seen[:200]!r}"))
             return
-        self.events += seen.count(_EVENT)
+        self.got.events += seen.count(_EVENT)
         self.tail = seen[-_TAIL:]
         if _END_CHUNK in seen:
             self.tail = b""
+            self.got.seconds.append(now - self.sent_at)
+            self.got.end_gaps.append(now - self.read_at)
             if self.requests:
-                self.transport.write(self.requests.pop())
-            else:
-                self._finish(None)
+                self._send()
+                return
+            self._finish(None)
+        self.read_at = now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(exc or (RuntimeError("connection closed mid-answer") if self.requests or self.tail else None))
 
     def _finish(self, exc: BaseException | None) -> None:
         if not self.done.done():
-            self.done.set_exception(exc) if exc else self.done.set_result(self.events)
+            self.done.set_exception(exc) if exc else self.done.set_result(self.got)
         if self.transport is not None:
             self.transport.close()
 
 
 async def stream_requests(host: str, port: int, path: str, models: list[str], concurrency: int, n: int,
-                          max_tokens: int) -> int:
-    """``n`` streamed chat requests over ``concurrency`` keep-alive connections; the data events received."""
+                          max_tokens: int) -> Streamed:
+    """``n`` streamed chat requests over ``concurrency`` keep-alive connections: what they received."""
     loop = asyncio.get_running_loop()
     per_connection = [ids for i in range(concurrency) if (ids := list(range(i, n, concurrency)))]
     done = []
@@ -198,10 +233,10 @@ async def stream_requests(host: str, port: int, path: str, models: list[str], co
                                  "messages": [{"role": "user", "content": "Tell me about energy."}]})
             requests.append(b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
                             b"content-length: %d\r\n\r\n%s" % (path.encode(), host.encode(), port, len(body), body))
-        future: asyncio.Future[int] = loop.create_future()
+        future: asyncio.Future[Streamed] = loop.create_future()
         await loop.create_connection(functools.partial(_ClientConnection, requests, future), host, port)
         done.append(future)
-    return sum(await asyncio.gather(*done))
+    return Streamed.merged(await asyncio.gather(*done))
 
 
 def main() -> None:

@@ -30,10 +30,13 @@ sampler runs whatever the load) and the share of it spent in the kernel, the
 hub's CPU per chunk on its own (its event loop, which reads the workers' events;
 its other threads, the meter's passes and the ledger), the throughput against
 N = 1 at the same level, the busiest and the mean relay process's share of a
-core over the load (the kernel hashes connections to the workers, so some get
-more streams than others: the busiest sets the pace, the others then idle), and
-the busiest load-side process's share of a core (near 100 %, the load side is
-the limit).
+core over the load (with ``--spread kernel`` some get more streams than others:
+the busiest sets the pace, the others then idle), the busiest load-side
+process's share of a core (near 100 %, the load side is the limit), the median
+stream's time from request to end (the upstream alone takes 128 x ``--itl-ms``),
+and the time from a stream's last token to its end (the gap between its last two
+reads: the inline energy object rides on the last chunk, so with workers it
+includes the round trip to the hub), median and p95.
 
 ``--hub-alone``: the hub with no relay around it, fed the events one worker sends
 for that many streams by a synthetic worker on the other cores; its CPU per token
@@ -55,11 +58,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import numpy as np
 import orjson
 import uvloop
 import yaml
 
-from bench.load_side import stream_requests
+from bench.load_side import Streamed, stream_requests
 from bench.overhead import _cpu_s, _cpu_times, _pinned, _wait, _wait_workers
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
@@ -76,9 +80,9 @@ def _split(total: int, parts: int) -> list[int]:
     return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
 
 
-async def _streams(ports: list[int], models: list[str], concurrency: int, n: int) -> int:
+async def _streams(ports: list[int], models: list[str], concurrency: int, n: int) -> Streamed:
     """``n`` streamed requests, ``concurrency`` at a time, split evenly over the gateways at ``ports``."""
-    return sum(await asyncio.gather(*(
+    return Streamed.merged(await asyncio.gather(*(
         stream_requests("127.0.0.1", port, "/v1/chat/completions", models, c, k, TOKENS)
         for port, c, k in zip(ports, _split(concurrency, len(ports)), _split(n, len(ports)), strict=True))))
 
@@ -88,14 +92,14 @@ def _client_process(ports: list[int], models: list[str], concurrency: int, n: in
     os.sched_setaffinity(0, cores)
     go.wait()  # every client imported and ready: the load starts together
     t0, cpu0 = time.monotonic(), time.process_time()
-    chunks = uvloop.run(_streams(ports, models, concurrency, n))
+    got = uvloop.run(_streams(ports, models, concurrency, n))
     t1 = time.monotonic()
-    out.put((chunks, t0, t1, (time.process_time() - cpu0) / (t1 - t0)))
+    out.put((got, t0, t1, (time.process_time() - cpu0) / (t1 - t0)))
 
 
 def _load(ports: list[int], models: list[str], concurrency: int, n: int, clients: int,
-          cores: list[int]) -> tuple[int, float, float]:
-    """Chunks relayed, seconds taken (from the first client's start to the last one's end: the
+          cores: list[int]) -> tuple[Streamed, float, float]:
+    """What the clients received, seconds taken (from the first client's start to the last one's end: the
     processes' own start-up left out) and the busiest client's share of a core; the load split over
     ``clients`` processes, and each client's over the gateways at ``ports``."""
     if concurrency < clients * len(ports):  # else some connections would get no streams, and drop requests
@@ -112,7 +116,11 @@ def _load(ports: list[int], models: list[str], concurrency: int, n: int, clients
     for p in procs:
         p.join()
     wall = max(r[2] for r in results) - min(r[1] for r in results)
-    return sum(r[0] for r in results), wall, max(r[3] for r in results)
+    return Streamed.merged(r[0] for r in results), wall, max(r[3] for r in results)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(values, q)) if values else float("nan")
 
 
 def _hub_cpu(hub: int | None) -> tuple[float, float]:
@@ -168,8 +176,9 @@ def _level(args: argparse.Namespace, level: int, ports: list[int], models: list[
     hub_idle = [(b - a) / (t1 - t0) for a, b in zip(hub0, hub1, strict=True)]
     up_idle = [(b - a) / (t1 - t0) for a, b in zip(up0, up1, strict=True)]
     gateway0, hub0, up0, t0 = cpu_now()
-    chunks, wall, client_busy = _load(ports, models, level, level * args.requests_per_level, args.clients, other)
+    got, wall, client_busy = _load(ports, models, level, level * args.requests_per_level, args.clients, other)
     gateway1, hub1, up1, t1 = cpu_now()
+    chunks = got.events
     spent = t1 - t0  # the clients' start-up too: idle CPU comes off over all of it
     used = {p: sum(gateway1[p]) - sum(gateway0[p]) for p in pids}
     cpu = sum(used.values()) - sum(gateway_idle.values()) * spent
@@ -182,7 +191,8 @@ def _level(args: argparse.Namespace, level: int, ports: list[int], models: list[
             "kernel_share": sum(gateway1[p][1] - gateway0[p][1] for p in pids) / sum(used.values()),
             "hub_loop_us": loop / chunks * 1e6, "hub_meter_us": meter / chunks * 1e6,
             "relay_busiest": max(relays), "relay_mean": sum(relays) / len(relays),
-            "load_busiest": max(up_busy, client_busy)}
+            "load_busiest": max(up_busy, client_busy), "stream_ms": _quantile(got.seconds, 0.5) * 1e3,
+            "end_gap_ms": _quantile(got.end_gaps, 0.5) * 1e3, "end_gap_p95_ms": _quantile(got.end_gaps, 0.95) * 1e3}
 
 
 def _run(args: argparse.Namespace, workers: int, apart: bool, upstreams: dict[int, int], other: list[int]
@@ -339,10 +349,12 @@ def main() -> None:
         print(f"gateway on cores {args.gateway_cores}, connections spread {args.spread}; upstreams ({args.upstreams}) and clients ({args.clients}) "
               f"on {other}; {TOKENS}-token streams, upstream {args.itl_ms:g} ms per token")
         print(f"{'N':>3}{'how':>7}{'c':>6}{'tok/s':>9}{'vs N=1':>8}{'us CPU/chunk':>14}{'kernel':>8}"
-              f"{'hub: events':>13}{'meter':>7}{'relays: max':>13}{'mean':>6}{'load':>6}")
+              f"{'hub: events':>13}{'meter':>7}{'relays: max':>13}{'mean':>6}{'load':>6}{'stream ms':>11}"
+              f"{'end gap ms':>12}{'p95':>6}")
         print("  (how: hub = a hub and N workers, apart = N single-process gateways; us per chunk; kernel: the "
               "gateway's CPU spent in the kernel; relays: the busiest relay process's and the mean one's share "
-              "of a core; load: the busiest upstream or client process's)")
+              "of a core; load: the busiest upstream or client process's; stream: the median stream's time from "
+              "request to end; end gap: from a stream's last token to its end, median and p95)")
         base: dict[int, float] = {}
         runs = [(n, apart) for n in args.workers for apart in ([False, True] if args.apart and n > 1 else [False])]
         for n, apart in runs:
@@ -355,7 +367,8 @@ def main() -> None:
                 hub = f"{r['hub_loop_us']:>13.1f}{r['hub_meter_us']:>7.1f}" if how == "hub" else f"{'-':>13}{'-':>7}"
                 print(f"{n:>3}{how:>7}{level:>6}{r['tokens_per_s']:>9.0f}{ratio:>8.2f}{r['us_per_chunk']:>14.1f}"
                       f"{r['kernel_share']:>8.0%}{hub}{r['relay_busiest']:>13.0%}{r['relay_mean']:>6.0%}"
-                      f"{r['load_busiest']:>6.0%}", flush=True)
+                      f"{r['load_busiest']:>6.0%}{r['stream_ms']:>11.0f}{r['end_gap_ms']:>12.1f}"
+                      f"{r['end_gap_p95_ms']:>6.1f}", flush=True)
     finally:
         for u in ups:
             u.terminate()

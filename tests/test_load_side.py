@@ -74,8 +74,10 @@ def test_the_client_counts_every_event_of_every_answer_on_keep_alive_connections
     assert per_answer >= 17  # the role chunk and one per token, the energy riding on the last
     port = int(gateway.rsplit(":", 1)[1])
     # 10 answers over 3 connections: 4, 3 and 3 one after another on each.
-    events = uvloop.run(stream_requests("127.0.0.1", port, "/v1/chat/completions", ["m"], 3, 10, 16))
-    assert events == 10 * per_answer
+    got = uvloop.run(stream_requests("127.0.0.1", port, "/v1/chat/completions", ["m"], 3, 10, 16))
+    assert got.events == 10 * per_answer
+    assert len(got.seconds) == len(got.end_gaps) == 10  # each answer timed
+    assert all(0 < gap <= took for gap, took in zip(got.end_gaps, got.seconds, strict=True))
 
 
 def test_the_client_fails_loudly_on_an_error_answer(gateway: str) -> None:
