@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -47,9 +47,48 @@ FLUSH_S = 0.005  # token events wait at most this long, to go to the hub togethe
 # A reply the hub owes waits this long, then the worker goes on without it: a client-chosen id is used
 # unchecked (the hub checks it when it catches up), an ended call's figure is estimated here.
 REPLY_TIMEOUT_S = 0.5
+TIMED_OUT: list[Any] = ["timed out"]  # what a reply's future gets when the hub did not answer in time
 RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the hub
 MAX_BUFFER_BYTES = 64 * 1024 * 1024  # events the hub has not read: beyond this, the link is dropped
 OUTBOX_SIZE = 10_000  # calls estimated while the hub was away, kept for it
+
+
+def _time_out(fut: asyncio.Future[list[Any] | None]) -> None:
+    if not fut.done():
+        fut.set_result(TIMED_OUT)
+
+
+class _HubProtocol(asyncio.Protocol):
+    """The hub's replies, one JSON line each, handed to :meth:`HubConnection.replied` as they are read.
+
+    A protocol rather than a stream reader: a reply completes its call's future in the same turn of the
+    event loop as it is read, where a reader task would take a turn more, and on a busy worker a turn
+    is milliseconds that every stream's last chunk waits."""
+
+    def __init__(self, conn: HubConnection) -> None:
+        self.conn = conn
+        self.buffer = b""
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        try:
+            if len(self.buffer) > MAX_LINE_BYTES:
+                raise ValueError("a reply line over the limit")
+            for line in lines:
+                self.conn.replied(orjson.loads(line))
+        except (ValueError, LookupError, TypeError):  # not what a hub sends: drop the link, reconnect
+            log.warning("worker %d: bad reply from the hub; reconnecting", self.conn.index, exc_info=True)
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class HubConnection:
@@ -60,7 +99,7 @@ class HubConnection:
         self.path = path
         self.index = index
         self.generation = 0  # counts connections: a call opened on an earlier one is the hub's no more
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
         self._batch: list[list[Any]] = []
         self._tokens: list[float] = []  # token events, flat: cid, n, t, cid, n, t, ...
         self._flush_at: asyncio.TimerHandle | None = None
@@ -71,7 +110,7 @@ class HubConnection:
 
     @property
     def up(self) -> bool:
-        return self._writer is not None
+        return self._transport is not None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -81,32 +120,31 @@ class HubConnection:
             yield
         finally:
             self._flush()
-            writer, self._writer = self._writer, None  # closing: not a hub gone missing
+            transport, self._transport = self._transport, None  # closing: not a hub gone missing
             task.cancel()
-            if writer is not None:
-                writer.close()
+            if transport is not None:
+                transport.close()
 
     async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
         wait = RECONNECT_S[0]
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE_BYTES)
+                transport, protocol = await loop.create_unix_connection(lambda: _HubProtocol(self), str(self.path))
             except OSError:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RECONNECT_S[1])
                 continue
             wait = RECONNECT_S[0]
-            self._connected(writer)
+            self._connected(transport)
             try:
-                await self._read(reader)
-            except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                pass
+                await protocol.closed
             finally:
-                self._disconnected()
+                self._disconnected(transport)
 
-    def _connected(self, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, transport: asyncio.Transport) -> None:
         self.generation += 1
-        self._writer = writer
+        self._transport = transport
         self._batch.append(["hello", self.index, os.getpid()])
         if self._outbox or self._lost:
             log.info("worker %d: hub reached; sending %d calls estimated while it was away", self.index,
@@ -118,10 +156,10 @@ class HubConnection:
             self._lost = 0
         self._flush()
 
-    def _disconnected(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+    def _disconnected(self, transport: asyncio.Transport) -> None:
+        transport.close()
+        if self._transport is not None:  # None: the worker is closing
+            self._transport = None
             log.warning("worker %d: hub unreachable; figures are estimates until it is back", self.index)
         self._batch.clear()
         self._tokens.clear()
@@ -130,26 +168,25 @@ class HubConnection:
                 fut.set_result(None)  # no answer will come
         self._waiting.clear()
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            reply = orjson.loads(line)
-            if reply[0] == "methods":
-                self.methods.update({name: Method(m) for name, m in reply[1].items()})
-                continue
-            fut = self._waiting.pop((reply[0], reply[1]), None)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+    def replied(self, reply: list[Any]) -> None:
+        """One reply from the hub: to the call waiting for it, or the hub's word on metering methods."""
+        if reply[0] == "methods":
+            self.methods.update({name: Method(m) for name, m in reply[1].items()})
+            return
+        fut = self._waiting.pop((reply[0], reply[1]), None)
+        if fut is not None and not fut.done():  # done: timed out, or its call went away
+            fut.set_result(reply)
 
     def send(self, event: list[Any]) -> None:
         """Queue ``event`` for the next batch (sent within :data:`FLUSH_S`)."""
-        if self._writer is None:
+        if self._transport is None:
             return
         self._batch.append(event)
         self._flush_soon()
 
     def tokens(self, cid: int, n: float, t: float) -> None:
         """Queue a token event: the one event sent per streamed chunk, kept flat to cost the hub less."""
-        if self._writer is None:
+        if self._transport is None:
             return
         self._tokens += (cid, n, t)
         self._flush_soon()
@@ -158,13 +195,19 @@ class HubConnection:
         if self._flush_at is None:
             self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
 
-    def request(self, reply: str, cid: int, event: list[Any]) -> asyncio.Future[list[Any] | None]:
-        """Send ``event`` now, with what is queued; the future gets the hub's ``reply`` (None: none will come)."""
-        fut: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
-        if self._writer is None:
+    def request(self, reply: str, cid: int, event: list[Any], timeout: float | None = None
+                ) -> asyncio.Future[list[Any] | None]:
+        """Send ``event`` now, with what is queued; the future gets the hub's ``reply`` (None: none will
+        come; :data:`TIMED_OUT`: none came within ``timeout`` seconds)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any] | None] = loop.create_future()
+        if self._transport is None:
             fut.set_result(None)
             return fut
         self._waiting[(reply, cid)] = fut
+        if timeout is not None:  # a timer on the future itself: its waiter wakes a turn sooner than under wait_for
+            timer = loop.call_later(timeout, _time_out, fut)
+            fut.add_done_callback(lambda _: timer.cancel())
         self._batch.append(event)
         self._flush()
         return fut
@@ -173,11 +216,11 @@ class HubConnection:
         if self._flush_at is not None:
             self._flush_at.cancel()
             self._flush_at = None
-        if not (self._batch or self._tokens) or self._writer is None:
+        transport = self._transport
+        if not (self._batch or self._tokens) or transport is None:
             return
         data = orjson.dumps([self._tokens, self._batch]) + b"\n"
         self._batch, self._tokens = [], []
-        transport = self._writer.transport
         transport.write(data)
         if transport.get_write_buffer_size() > MAX_BUFFER_BYTES:  # a stalled hub must not fill this worker's memory
             log.warning("worker %d: hub is %d bytes behind; dropping the link", self.index,
@@ -186,7 +229,7 @@ class HubConnection:
 
     def keep(self, event: list[Any]) -> None:
         """Keep the record of a call estimated here, for the hub: sent now, or once it is back."""
-        if self._writer is not None:
+        if self._transport is not None:
             self.send(event)
         elif len(self._outbox) < OUTBOX_SIZE:
             self._outbox.append(event)
@@ -353,16 +396,16 @@ class HubCall:
         t = time.monotonic()
         self._ended = (status, t)
         if self._live:
-            self._reply = self._conn.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at])
+            self._reply = self._conn.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at],
+                                             REPLY_TIMEOUT_S)
 
     async def energy(self) -> dict[str, Any]:
         if self._energy is not None:
             return self._energy
         reply = None
         if self._reply is not None:
-            try:
-                reply = await asyncio.wait_for(asyncio.shield(self._reply), REPLY_TIMEOUT_S)
-            except TimeoutError:  # a slow hub: it still records the call; the client gets an estimate now
+            reply = await self._reply
+            if reply is TIMED_OUT:  # a slow hub: it still records the call; the client gets an estimate now
                 self._energy = self._estimate()
                 return self._energy
         if reply is None or reply[2] is None:  # the hub was away, lost its connection, or never opened the call

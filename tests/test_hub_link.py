@@ -1,0 +1,84 @@
+"""A worker's end of the hub's event socket (``proxy/hub_link.HubConnection``) against a stand-in hub on a
+real Unix socket: replies reach the call waiting for them, a reply that does not come in time gives
+way to ``TIMED_OUT``, and a line that is not the hub's drops the link, which is then made again."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from wattgate.proxy.hub_link import TIMED_OUT, HubConnection
+
+
+class StandInHub:
+    """Reads the worker's batches into a queue of events; the test writes its replies."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.events: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writer = writer
+        while line := await reader.readline():
+            _, events = orjson.loads(line)
+            for event in events:
+                await self.events.put(event)
+
+    def reply(self, line: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(line)
+
+    async def next_event(self, kind: str) -> list[Any]:
+        while (event := await asyncio.wait_for(self.events.get(), 5))[0] != kind:
+            pass
+        return event
+
+
+async def _connected(conn: HubConnection, hub: StandInHub, connections: int) -> None:
+    async with asyncio.timeout(5):
+        while not (conn.up and hub.connections == connections and hub.writer is not None):
+            await asyncio.sleep(0.01)
+
+
+def test_replies_reach_their_calls_and_a_late_one_gives_way(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        hub = StandInHub()
+        server = await asyncio.start_unix_server(hub.serve, str(tmp_path / "events.sock"))
+        conn = HubConnection(tmp_path / "events.sock", 0)
+        async with server, conn.running():
+            await _connected(conn, hub, 1)
+            answered = conn.request("energy", 1, ["end", 1], timeout=5)
+            late = conn.request("energy", 2, ["end", 2], timeout=0.05)
+            assert (await hub.next_event("end"))[1] == 1
+            hub.reply(orjson.dumps(["energy", 1, {"joules": 1.5}]) + b"\n")
+            assert await answered == ["energy", 1, {"joules": 1.5}]
+            assert await late is TIMED_OUT
+            hub.reply(orjson.dumps(["energy", 2, {"joules": 2.0}]) + b"\n")  # too late: nobody waits for it
+            hub.reply(orjson.dumps(["methods", {"llama": "nvml"}]) + b"\n")
+            async with asyncio.timeout(5):
+                while conn.methods.get("llama") is None:
+                    await asyncio.sleep(0.01)
+            assert conn.up and hub.connections == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_line_that_is_not_the_hubs_drops_the_link_and_it_is_made_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        hub = StandInHub()
+        server = await asyncio.start_unix_server(hub.serve, str(tmp_path / "events.sock"))
+        conn = HubConnection(tmp_path / "events.sock", 0)
+        async with server, conn.running():
+            await _connected(conn, hub, 1)
+            waiting = conn.request("energy", 1, ["end", 1], timeout=5)
+            hub.reply(b"not json\n")
+            assert await waiting is None  # the link dropped: no answer will come on it
+            await _connected(conn, hub, 2)
+            assert conn.generation == 2
+
+    asyncio.run(scenario())
