@@ -274,8 +274,12 @@ class Ledger:
         """A read-only connection of its own, for long reads that must not hold up the writer (WAL)."""
         return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, then close."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():  # closing the database under the writer would fail its commit
+            log.error("ledger: still writing after %g s, %d records queued; those not committed at exit are lost",
+                      timeout, self._queue.qsize())
+            return
         self.db.close()

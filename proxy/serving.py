@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from typing import Any, Self
 
 import uvicorn
+
+log = logging.getLogger(__name__)
+STOP_S = 10.0  # how long leaving the context waits for the server to stop
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,4 +48,6 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=STOP_S)
+        if self.thread.is_alive():  # its shutdown (the app's lifespan: the meter, the ledger) is stuck
+            log.warning("server on port %d still stopping after %g s; leaving it behind", self.port, STOP_S)

@@ -122,6 +122,23 @@ def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
     ledger.close()
 
 
+def test_closing_under_a_stuck_writer_says_so_and_leaves_it_to_finish(tmp_path, caplog):
+    """A writer that outlasts close's wait (a slow disk) is not pulled from under: the database stays
+    open for it, and what it was committing lands."""
+    ledger = Ledger(tmp_path / "l.db")
+    release = threading.Event()
+    ledger.submit(to_row(energy("slow", 1.0), "m", None, time.time()), after=release.wait)  # runs on the writer
+    ledger.close(timeout=0.2)
+    assert "ledger: still writing after 0.2 s" in caplog.text
+    release.set()
+    ledger._thread.join(5)
+    reopened = Ledger(tmp_path / "l.db")
+    try:
+        assert reopened.get("slow")["joules"] == 1.0
+    finally:
+        reopened.close()
+
+
 def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
     """A bad row (here a model of None) must not drop its batch nor leave a transaction open for good."""
     drops = []
