@@ -24,10 +24,13 @@ class StandInHub:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.writer = writer
-        while line := await reader.readline():
-            _, events = orjson.loads(line)
-            for event in events:
-                await self.events.put(event)
+        try:
+            while line := await reader.readline():
+                _, events = orjson.loads(line)
+                for event in events:
+                    await self.events.put(event)
+        except ConnectionError:  # the worker dropped the link
+            pass
 
     def reply(self, line: bytes) -> None:
         assert self.writer is not None
