@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,54 @@ def test_connections_are_dealt_to_the_workers_in_turn(gateway):
         asyncio.run(_call(gateway.url, stream=True))
     served = [w["calls"] - before.get(w["pid"], 0) for w in gateway.ready()["workers"]]
     assert served == [3] * WORKERS, served
+
+
+def _channel_capacity() -> int:
+    """How many connections a dealer's channel (a Unix SEQPACKET pair) holds unread on this host."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    sent = 0
+    with ours, theirs, socket.socket() as passed:
+        try:
+            while True:
+                socket.send_fds(ours, [b"c"], [passed.fileno()])
+                sent += 1
+        except BlockingIOError:
+            return sent
+
+
+def test_a_burst_that_fills_every_workers_channel_is_served_whole(gateway):
+    """A worker takes the connections dealt to it once per turn of its loop, and its channel holds a few
+    hundred (as many as its socket buffer has room for). With both workers stopped, a burst fills both
+    channels: the dealer must wait for room, not close the connections it cannot place yet."""
+    count = WORKERS * (_channel_capacity() + 1) + 10
+    pids = [w["pid"] for w in gateway.all_workers_connected()["workers"]]
+    port = int(gateway.url.rsplit(":", 1)[1])
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /no-such-route HTTP/1.1\r\nhost: wattgate\r\nconnection: close\r\n\r\n")
+        try:
+            return await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+
+    async def burst() -> list[bytes]:
+        answers = [asyncio.create_task(one()) for _ in range(count)]
+        await asyncio.sleep(1.0)  # every channel full by now, the rest waiting on the dealer
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        return list(await asyncio.gather(*answers))
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    closed = [a for a in answers if not a.startswith(b"HTTP/1.1 404")]
+    assert not closed, f"{len(closed)} of {count} connections closed unanswered"
 
 
 def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway):
