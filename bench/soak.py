@@ -1,6 +1,6 @@
 """Memory of a long-running gateway: RSS growth over many requests, with the ledger on.
 
-    python -m bench.soak [--requests 100000] [--concurrency 32]
+    python -m bench.soak [--requests 100000] [--concurrency 32] [--workers 1]
 
 ``wattgate serve`` (simulated meter, ledger in a scratch directory) in front of
 ``wattgate simulate-upstream``, each in its own process, as a user runs them.
@@ -8,7 +8,8 @@ Half the requests are streamed, all of 4 tokens. The gateway's RSS is read from
 ``/proc`` after a warm-up of 2,000 requests (allocator pools, imports, the first
 settled records) and then every 10,000. Target (issue 13): growth over 100,000
 requests <= 30 MB. Afterwards, no window may be open and every request must
-have its ledger row.
+have its ledger row. With ``--workers N``: each process's RSS (the supervisor,
+the hub, the workers), and the growth of the one that grew most.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.overhead import _rss_mb, _stop, _wait
+from bench.overhead import _rss_mb, _stop, _wait, _wait_workers
 from wattgate.proxy.serving import free_port
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
@@ -54,10 +55,24 @@ async def send(url: str, n: int, concurrency: int, first: int) -> Counter[str]:
     return failures
 
 
+def _processes(url: str, supervisor: int, workers: int) -> dict[str, int]:
+    """The gateway's processes by name: the one process, or the supervisor, the hub and each worker."""
+    if workers == 1:
+        return {"gateway": supervisor}
+    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    return {"supervisor": supervisor, "hub": ready["hub_pid"],
+            **{f"worker {w['index']}": w["pid"] for w in ready["workers"]}}
+
+
+def _rss_line(rss: dict[str, float]) -> str:
+    return ", ".join(f"{name} {mb:.1f} MB" if len(rss) > 1 else f"{mb:.1f} MB" for name, mb in rss.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="wattgate serve --workers")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="wattgate-soak-"))
     up_port, gw_port = free_port(), free_port()
@@ -69,22 +84,28 @@ def main() -> None:
     cli = [sys.executable, "-m", "wattgate.proxy.cli"]
     upstream = subprocess.Popen([*cli, "simulate-upstream", "--port", str(up_port), "--itl-ms", "1"])
     gateway = subprocess.Popen([*cli, "serve", "--config", str(registry), "--port", str(gw_port),
-                                "--log-level", "warning"])
+                                "--log-level", "warning", "--workers", str(args.workers)])
     url = f"http://127.0.0.1:{gw_port}"
     try:
         _wait(f"http://127.0.0.1:{up_port}/v1/models")
         _wait(f"{url}/healthz")
+        _wait_workers(url, args.workers)
         failures = asyncio.run(send(url, WARM_UP, args.concurrency, 0))
-        base = _rss_mb(gateway.pid)
-        print(f"after {WARM_UP:,} requests (warm-up): RSS {base:.1f} MB")
+        pids = _processes(url, gateway.pid, args.workers)
+        base = {name: _rss_mb(pid) for name, pid in pids.items()}
+        print(f"after {WARM_UP:,} requests (warm-up): RSS {_rss_line(base)}")
         done, t0 = 0, time.monotonic()
         while done < args.requests:
             step = min(10_000, args.requests - done)
             failures += asyncio.run(send(url, step, args.concurrency, WARM_UP + done))
             done += step
-            rss = _rss_mb(gateway.pid)
-            print(f"+{done:,} requests ({done / (time.monotonic() - t0):.0f}/s): RSS {rss:.1f} MB, "
-                  f"growth {rss - base:+.1f} MB ({(rss - base) / done * 1000:+.3f} MB per 1,000)", flush=True)
+            if _processes(url, gateway.pid, args.workers) != pids:
+                print("a worker or the hub was replaced: its growth is not comparable", flush=True)
+            rss = {name: _rss_mb(pid) for name, pid in pids.items()}
+            name, grew = max(((n, rss[n] - base[n]) for n in rss), key=lambda item: item[1])
+            print(f"+{done:,} requests ({done / (time.monotonic() - t0):.0f}/s): RSS {_rss_line(rss)}, "
+                  f"growth {grew:+.1f} MB ({grew / done * 1000:+.3f} MB per 1,000){f' in {name}' if len(rss) > 1 else ''}",
+                  flush=True)
         total = WARM_UP + done
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
