@@ -5,6 +5,8 @@ way to ``TIMED_OUT``, and a line that is not the hub's drops the link, which is 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +50,20 @@ async def _connected(conn: HubConnection, hub: StandInHub, connections: int) -> 
             await asyncio.sleep(0.01)
 
 
+@asynccontextmanager
+async def _linked(folder: Path) -> AsyncIterator[tuple[HubConnection, StandInHub]]:
+    """A worker's connection, connected to a stand-in hub on a socket in ``folder``."""
+    hub = StandInHub()
+    server = await asyncio.start_unix_server(hub.serve, str(folder / "events.sock"))
+    conn = HubConnection(folder / "events.sock", 0)
+    async with server, conn.running():
+        await _connected(conn, hub, 1)
+        yield conn, hub
+
+
 def test_replies_reach_their_calls_and_a_late_one_gives_way(tmp_path: Path) -> None:
     async def scenario() -> None:
-        hub = StandInHub()
-        server = await asyncio.start_unix_server(hub.serve, str(tmp_path / "events.sock"))
-        conn = HubConnection(tmp_path / "events.sock", 0)
-        async with server, conn.running():
-            await _connected(conn, hub, 1)
+        async with _linked(tmp_path) as (conn, hub):
             answered = conn.request("energy", 1, ["end", 1], timeout=5)
             late = conn.request("energy", 2, ["end", 2], timeout=0.05)
             assert (await hub.next_event("end"))[1] == 1
@@ -73,11 +82,7 @@ def test_replies_reach_their_calls_and_a_late_one_gives_way(tmp_path: Path) -> N
 
 def test_a_line_that_is_not_the_hubs_drops_the_link_and_it_is_made_again(tmp_path: Path) -> None:
     async def scenario() -> None:
-        hub = StandInHub()
-        server = await asyncio.start_unix_server(hub.serve, str(tmp_path / "events.sock"))
-        conn = HubConnection(tmp_path / "events.sock", 0)
-        async with server, conn.running():
-            await _connected(conn, hub, 1)
+        async with _linked(tmp_path) as (conn, hub):
             waiting = conn.request("energy", 1, ["end", 1], timeout=5)
             hub.reply(b"not json\n")
             assert await waiting is None  # the link dropped: no answer will come on it
