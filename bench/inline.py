@@ -250,6 +250,9 @@ class Replayed:
     settled: Measurement
     window_j: float  # the GPU's energy over the window as the meter saw it when the request ended
     own_j: float  # what it drew on the scripted GPU (see ``Scripted``)
+    # The sensors' agreement (counter over power) when it ended: read sparsely, what the meter scales
+    # the power since the counter's last step by (None: no counter interval yet).
+    agreement: float | None = None
 
 
 def simulate(
@@ -344,7 +347,7 @@ def replay(
                   **meter_kw)
     assert meter.sampler is not None
     next_poll = meter.sampler.interval_s + phase_s
-    inline: dict[str, tuple[Measurement, float]] = {}
+    inline: dict[str, tuple[Measurement, float, float | None]] = {}
     windows: dict[str, Any] = {}
 
     def poll_until(t: float) -> None:
@@ -369,11 +372,11 @@ def replay(
             w.usage(PROMPT_TOKENS, len(seq.tokens))
             curve = meter.sampler.energy_curve(0, None, until=t)
             e0, e1 = np.interp([seq.start, t], [p[0] for p in curve], [p[1] for p in curve])
-            inline[seq.rid] = (w.end(t=t), float(e1 - e0))
+            inline[seq.rid] = (w.end(t=t), float(e1 - e0), meter.sampler.power_vs_counter(0))
     poll_until(trace[-1][0])
     meter.advance()
     return [Replayed(s.rid, s.stream, s.start, s.end or s.start, inline[s.rid][0], settled[s.rid], inline[s.rid][1],
-                     s.own_j) for s in seqs]
+                     s.own_j, inline[s.rid][2]) for s in seqs]
 
 
 def run_trace(
