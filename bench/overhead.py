@@ -63,6 +63,12 @@ def _wait_workers(url: str, workers: int) -> None:
         time.sleep(0.1)
 
 
+def _hub_and_workers(url: str) -> tuple[int, dict[int, int]]:
+    """The pids of the hub of the gateway at ``url`` (``--workers`` above 1) and of each worker, by index."""
+    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    return ready["hub_pid"], {w["index"]: w["pid"] for w in ready["workers"]}
+
+
 def _cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
     """User and system CPU seconds of a process, or of one of its threads."""
     stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")

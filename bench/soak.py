@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.overhead import _rss_mb, _stop, _wait, _wait_workers
+from bench.overhead import _hub_and_workers, _rss_mb, _stop, _wait, _wait_workers
 from wattgate.proxy.serving import free_port
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
@@ -59,9 +59,8 @@ def _processes(url: str, supervisor: int, workers: int) -> dict[str, int]:
     """The gateway's processes by name: the one process, or the supervisor, the hub and each worker."""
     if workers == 1:
         return {"gateway": supervisor}
-    ready = httpx.get(f"{url}/readyz", timeout=10).json()
-    return {"supervisor": supervisor, "hub": ready["hub_pid"],
-            **{f"worker {w['index']}": w["pid"] for w in ready["workers"]}}
+    hub, pids = _hub_and_workers(url)
+    return {"supervisor": supervisor, "hub": hub, **{f"worker {index}": pid for index, pid in pids.items()}}
 
 
 def _rss_line(rss: dict[str, float]) -> str:

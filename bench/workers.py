@@ -57,14 +57,13 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import numpy as np
 import orjson
 import uvloop
 import yaml
 
 from bench.load_side import Streamed, stream_requests
-from bench.overhead import _cpu_s, _cpu_times, _pinned, _wait, _wait_workers
+from bench.overhead import _cpu_s, _cpu_times, _hub_and_workers, _pinned, _wait, _wait_workers
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -133,11 +132,12 @@ def _hub_cpu(hub: int | None) -> tuple[float, float]:
 
 
 def _gateway_pids(url: str, supervisor: int, workers: int) -> tuple[list[int], int | None]:
-    """The gateway's processes (all of them) and its hub (None: one process)."""
+    """The gateway's processes that relay and meter (the supervisor, which only deals connections, left
+    out) and its hub (None: one process)."""
     if workers == 1:
         return [supervisor], None
-    ready = httpx.get(f"{url}/readyz", timeout=10).json()
-    return [ready["hub_pid"], *(w["pid"] for w in ready["workers"])], ready["hub_pid"]
+    hub, pids = _hub_and_workers(url)
+    return [hub, *pids.values()], hub
 
 
 def _registry(models: dict[str, Any]) -> Path:

@@ -170,6 +170,7 @@ class DealtServer(uvicorn.Server):
         self.channel.setblocking(False)
         loop.add_reader(self.channel.fileno(), self._take, loop, protocol)
         self.channel.send(b"r")  # ready: the dealer may send connections this way
+
     def _take(self, loop: asyncio.AbstractEventLoop, protocol: Any) -> None:
         """Serve every connection waiting on the channel."""
         while True:
