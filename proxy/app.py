@@ -42,7 +42,7 @@ from wattgate.proxy.metrics import TeamView
 from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.records import record_key
 from wattgate.proxy.report import GROUPS, parse_duration
-from wattgate.proxy.settings import ConfigError, Model, Settings, load_keys
+from wattgate.proxy.settings import Model, Settings, load_keys
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient
 
@@ -71,18 +71,18 @@ class GatewayState:
         self.settings = settings
         self.calls = calls
         self.books = books  # None in a worker: the hub keeps them
-        self.keys = load_keys(settings.gateway.auth) if keys is None else keys  # read once: a file may be given
-        self.metrics_aliases = frozenset(settings.gateway.auth.metrics_aliases)
-        if unknown := self.metrics_aliases - set(self.keys.values()):
-            raise ConfigError(f"gateway.auth.metrics_aliases: no key has the alias {', '.join(sorted(unknown))}")
+        auth = settings.gateway.auth
+        self.keys = load_keys(auth) if keys is None else keys  # read once: a file may be given
+        self.metrics_aliases = frozenset(auth.metrics_aliases if auth else ())
         t = settings.gateway.timeouts
         self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections)
 
     @classmethod
     def local(cls, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> GatewayState:
         """A gateway that keeps its own books (one process, or a multi-worker gateway's hub)."""
-        keys = load_keys(settings.gateway.auth)
-        teams = sorted(set(keys.values()) - set(settings.gateway.auth.metrics_aliases))
+        auth = settings.gateway.auth
+        keys = load_keys(auth)
+        teams = sorted(set(keys.values()) - set(auth.metrics_aliases if auth else ()))
         books = Books(settings, meter, drive, teams)
         for name, model in settings.models.items():
             if model.api_key_env and not os.environ.get(model.api_key_env):

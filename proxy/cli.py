@@ -10,7 +10,7 @@ import sys
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
-def _version() -> str:
+def version() -> str:
     try:
         return importlib.metadata.version("wattgate")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -20,7 +20,7 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="wattgate", description="Energy-metering gateway for OpenAI-compatible APIs")
-    parser.add_argument("--version", action="version", version=f"wattgate {_version()}")
+    parser.add_argument("--version", action="version", version=f"wattgate {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway", formatter_class=defaults,
                            description="Run the gateway in front of the registry's upstreams, metering every request.")
@@ -100,9 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from wattgate.proxy.app import create_app
     from wattgate.proxy.settings import load_settings
+    from wattgate.proxy.startup import log_startup
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(load_settings(args.config))
+    settings = load_settings(args.config)
+    app = create_app(settings)
+    log_startup(settings, args.host, args.port)
     # One process: the meter, the books and the relay together.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
     return 0

@@ -166,7 +166,8 @@ class Timeouts(_Strict):
 
 
 class Auth(_Strict):
-    """Gateway keys: ``alias:key`` pairs, comma- or newline-separated."""
+    """Gateway keys: ``alias:key`` pairs, comma- or newline-separated. Auth is on once a source is
+    named, and then fails closed (:func:`load_keys`); without ``gateway.auth`` it is off."""
 
     keys_env: str | None = None
     keys_file: Path | None = None
@@ -174,11 +175,17 @@ class Auth(_Strict):
     # key sees its own team's only. Without keys, /metrics is open, as vLLM's is.
     metrics_aliases: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _sources(self) -> Auth:
+        if not self.keys_env and not self.keys_file:
+            raise ValueError("name keys_env or keys_file (or remove gateway.auth to run without keys)")
+        return self
+
 
 class GatewaySettings(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     timeouts: Timeouts = Timeouts()
-    auth: Auth = Auth()
+    auth: Auth | None = None  # None: no gateway keys (say so by leaving it out)
     max_connections: int = Field(default=1000, ge=1)
     # Settled records kept in memory for GET /v1/energy/{id} (unsettled ones are always kept); with
     # the ledger on, at most 1,000 of them (proxy.books.RECENT_WITH_LEDGER): the ledger answers for older ones.
@@ -307,23 +314,40 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     return parse_settings(text, str(p))
 
 
-def load_keys(auth: Auth) -> dict[str, str]:
-    """Gateway keys as ``{key: alias}``; empty when auth is off."""
-    raw = ""
+def load_keys(auth: Auth | None) -> dict[str, str]:
+    """Gateway keys as ``{key: alias}``; empty only when ``gateway.auth`` is left out (auth off).
+
+    Auth fails closed: a configured source that yields no key (an unset or empty variable, an empty
+    file) or a key given to two aliases is refused, naming the variable or file, never the key.
+    """
+    if auth is None:
+        return {}
+    sources: list[tuple[str, str]] = []  # (what it is called in messages, its text)
     if auth.keys_env:
-        raw += os.environ.get(auth.keys_env, "") + "\n"
+        sources.append((f"${auth.keys_env}", os.environ.get(auth.keys_env, "")))
     if auth.keys_file:
         try:
-            raw += auth.keys_file.read_text(encoding="utf-8")
+            sources.append((f"file {auth.keys_file}", auth.keys_file.read_text(encoding="utf-8")))
         except OSError as exc:
             raise ConfigError(f"cannot read gateway keys file {auth.keys_file}: {exc.strerror}") from None
     keys: dict[str, str] = {}
-    for item in raw.replace(",", "\n").splitlines():
-        item = item.strip()
-        if not item or item.startswith("#"):
-            continue
-        alias, sep, key = item.partition(":")
-        if not sep or not alias.strip() or not key.strip():
-            raise ConfigError("gateway keys must be 'alias:key' entries (the key itself is not shown)")
-        keys[key.strip()] = alias.strip()
+    for where, raw in sources:
+        for item in raw.replace(",", "\n").splitlines():
+            item = item.strip()
+            if not item or item.startswith("#"):
+                continue
+            alias, sep, key = (part.strip() for part in item.partition(":"))
+            if not sep or not alias or not key:
+                raise ConfigError(f"gateway keys in {where} must be 'alias:key' entries (the key itself is not shown)")
+            if keys.get(key, alias) != alias:
+                raise ConfigError(f"gateway keys in {where}: one key is given to two aliases, "
+                                  f"'{keys[key]}' and '{alias}' (each key must name one team)")
+            keys[key] = alias
+    if not keys:
+        named = " and ".join(where for where, _ in sources)
+        raise ConfigError(f"gateway.auth is on but {named} holds no key (unset or empty): set 'alias:key' "
+                          "entries there, or remove gateway.auth to run without keys")
+    if unknown := set(auth.metrics_aliases) - set(keys.values()):
+        raise ConfigError(f"gateway.auth.metrics_aliases: no key in {' or '.join(w for w, _ in sources)} "
+                          f"has the alias {', '.join(sorted(unknown))}")
     return keys

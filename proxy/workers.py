@@ -45,7 +45,8 @@ from wattgate.proxy.books import build_meter
 from wattgate.proxy.dealer import Dealer, DealtServer
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
-from wattgate.proxy.settings import ConfigError, load_settings
+from wattgate.proxy.settings import ConfigError, load_keys, load_settings
+from wattgate.proxy.startup import log_startup
 
 log = logging.getLogger("wattgate.workers")
 
@@ -253,7 +254,8 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
     """Run the gateway as ``workers`` relay processes and a hub; returns the exit code. ``spread``: how
     connections reach the workers, ``even`` (dealt in turn) or ``kernel`` (see the module's docstring)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    load_settings(config)  # a wrong file is refused before any process starts
+    settings = load_settings(config)  # a wrong file, or auth without keys, is refused before any process starts
+    load_keys(settings.gateway.auth)
     dealt = spread == "even"
     try:
         # Spread by the kernel: held, never listened on, so that the port is ours, or a clear error now.
@@ -264,6 +266,6 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     with sock:
         port = sock.getsockname()[1]
-        log.info("wattgate: %d workers on http://%s:%d (connections spread %s), one hub", workers, host, port,
-                 "in turn" if dealt else "by the kernel")
+        log_startup(settings, host, port, workers)
+        log.info("wattgate: %d workers (connections spread %s), one hub", workers, "in turn" if dealt else "by the kernel")
         return Supervisor(config, host, port, workers, log_level, Dealer(sock) if dealt else None).run()

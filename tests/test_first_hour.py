@@ -139,3 +139,14 @@ def test_the_demo_kept_serving_prints_the_chat_pages_url_and_serves_it():
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_auth_without_keys_in_one_line(tmp_path, monkeypatch, capsys, workers):
+    registry = tmp_path / "r.yaml"
+    registry.write_text("gateway: {auth: {keys_env: WG_UNSET_KEYS}}\nledger: {enabled: false}\n"
+                        "models: {a: {upstream: 'http://127.0.0.1:9/v1'}}\n")
+    monkeypatch.delenv("WG_UNSET_KEYS", raising=False)
+    assert main(["serve", "--config", str(registry), "--port", "0", "--workers", workers]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wattgate: gateway.auth is on but $WG_UNSET_KEYS holds no key") and "\n" not in err

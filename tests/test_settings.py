@@ -54,6 +54,39 @@ def test_gateway_keys(monkeypatch):
     assert "no-colon-secret" not in str(exc.value)
 
 
+@pytest.mark.parametrize("value", [None, "", " , \n# only a comment"])
+def test_gateway_keys_fail_closed_when_the_variable_holds_none(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("WG_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("WG_KEYS", value)
+    with pytest.raises(ConfigError, match=r"\$WG_KEYS holds no key"):
+        load_keys(Auth(keys_env="WG_KEYS", metrics_aliases=["prometheus"]))  # the cause, not the alias
+
+
+def test_gateway_keys_fail_closed_on_an_empty_file_and_a_key_of_two_aliases(tmp_path, monkeypatch):
+    empty = tmp_path / "keys"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=f"file {empty} holds no key"):
+        load_keys(Auth(keys_file=empty))
+    monkeypatch.setenv("WG_KEYS", "team-a:sk-same, team-b:sk-same")
+    with pytest.raises(ConfigError, match="given to two aliases, 'team-a' and 'team-b'") as exc:
+        load_keys(Auth(keys_env="WG_KEYS"))
+    assert "sk-same" not in str(exc.value)
+    monkeypatch.setenv("WG_KEYS", "team-a:sk-1, team-a:sk-2")  # one team, two keys (rotation): fine
+    assert load_keys(Auth(keys_env="WG_KEYS")) == {"sk-1": "team-a", "sk-2": "team-a"}
+
+
+def test_gateway_auth_is_off_only_when_left_out(monkeypatch):
+    assert load_keys(parse_settings("models: {a: {upstream: 'http://x/v1'}}\n").gateway.auth) == {}
+    with pytest.raises(ConfigError, match=r"r.yaml:line 1: gateway.auth: .*name keys_env or keys_file"):
+        parse_settings("gateway: {auth: {metrics_aliases: [prometheus]}}\nmodels: {a: {upstream: 'http://x/v1'}}\n",
+                       "r.yaml")
+    monkeypatch.setenv("WG_KEYS", "team-a:sk-1")
+    with pytest.raises(ConfigError, match=r"no key in \$WG_KEYS has the alias prometheus"):
+        load_keys(Auth(keys_env="WG_KEYS", metrics_aliases=["prometheus"]))
+
+
 def test_readme_registry_reference_is_valid():
     text = (ROOT / "README.md").read_text()
     start = text.index("```yaml", text.index("## Registry")) + len("```yaml")

@@ -1,0 +1,27 @@
+"""What the gateway says as it starts: one line of what it serves, and warnings a new user needs."""
+
+from __future__ import annotations
+
+import logging
+
+from wattgate.proxy.cli import version
+from wattgate.proxy.ledger import default_path
+from wattgate.proxy.settings import Settings, load_keys
+
+log = logging.getLogger("wattgate")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def log_startup(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """One line saying what the gateway serves and where its figures go; a warning when it is open to others."""
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    keys = load_keys(settings.gateway.auth)
+    ledger = (settings.ledger.path or default_path()) if settings.ledger.enabled else "off"
+    gpus = ",".join(map(str, settings.metered_gpus)) or "none"
+    log.info("wattgate %s: models %s on %s/v1%s; meter %s (GPUs %s); ledger %s; keys %s%s",
+             version(), ", ".join(settings.models), url, f" (chat page {url}/chat)" if settings.gateway.chat_page else "",
+             settings.meter.source, gpus, ledger, f"on ({len(set(keys.values()))} teams)" if keys else "off",
+             f"; {workers} workers" if workers > 1 else "")
+    if not keys and host not in LOOPBACK:
+        log.warning("gateway keys are off and the gateway listens on %s: anyone who reaches it can call the "
+                    "models and read every record; set gateway.auth (README, \"Registry\")", host)
