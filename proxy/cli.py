@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from wattgate.proxy.app import create_app
+    from wattgate.proxy.http_limits import uvicorn_options
     from wattgate.proxy.settings import load_settings
     from wattgate.proxy.startup import log_startup
 
@@ -107,7 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     log_startup(settings, args.host, args.port)
     # One process: the meter, the books and the relay together.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
+                **uvicorn_options(settings.gateway.limits))
     return 0
 
 

@@ -10,6 +10,8 @@ from typing import Any, Self
 
 import uvicorn
 
+from wattgate.proxy.http_limits import uvicorn_options
+
 log = logging.getLogger(__name__)
 STOP_S = 10.0  # how long leaving the context waits for the server to stop
 
@@ -30,6 +32,9 @@ class ServerThread:
         # A request still open at exit (a hanging upstream, a client that never reads) is cut after 1 s,
         # not waited on until the thread's join gives up.
         config.setdefault("timeout_graceful_shutdown", 1)
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        if gateway is not None:  # a gateway app: served with the HTTP limits it is served with in production
+            config = {**uvicorn_options(gateway.settings.gateway.limits), **config}
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 

@@ -182,8 +182,24 @@ class Auth(_Strict):
         return self
 
 
+class HttpLimits(_Strict):
+    """What a request may take at the HTTP layer before the gateway reads it (README, "Limits")."""
+
+    # Request line and headers together. An OpenAI SDK's request sends about 0.5 KiB; nginx reads up
+    # to 4 x 8 KiB, Node.js 16 KiB; 64 KiB leaves room for large cookies and tracing headers.
+    max_head_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Longest time a request's head may take to arrive (nginx's client_header_timeout is 60 s;
+    # clients send a head in one write).
+    head_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    # Longest silence while a body arrives (a slow upload that keeps sending is not cut): 408 after it.
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # Requests whose head or body is still arriving, per process: beyond this a connection gets 503.
+    max_incomplete_requests: int = Field(default=1000, ge=1)
+
+
 class GatewaySettings(_Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    limits: HttpLimits = HttpLimits()
     timeouts: Timeouts = Timeouts()
     auth: Auth | None = None  # None: no gateway keys (say so by leaving it out)
     max_connections: int = Field(default=1000, ge=1)

@@ -43,6 +43,7 @@ import uvicorn
 from wattgate.proxy.app import GatewayState, add_book_routes, add_call_routes, books_running, new_app
 from wattgate.proxy.books import build_meter
 from wattgate.proxy.dealer import Dealer, DealtServer
+from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
 from wattgate.proxy.settings import ConfigError, load_keys, load_settings
@@ -122,7 +123,8 @@ def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, 
     app = new_app(gw, link.running)
     add_call_routes(app, gw)
     add_hub_routes(app, link)
-    config_ = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
+    config_ = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S,
+                             **uvicorn_options(settings.gateway.limits))
     if channel is not None:
         DealtServer(config_, channel).run()
     else:

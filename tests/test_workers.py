@@ -257,6 +257,17 @@ def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway
     wait_until(dealt_to_both, 30, what="the restarted worker dealt connections")
 
 
+def test_the_workers_refuse_a_head_over_its_cap(gateway):
+    """The HTTP limits hold on the workers' connections too (dealt to them by the supervisor)."""
+    with socket.create_connection(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it was all sent
+        assert sock.recv(100).startswith(b"HTTP/1.1 431 ")
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+
+
 def test_a_stalled_hub_never_stalls_a_stream(gateway):
     gateway.all_workers_connected()
 
