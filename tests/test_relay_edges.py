@@ -67,6 +67,17 @@ async def chat(request: Request) -> Response:
 
         return StreamingResponse(endless(), media_type="text/event-stream")
 
+    garbage = {"bad-json": b"data: {not json\n\n", "raw-bytes": b"\x00\xff\xfe garbage\n\n",
+               "bad-utf8": b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n', "not-object": b"data: [1]\n\n"}
+    if (text := body["messages"][0]["content"]) in garbage:  # an upstream that sends junk mid-stream
+
+        async def junk():
+            c = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}]}
+            yield b"data: " + orjson.dumps(c) + b"\n\n" + garbage[text] + b"data: " + orjson.dumps(c) + b"\n\n"
+            yield b"data: " + orjson.dumps(c) + b"\n\n"
+
+        return StreamingResponse(junk(), media_type="text/event-stream")
+
     async def events():
         yield b": keep-alive\r\n\r\n"
         for text in ("Hello", " world"):
@@ -117,6 +128,24 @@ def test_an_event_cut_short_by_the_upstream_becomes_an_error_event(gateway):
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert '"Hello"' in events[0] and "in the middle of an event" in events[1]
     assert '"status":"error"' in events[2] and events[3] == "data: [DONE]" and len(events) == 4
+
+
+@pytest.mark.parametrize("junk", ["bad-json", "raw-bytes", "bad-utf8", "not-object"])
+def test_junk_mid_stream_becomes_an_error_event_and_nothing_unparseable_reaches_the_client(gateway, junk):
+    body = {"model": "odd", "messages": [{"role": "user", "content": junk}], "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body) as r:
+        events = [e for e in r.read().split(b"\n\n") if e]
+    # The event before the junk, an error event in OpenAI's shape, the energy chunk, [DONE]: nothing after the junk.
+    assert len(events) == 4 and b'"Hello"' in events[0] and events[3] == b"data: [DONE]"
+    error = orjson.loads(events[1].removeprefix(b"data: "))["error"]
+    assert error == {"message": "upstream sent an event that is not valid SSE JSON", "type": "upstream_error",
+                     "param": None, "code": 502}
+    energy = orjson.loads(events[2].removeprefix(b"data: "))["energy"]
+    assert energy["status"] == "error" and energy["completion_tokens"] == 1
+    # An OpenAI SDK reads it all without a parse error, up to the error it raises for the error event.
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="not valid SSE JSON"):
+        list(client.chat.completions.create(model="odd", messages=body["messages"], stream=True))
 
 
 def test_an_event_that_never_ends_is_cut_off_with_an_error_event(gateway):
