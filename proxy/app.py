@@ -307,7 +307,8 @@ def add_book_routes(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        more = {"grid": books.grid.state(), **(more_ready() if more_ready else {})}
+        ledger = books.ledger.state() if books.ledger is not None else {"state": "off"}
+        more = {"grid": books.grid.state(), "ledger": ledger, **(more_ready() if more_ready else {})}
         return await readiness(gw, books.meter.state(), more)
 
 

@@ -194,7 +194,8 @@ class Books:
             # The API calls a record settled only once it is durable: a crash loses no settled record.
             gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
             row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
-            self.ledger.submit(row, after=lambda: self.records.update(m.request_id, energy))
+            self.ledger.submit(row, after=lambda stored: self.records.update(
+                m.request_id, energy if stored else {**energy, "settled": False, "stored": False}))
         # Metrics after the record: if they fail, the record is kept all the same.
         mx = self.metrics
         # Other sources (a trace in tests, a benchmark's) count with the simulated figures: not measurements.

@@ -15,6 +15,8 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 from wattgate.meter.footprint import GridIntensity
 from wattgate.proxy.figures import grid_object, tiers_wh
+from wattgate.proxy.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +87,16 @@ MIGRATIONS = (
 )
 
 
-_Item = tuple[tuple[Any, ...], Callable[[], object] | None]
+#: A queued row and what runs once it is committed (True) or given up (False).
+_Item = tuple[tuple[Any, ...], Callable[[bool], object] | None]
+RETRY_S = (1.0, 30.0)  # first and longest wait before writing again after a write failed
+SUMMARY_S = 60.0  # while writes fail, how often the log says how it stands
 
 
-def _run(callback: Callable[[], object] | None) -> None:
+def _run(callback: Callable[[bool], object] | None, stored: bool) -> None:
     if callback is not None:
         try:
-            callback()
+            callback(stored)
         except Exception:
             log.exception("ledger commit callback failed")
 
@@ -111,18 +117,31 @@ def default_path() -> Path:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (and create or migrate) the ledger at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    for i, statement in enumerate(MIGRATIONS[version:], start=version):
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(statement)
-        db.execute(f"PRAGMA user_version={i + 1}")
-        db.execute("COMMIT")
+    """Open (and create or migrate) the ledger at ``path``; :class:`LedgerUnavailable` naming it and why
+    when it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for i, statement in enumerate(MIGRATIONS[version:], start=version):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(statement)
+            db.execute(f"PRAGMA user_version={i + 1}")
+            db.execute("COMMIT")
+    except (OSError, sqlite3.Error) as exc:
+        if isinstance(exc, FileExistsError):  # mkdir met a file where the directory should be
+            reason = f"{path.parent} is not a directory"
+        else:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LedgerUnavailable(f"cannot open the ledger {path}: {reason} (set ledger.path to a writable "
+                                "file, or $WATTGATE_DATA_DIR)") from None
     return db
+
+
+class LedgerUnavailable(ConfigError):
+    """The ledger's file cannot be opened or created: refused at start-up, naming it."""
 
 
 def to_row(
@@ -178,79 +197,159 @@ def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
 
 
 class Ledger:
-    """Asynchronous writer of settled records; ``on_drop`` is called when the queue is full."""
+    """Asynchronous writer of settled records; ``on_drop`` is called for each record given up.
+
+    A record is reported stored (its ``after`` gets True) only once committed. A write the database
+    fails for want of room or access (a full disk, a read-only file) is not the records' fault: they
+    wait and are written again, every 1 s at first and at most every 30 s, as many as the queue holds;
+    beyond that the oldest are given up, counted, and their ``after`` gets False. A row the database
+    refuses for itself (a constraint) is given up at once. The log says when writing fails and when it
+    works again, and while it fails, how it stands every minute: not a line per record.
+    """
 
     def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], object] | None = None) -> None:
         self.path = path
         self.db = connect(path)
-        self._read_lock = threading.Lock()
+        self._lock = threading.Lock()  # one user of the connection at a time: the writer, or a read
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._waiting: deque[_Item] = deque()  # rows whose write failed, to be written again (writer thread only)
+        self._max_waiting = queue_size
         self.on_drop = on_drop
         self.dropped = 0
+        self.stored = 0
+        self.last_error: str | None = None  # None: the last write worked
+        self._retry_wait = RETRY_S[0]
+        self._retry_at = 0.0
+        self._summary_at = 0.0
+        self._queue_full_said = False
         self._thread = threading.Thread(target=self._write_loop, name="wattgate-ledger", daemon=True)
         self._thread.start()
 
-    def submit(self, row: tuple[Any, ...], after: Callable[[], object] | None = None) -> bool:
-        """Queue a row; ``after`` runs once it is committed (or could not be).
+    def submit(self, row: tuple[Any, ...], after: Callable[[bool], object] | None = None) -> bool:
+        """Queue a row; ``after(stored)`` runs once it is committed (True) or given up (False).
 
-        False (and counted) when the queue is full; ``after`` then runs at once.
+        False (and counted) when the queue is full; ``after(False)`` then runs at once.
         """
         try:
             self._queue.put_nowait((row, after))
             return True
         except queue.Full:
-            self._dropped(1)
-            log.error("ledger queue full: record %s not stored", row[0])
-            _run(after)
+            if not self._queue_full_said:  # once, until a write works again
+                self._queue_full_said = True
+                log.error("ledger: queue full (%d records): records are not stored until it drains; "
+                          "wattgate_ledger_dropped_records_total counts them", self._queue.maxsize)
+            self._give_up([(row, after)])
             return False
 
-    def _dropped(self, n: int) -> None:
-        self.dropped += n
-        if self.on_drop is not None:
-            for _ in range(n):
+    def state(self) -> dict[str, Any]:
+        """For ``/readyz``: whether writes work, the last error, and the records queued, waiting and given up."""
+        return {"state": "ok" if self.last_error is None else "failing", "path": str(self.path),
+                "last_error": self.last_error, "queued": self._queue.qsize(), "waiting": len(self._waiting),
+                "stored": self.stored, "dropped": self.dropped}
+
+    def _give_up(self, items: list[_Item]) -> None:
+        self.dropped += len(items)
+        for _, after in items:
+            if self.on_drop is not None:
                 self.on_drop()
+            _run(after, False)
 
     def _write_loop(self) -> None:
         placeholders = ",".join("?" * len(COLUMNS))
         sql = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({placeholders})"
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < 500:  # commit what is waiting together
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(sql, batch)
-            if stop:
-                return
+        stop = False
+        while not stop:
+            wait = max(self._retry_at - time.monotonic(), 0.0) if self._waiting else None
+            batch, stop = self._take(wait)
+            if self._waiting and (stop or time.monotonic() >= self._retry_at):
+                batch = [*self._waiting, *batch]  # the oldest first
+                self._waiting.clear()
+            elif self._waiting:  # writes are failing and it is not yet time to try again: these wait too
+                self._wait(batch)
+                continue
+            if batch:
+                self._commit(sql, batch)
+        if self._waiting:
+            log.error("ledger: %d records could not be stored in %s before the gateway stopped (%s)",
+                      len(self._waiting), self.path, self.last_error)
+            self._give_up(list(self._waiting))
+
+    def _take(self, wait: float | None) -> tuple[list[_Item], bool]:
+        """What is queued, up to 500 rows (waiting up to ``wait`` s for the first; None: as long as it
+        takes); and whether the ledger is closing."""
+        batch: list[_Item] = []
+        try:
+            item = self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return batch, False
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= 500:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
 
     def _commit(self, sql: str, batch: list[_Item]) -> None:
-        rows = [row for row, _ in batch]
         try:
-            self._write(sql, rows)
+            self._write(sql, [row for row, _ in batch])
+        except sqlite3.OperationalError as exc:  # no room, no access, locked: the rows wait for the next try
+            self._failed(exc, batch)
+            return
         except sqlite3.Error:
-            # One row the database refuses must not cost the others: write them one by one.
-            log.exception("ledger write of %d records failed; writing them one by one", len(rows))
-            for row in rows:
-                try:
-                    self._write(sql, [row])
-                except sqlite3.Error as exc:
-                    log.error("ledger: record %s not stored: %s", row[0], exc)
-                    self._dropped(1)
+            self._one_by_one(sql, batch)  # one row the database refuses must not cost the others
+            return
+        self._committed(batch)
+
+    def _one_by_one(self, sql: str, batch: list[_Item]) -> None:
+        for i, item in enumerate(batch):
+            try:
+                self._write(sql, [item[0]])
+            except sqlite3.OperationalError as exc:
+                self._failed(exc, batch[i:])
+                return
+            except sqlite3.Error as exc:
+                log.error("ledger: record %s refused by the database, not stored: %s", item[0][0], exc)
+                self._give_up([item])
+            else:
+                self._committed([item])
+
+    def _committed(self, batch: list[_Item]) -> None:
+        self.stored += len(batch)
+        if self.last_error is not None:
+            log.warning("ledger: writing to %s again (%s before); the records kept meanwhile are stored",
+                        self.path, self.last_error)
+            self.last_error, self._retry_wait = None, RETRY_S[0]
+        self._queue_full_said = False
         for _, after in batch:
-            _run(after)
+            _run(after, True)
+
+    def _failed(self, exc: sqlite3.Error, batch: list[_Item]) -> None:
+        now = time.monotonic()
+        if self.last_error is None:
+            log.error("ledger: cannot write to %s: %s; records wait and are written again once it works "
+                      "(at most %d; /readyz shows the ledger's state)", self.path, exc, self._max_waiting)
+            self._summary_at = now + SUMMARY_S
+        elif now >= self._summary_at:
+            log.error("ledger: still cannot write to %s: %s; %d records waiting, %d given up so far",
+                      self.path, exc, len(self._waiting) + len(batch), self.dropped)
+            self._summary_at = now + SUMMARY_S
+        self.last_error = str(exc)
+        self._retry_at = now + self._retry_wait
+        self._retry_wait = min(self._retry_wait * 2, RETRY_S[1])
+        self._wait(batch)
+
+    def _wait(self, batch: list[_Item]) -> None:
+        """Keep ``batch`` for the next try; beyond the bound, the oldest are given up."""
+        self._waiting.extend(batch)
+        if (over := len(self._waiting) - self._max_waiting) > 0:
+            self._give_up([self._waiting.popleft() for _ in range(over)])
 
     def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Insert ``rows`` in one transaction; on failure nothing is written and no transaction stays open."""
-        with self._read_lock:
+        with self._lock:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany(sql, rows)
@@ -263,7 +362,7 @@ class Ledger:
     def get(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> dict[str, Any] | None:
         """The record of ``request_id`` sent by ``team`` (None: without a key), or by any team (the latest)."""
         where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
-        with self._read_lock:
+        with self._lock:
             row = self.db.execute(
                 f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
                 (request_id, *args),

@@ -50,13 +50,14 @@ class Records:
             return key
 
     def update(self, key: str, energy: dict[str, Any]) -> Record | None:
-        """Store figures unless a settled figure is already there; return the record."""
+        """Store figures unless final ones are already there; return the record. Final: settled, or
+        never to be (the ledger gave the record up: ``stored: false``)."""
         with self._lock:
             rec = self._open.get(key)
             if rec is None:
                 return self._settled.get(key)
             rec.energy = energy
-            if energy.get("settled"):
+            if energy.get("settled") or energy.get("stored") is False:
                 del self._open[key]
                 self._settled[key] = rec
                 while len(self._settled) > self.keep_settled:

@@ -116,7 +116,7 @@ def test_a_request_id_is_unique_within_a_team_only(tmp_path):
 def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
     drops = []
     ledger = Ledger(tmp_path / "l.db", queue_size=2, on_drop=lambda: drops.append(1))
-    with ledger._read_lock:  # the writer is stuck behind this lock, as behind a slow disk
+    with ledger._lock:  # the writer is stuck behind this lock, as behind a slow disk
         results = [ledger.submit(to_row(energy(f"r{i}", 1.0), "m", None, time.time())) for i in range(20)]
     assert not all(results) and len(drops) == results.count(False) == ledger.dropped
     ledger.close()
@@ -127,7 +127,7 @@ def test_closing_under_a_stuck_writer_says_so_and_leaves_it_to_finish(tmp_path, 
     open for it, and what it was committing lands."""
     ledger = Ledger(tmp_path / "l.db")
     release = threading.Event()
-    ledger.submit(to_row(energy("slow", 1.0), "m", None, time.time()), after=release.wait)  # runs on the writer
+    ledger.submit(to_row(energy("slow", 1.0), "m", None, time.time()), after=lambda stored: release.wait())  # runs on the writer
     ledger.close(timeout=0.2)
     assert "ledger: still writing after 0.2 s" in caplog.text
     release.set()
@@ -144,16 +144,17 @@ def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
     drops = []
     ledger = Ledger(tmp_path / "l.db", on_drop=lambda: drops.append(1))
     done = []
-    with ledger._read_lock:  # hold the writer so that the rows are committed as one batch
+    with ledger._lock:  # hold the writer so that the rows are committed as one batch
         for i in range(5):
             model = None if i == 2 else "m"
-            ledger.submit(to_row(energy(f"r{i}", 1.0), model, None, time.time()), after=lambda: done.append(1))
+            ledger.submit(to_row(energy(f"r{i}", 1.0), model, None, time.time()), after=done.append)
     ledger.submit(to_row(energy("later", 1.0), "m", None, time.time()))
     ledger.close()
     reopened = Ledger(tmp_path / "l.db")
     ids = {r[0] for r in reopened.db.execute("SELECT request_id FROM requests")}
     reopened.close()
-    assert ids == {"r0", "r1", "r3", "r4", "later"} and len(drops) == 1 and len(done) == 5
+    assert ids == {"r0", "r1", "r3", "r4", "later"} and len(drops) == 1
+    assert done == [True, True, False, True, True]  # the refused row is reported not stored
 
 
 def test_report_arithmetic(tmp_path):

@@ -168,9 +168,10 @@
     return reply;
   }
 
-  /** Follows GET /v1/energy/{id} until the record is settled (about a second, more under load). */
+  /** Follows GET /v1/energy/{id} until the record is settled (about a second, more under load), or the
+   * gateway says it will never be (its ledger could not store it: `stored: false`). */
   async function settle(reply) {
-    const record = await poll(reply.energy.request_id, reply.authorization, (r) => r.settled);
+    const record = await poll(reply.energy.request_id, reply.authorization, (r) => r.settled || r.stored === false);
     if (record && replies.includes(reply)) {
       reply.energy = { ...reply.energy, ...record };
       changed(reply, "wattgate:update");
@@ -185,6 +186,7 @@
     .badge .method, .badge .state { font-weight: 600; }
     .badge .state.provisional { color: #7d4e00; }
     .badge .state.settled { color: #116329; }
+    .badge .state.not-stored { color: #a40e26; }
     .total h2 { font-size: 0.9375rem; margin: 0 0 0.25rem; }
     .total ul { margin: 0.25rem 0 0; padding-left: 1.1rem; }
     .total .basis { color: #59636e; font-size: 0.75rem; }
@@ -218,12 +220,12 @@
       if (!e) return;
       const root = this.shadowRoot || shadow(this);
       const d = describe(e);
-      const state = e.settled ? "settled" : "provisional";
+      const state = e.settled ? "settled" : e.stored === false ? "not stored" : "provisional";
       const box = node("div", undefined, "badge");
       box.setAttribute("role", "group");
       box.setAttribute("aria-label", "Energy of this reply");
       for (const [text, cls] of [[d.energy, "energy"], [d.carbon, "carbon"], [d.water, "water"], [d.tokens, "tokens"],
-                                 [METHODS[e.method] || e.method, "method"], [state, `state ${state}`]]) {
+                                 [METHODS[e.method] || e.method, "method"], [state, `state ${state.replace(" ", "-")}`]]) {
         box.append(node("span", text, cls));
       }
       if (e.status === "client_closed") box.append(node("span", "stopped", "status"));
