@@ -46,6 +46,7 @@ from wattgate.proxy.dealer import Dealer, DealtServer
 from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
+from wattgate.proxy.ledger import connect, default_path
 from wattgate.proxy.settings import ConfigError, load_keys, load_settings
 from wattgate.proxy.startup import log_startup
 
@@ -256,8 +257,11 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
     """Run the gateway as ``workers`` relay processes and a hub; returns the exit code. ``spread``: how
     connections reach the workers, ``even`` (dealt in turn) or ``kernel`` (see the module's docstring)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    settings = load_settings(config)  # a wrong file, or auth without keys, is refused before any process starts
+    # A wrong file, auth without keys or a ledger that cannot be opened is refused before any process starts.
+    settings = load_settings(config)
     load_keys(settings.gateway.auth)
+    if settings.ledger.enabled:
+        connect(settings.ledger.path or default_path()).close()
     dealt = spread == "even"
     try:
         # Spread by the kernel: held, never listened on, so that the port is ours, or a clear error now.
