@@ -23,7 +23,7 @@ from wattgate.meter.sources import PowerSource
 from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
 from wattgate.proxy.figures import energy_object
 from wattgate.proxy.grid import GridFeed, provider_from
-from wattgate.proxy.ledger import Ledger, default_path, to_row
+from wattgate.proxy.ledger import Ledger, ledger_path, to_row
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records
 from wattgate.proxy.report import totals
@@ -155,7 +155,7 @@ class Books:
         for kind, n in meter.errors.items():
             self.metrics.meter_errors.labels(kind).inc(n)
         self.ledger = (
-            Ledger(settings.ledger.path or default_path(), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
+            Ledger(ledger_path(settings.ledger), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
             if settings.ledger.enabled
             else None
         )

@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config)
     app = create_app(settings)
-    log_startup(settings, args.host, args.port)
+    log_startup(settings, app.state.gateway.keys, args.host, args.port)
     # One process: the meter, the books and the relay together.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
                 **uvicorn_options(settings.gateway.limits))

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, ClassVar
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from wattgate.proxy.errors import error_body
 from wattgate.proxy.settings import HttpLimits
 
 
@@ -49,7 +51,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._last_read = self.loop.time()
         self._timer: asyncio.TimerHandle | None = None
         if len(self._arriving) >= self.limits.max_incomplete_requests:
-            self._refuse(503, "too many requests arriving at once; try again shortly")
+            self._refuse_busy()
             return
         self._arriving.add(self)
         self._arm(self.limits.head_timeout_s)
@@ -67,7 +69,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._in_head and not self._refused:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
-                self._refuse(431, f"request line and headers exceed {self.limits.max_head_bytes} bytes")
+                self._refuse_head()
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a callback that refused the request stopped the parser: answered already
@@ -80,7 +82,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_head, self._began, self._head_bytes = True, True, 0
         if self not in self._arriving:  # the next request on a kept-alive connection
             if len(self._arriving) >= self.limits.max_incomplete_requests:
-                self._refuse(503, "too many requests arriving at once; try again shortly")
+                self._refuse_busy()
                 raise _Refused
             self._arriving.add(self)
             self._arm(self.limits.head_timeout_s)
@@ -88,7 +90,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.limits.max_head_bytes:
-            self._refuse(431, f"request line and headers exceed {self.limits.max_head_bytes} bytes")
+            self._refuse_head()
             raise _Refused
         self._in_head = False
         self._arm(self.limits.body_timeout_s)  # until the body is complete (at once when there is none)
@@ -130,12 +132,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     # -- answering ----------------------------------------------------------------
 
+    def _refuse_busy(self) -> None:
+        self._refuse(503, "too many requests arriving at once; try again shortly")
+
+    def _refuse_head(self) -> None:
+        self._refuse(431, f"request line and headers exceed {self.limits.max_head_bytes} bytes")
+
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` in OpenAI's error shape and close the connection; the app, if it is reading
         this request's body, sees the client leave."""
         self._refused = True
-        body = (b'{"error":{"message":"' + message.encode() + b'","type":"invalid_request_error",'
-                b'"param":null,"code":' + str(status).encode() + b'}}')
+        body = orjson.dumps(error_body(message, "invalid_request_error", code=status))
         if not self.transport.is_closing():
             self.transport.write(b"".join([
                 STATUS_LINE[status], b"content-type: application/json\r\n",

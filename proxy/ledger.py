@@ -24,7 +24,7 @@ from typing import Any
 
 from wattgate.meter.footprint import GridIntensity
 from wattgate.proxy.figures import grid_object, tiers_wh
-from wattgate.proxy.settings import ConfigError
+from wattgate.proxy.settings import ConfigError, LedgerSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ def data_dir() -> Path:
 
 def default_path() -> Path:
     return data_dir() / "ledger.db"
+
+
+def ledger_path(settings: LedgerSettings) -> Path:
+    """The registry's ``ledger.path``, else :func:`default_path`."""
+    return settings.path or default_path()
 
 
 def connect(path: Path) -> sqlite3.Connection:

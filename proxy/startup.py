@@ -5,18 +5,18 @@ from __future__ import annotations
 import logging
 
 from wattgate.proxy.cli import version
-from wattgate.proxy.ledger import default_path
-from wattgate.proxy.settings import Settings, load_keys
+from wattgate.proxy.ledger import ledger_path
+from wattgate.proxy.settings import Settings
 
 log = logging.getLogger("wattgate")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def log_startup(settings: Settings, host: str, port: int, workers: int = 1) -> None:
-    """One line saying what the gateway serves and where its figures go; a warning when it is open to others."""
+def log_startup(settings: Settings, keys: dict[str, str], host: str, port: int, workers: int = 1) -> None:
+    """One line saying what the gateway serves and where its figures go (``keys``: the gateway keys read at
+    start-up); a warning when it is open to others."""
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    keys = load_keys(settings.gateway.auth)
-    ledger = (settings.ledger.path or default_path()) if settings.ledger.enabled else "off"
+    ledger = ledger_path(settings.ledger) if settings.ledger.enabled else "off"
     gpus = ",".join(map(str, settings.metered_gpus)) or "none"
     log.info("wattgate %s: models %s on %s/v1%s; meter %s (GPUs %s); ledger %s; keys %s%s",
              version(), ", ".join(settings.models), url, f" (chat page {url}/chat)" if settings.gateway.chat_page else "",

@@ -46,7 +46,7 @@ from wattgate.proxy.dealer import Dealer, DealtServer
 from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
-from wattgate.proxy.ledger import connect, default_path
+from wattgate.proxy.ledger import connect, ledger_path
 from wattgate.proxy.settings import ConfigError, load_keys, load_settings
 from wattgate.proxy.startup import log_startup
 
@@ -259,9 +259,9 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     # A wrong file, auth without keys or a ledger that cannot be opened is refused before any process starts.
     settings = load_settings(config)
-    load_keys(settings.gateway.auth)
+    keys = load_keys(settings.gateway.auth)
     if settings.ledger.enabled:
-        connect(settings.ledger.path or default_path()).close()
+        connect(ledger_path(settings.ledger)).close()
     dealt = spread == "even"
     try:
         # Spread by the kernel: held, never listened on, so that the port is ours, or a clear error now.
@@ -272,6 +272,6 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     with sock:
         port = sock.getsockname()[1]
-        log_startup(settings, host, port, workers)
+        log_startup(settings, keys, host, port, workers)
         log.info("wattgate: %d workers (connections spread %s), one hub", workers, "in turn" if dealt else "by the kernel")
         return Supervisor(config, host, port, workers, log_level, Dealer(sock) if dealt else None).run()
