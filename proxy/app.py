@@ -30,6 +30,7 @@ from wattgate.proxy.books import Books, CallWindow, build_meter, new_request_id
 from wattgate.proxy.errors import (
     GatewayError,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -220,9 +221,7 @@ def new_app(gw: GatewayState, running: Callable[[], AbstractAsyncContextManager[
 
     @app.exception_handler(405)
     async def _not_allowed(request: Request, exc: Exception) -> Response:
-        err = InvalidRequest(f"method {request.method} not allowed on {request.url.path}")
-        err.status = 405
-        return err.response()
+        return MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -309,20 +308,32 @@ def add_book_routes(
     async def readyz() -> Response:
         ledger = books.ledger.state() if books.ledger is not None else {"state": "off"}
         more = {"grid": books.grid.state(), "ledger": ledger, **(more_ready() if more_ready else {})}
-        return await readiness(gw, books.meter.state(), more)
+        return ready_response(gw, await ask_upstreams(gw), books.meter.state(), more)
 
 
-async def readiness(gw: GatewayState, meter_state: dict[str, Any], more: dict[str, Any]) -> Response:
-    """``/readyz``: ready when every upstream answers; the meter's state is reported, not required (a
-    meter fault never fails a request: figures fall back to estimates)."""
-    upstreams: dict[str, bool] = {}
-    for name, model in gw.settings.models.items():
-        try:
-            status, _ = await gw.client.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), 5.0)
-            upstreams[name] = status < 500
-        except UPSTREAM_ERRORS:
-            upstreams[name] = False
-    ready = all(upstreams.values())
+READY_PROBE_S = 0.6  # each upstream's /models must answer within this: /readyz answers within a probe's 1 s
+
+
+async def _upstream_answers(gw: GatewayState, model: Model) -> bool:
+    try:
+        status, _ = await gw.client.get(f"{model.base_url}/models", gw.upstream_headers(model, "readyz"), READY_PROBE_S)
+        return status < 500
+    except UPSTREAM_ERRORS:
+        return False
+
+
+async def ask_upstreams(gw: GatewayState) -> dict[str, bool]:
+    """Whether each model's upstream answers ``/models``, all asked at once."""
+    models = gw.settings.models
+    return dict(zip(models, await asyncio.gather(*(_upstream_answers(gw, m) for m in models.values())), strict=True))
+
+
+def ready_response(gw: GatewayState, upstreams: dict[str, bool], meter_state: dict[str, Any],
+                   more: dict[str, Any]) -> Response:
+    """``/readyz``: ready when every upstream but the optional ones answers; the meter's state is
+    reported, not required (a meter fault never fails a request: figures fall back to estimates)."""
+    models = gw.settings.models
+    ready = all(up or models[name].readiness == "optional" for name, up in upstreams.items())
     body = {"ready": ready, "upstreams": upstreams, "meter": meter_state, **more}
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -55,6 +55,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -77,3 +83,18 @@ class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+class ServiceUnavailable(GatewayError):
+    """A part of the gateway is away for now; answered with ``retry-after`` (the OpenAI SDKs honour it)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def response(self, headers: dict[str, str] | None = None) -> Response:
+        return super().response({**(headers or {}), "retry-after": str(self.retry_after_s)})

@@ -5,7 +5,11 @@ The worker relays; the hub meters. Token events are batched (at most
 end are sent at once, and the end's ``energy`` object comes back in one round
 trip. Nothing on a stream's path waits for the hub but that last chunk, and
 that for at most :data:`REPLY_TIMEOUT_S` (and the opening of a call whose id the
-client chose, which the hub checks against the team's records, as long).
+client chose, which the hub checks against the team's records, as long). Once a
+reply is that late the link counts the hub as stalled, and no call waits for it
+again until it is heard from: a stall costs one bounded wait, not one per call.
+The routes the hub answers are waited for a bounded time too; ``/readyz`` then
+answers from the worker's own view (``hub: "stalled"``) within a probe's second.
 
 When the hub is unreachable (restarting, killed), calls are still served: their
 figures are estimated here, labelled ``estimate`` with the fault ``unreachable``,
@@ -33,9 +37,9 @@ from starlette.responses import Response
 from wattgate.meter import Fault, Method, Status
 from wattgate.meter.window import Request as Window
 from wattgate.meter.window import measurement, token_count
-from wattgate.proxy.app import readiness
+from wattgate.proxy.app import READY_PROBE_S, GatewayState, ask_upstreams, ready_response
 from wattgate.proxy.books import site_factors
-from wattgate.proxy.errors import GatewayError
+from wattgate.proxy.errors import ServiceUnavailable
 from wattgate.proxy.figures import energy_object
 from wattgate.proxy.hub import MAX_LINE_BYTES, api_path, events_path, measurement_fields
 from wattgate.proxy.records import record_key
@@ -48,14 +52,13 @@ FLUSH_S = 0.005  # token events wait at most this long, to go to the hub togethe
 # unchecked (the hub checks it when it catches up), an ended call's figure is estimated here.
 REPLY_TIMEOUT_S = 0.5
 TIMED_OUT: list[Any] = ["timed out"]  # what a reply's future gets when the hub did not answer in time
+# The hub's answer to /readyz (its own upstream probes included) is waited for this long before the
+# worker answers from its own view: within the 1 s a Kubernetes probe allows by default.
+HUB_READY_WAIT_S = READY_PROBE_S + 0.1
+HUB_ROUTE_WAIT_S = 5.0  # /metrics and /v1/energy: beyond this (or REPLY_TIMEOUT_S while stalled), 503
 RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the hub
 MAX_BUFFER_BYTES = 64 * 1024 * 1024  # events the hub has not read: beyond this, the link is dropped
 OUTBOX_SIZE = 10_000  # calls estimated while the hub was away, kept for it
-
-
-def _time_out(fut: asyncio.Future[list[Any] | None]) -> None:
-    if not fut.done():
-        fut.set_result(TIMED_OUT)
 
 
 class _HubProtocol(asyncio.Protocol):
@@ -80,6 +83,8 @@ class _HubProtocol(asyncio.Protocol):
         try:
             if len(self.buffer) > MAX_LINE_BYTES:
                 raise ValueError("a reply line over the limit")
+            if lines:
+                self.conn.stalled = False
             for line in lines:
                 self.conn.replied(orjson.loads(line))
         except (ValueError, LookupError, TypeError):  # not what a hub sends: drop the link, reconnect
@@ -107,6 +112,7 @@ class HubConnection:
         self._outbox: deque[list[Any]] = deque()
         self._lost = 0  # estimated calls the outbox could not keep
         self.methods: dict[str, Method] = {}  # the hub's latest word on how each model's calls are metered
+        self.stalled = False  # a reply came too late, and the hub has sent nothing since: wait for none
 
     @property
     def up(self) -> bool:
@@ -145,6 +151,7 @@ class HubConnection:
     def _connected(self, transport: asyncio.Transport) -> None:
         self.generation += 1
         self._transport = transport
+        self.stalled = False
         self._batch.append(["hello", self.index, os.getpid()])
         if self._outbox or self._lost:
             log.info("worker %d: hub reached; sending %d calls estimated while it was away", self.index,
@@ -198,19 +205,34 @@ class HubConnection:
     def request(self, reply: str, cid: int, event: list[Any], timeout: float | None = None
                 ) -> asyncio.Future[list[Any] | None]:
         """Send ``event`` now, with what is queued; the future gets the hub's ``reply`` (None: none will
-        come; :data:`TIMED_OUT`: none came within ``timeout`` seconds)."""
+        come; :data:`TIMED_OUT`: none came within ``timeout`` seconds, or at once while the hub is stalled)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any] | None] = loop.create_future()
         if self._transport is None:
             fut.set_result(None)
             return fut
-        self._waiting[(reply, cid)] = fut
-        if timeout is not None:  # a timer on the future itself: its waiter wakes a turn sooner than under wait_for
-            timer = loop.call_later(timeout, _time_out, fut)
-            fut.add_done_callback(lambda _: timer.cancel())
         self._batch.append(event)
         self._flush()
+        if timeout is not None and self.stalled:
+            fut.set_result(TIMED_OUT)
+            return fut
+        self._waiting[(reply, cid)] = fut
+        if timeout is not None:  # a timer on the future itself: its waiter wakes a turn sooner than under wait_for
+            timer = loop.call_later(timeout, self._time_out, fut)
+            fut.add_done_callback(lambda _: timer.cancel())
         return fut
+
+    def _time_out(self, fut: asyncio.Future[list[Any] | None]) -> None:
+        if not fut.done():
+            self.timed_out()
+            fut.set_result(TIMED_OUT)
+
+    def timed_out(self) -> None:
+        """A reply came too late: the hub counts as stalled until it sends something."""
+        if not self.stalled:
+            self.stalled = True
+            log.warning("worker %d: the hub did not answer within %g s; calls are estimated here until it does",
+                        self.index, REPLY_TIMEOUT_S)
 
     def _flush(self) -> None:
         if self._flush_at is not None:
@@ -268,11 +290,13 @@ class HubLink:
             return call
         opened = self.conn.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
                                                call.opened_at])
-        if client_chose:  # the hub checks the team has not used it (a fresh id names no record: no wait)
+        # The hub checks a client-chosen id against the team's records (a fresh id names none: no wait);
+        # while it is stalled the id is used unchecked, and checked when the hub catches up.
+        if client_chose and not self.conn.stalled:
             try:
                 await asyncio.wait_for(asyncio.shield(opened), REPLY_TIMEOUT_S)
             except TimeoutError:
-                log.warning("worker %d: the hub did not check a call's id within %g s", self.index, REPLY_TIMEOUT_S)
+                self.conn.timed_out()
         if opened.done():
             call.opened(opened)
         else:
@@ -289,18 +313,39 @@ class HubLink:
         path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")  # as the client sent it
         if query := request.scope.get("query_string"):
             path += "?" + query.decode("latin-1")
+        if request.url.path == "/readyz":
+            return await self._ready(path, headers, request.app.state.gateway)
+        wait = REPLY_TIMEOUT_S if self.conn.stalled else HUB_ROUTE_WAIT_S
         try:
-            async with self._http.get(f"http://hub{path}", headers=headers,
-                                      timeout=aiohttp.ClientTimeout(total=10)) as r:
-                body = await r.read()
-                return Response(body, r.status, media_type=r.headers.get("content-type"))
-        except (aiohttp.ClientError, TimeoutError):
-            if request.url.path == "/readyz":  # the worker still serves calls, with estimates: ready if the upstreams are
-                meter = {"method": Method.ESTIMATE, "ok": False, "hub": "unreachable"}
-                return await readiness(request.app.state.gateway, meter, {})
-            err = GatewayError("the gateway's hub, which keeps records and metrics, is not reachable; try again shortly")
-            err.status, err.type = 503, "service_unavailable"
-            return err.response()
+            return await self._from_hub(path, headers, wait)
+        except TimeoutError:
+            raise ServiceUnavailable(f"the gateway's hub, which keeps records and metrics, did not answer within "
+                                     f"{wait:g} s; try again shortly") from None
+        except aiohttp.ClientError:
+            raise ServiceUnavailable("the gateway's hub, which keeps records and metrics, is not reachable; "
+                                     "try again shortly") from None
+
+    async def _from_hub(self, path: str, headers: dict[str, str], wait: float) -> Response:
+        assert self._http is not None
+        async with self._http.get(f"http://hub{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=wait)) as r:
+            body = await r.read()
+            return Response(body, r.status, media_type=r.headers.get("content-type"))
+
+    async def _ready(self, path: str, headers: dict[str, str], gw: GatewayState) -> Response:
+        """The hub's ``/readyz``; if it is late or away, the worker's own: it still serves calls, with
+        estimates, so it is ready if its upstreams are. Both are asked at once, so either way the
+        answer comes within :data:`HUB_READY_WAIT_S`."""
+        own = asyncio.ensure_future(ask_upstreams(gw))
+        try:
+            response = await self._from_hub(path, headers, HUB_READY_WAIT_S)
+        except TimeoutError:
+            fault = "stalled"
+        except aiohttp.ClientError:
+            fault = "unreachable"
+        else:
+            own.cancel()
+            return response
+        return ready_response(gw, await own, {"method": Method.ESTIMATE, "ok": False, "hub": fault}, {})
 
 
 def add_hub_routes(app: FastAPI, link: HubLink) -> None:

@@ -146,6 +146,9 @@ class Model(_Strict):
     # Energy of one prompt token relative to one decoded token (see README, "Attribution").
     prefill_weight: float = Field(default=0.2, ge=0, le=10)
     estimate: EstimateSettings = EstimateSettings()
+    # optional: /readyz reports this upstream but stays ready without it (a remote API beside a local
+    # vLLM must not take the vLLM pod out of its Service)
+    readiness: Literal["required", "optional"] = "required"
 
     @field_validator("gpus")
     @classmethod

@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import SERVED
 from wattgate.proxy.app import create_app
+from wattgate.proxy.hub_link import HUB_READY_WAIT_S
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import Auth, GatewaySettings, MeterSettings, Model, Settings, load_settings
 
@@ -177,6 +178,8 @@ def test_k8s_manifests_are_consistent(tmp_path):
     port = gw["args"][gw["args"].index("--port") + 1]
     assert [p["containerPort"] for p in gw["ports"]] == [int(port)]
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz" and gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # /readyz answers within HUB_READY_WAIT_S whatever the upstreams and the hub do: the probe allows more.
+    assert gw["readinessProbe"]["timeoutSeconds"] > HUB_READY_WAIT_S
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == port
     service = objs["Service"]["spec"]
     assert service["selector"].items() <= pod["metadata"]["labels"].items()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -150,3 +152,22 @@ def test_serve_refuses_auth_without_keys_in_one_line(tmp_path, monkeypatch, caps
     assert main(["serve", "--config", str(registry), "--port", "0", "--workers", workers]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("wattgate: gateway.auth is on but $WG_UNSET_KEYS holds no key") and "\n" not in err
+
+
+@pytest.mark.parametrize("readiness", ["required", "optional"])
+def test_readiness_answers_within_a_second_and_an_optional_upstream_does_not_make_it_unready(readiness):
+    """A remote API beside a local vLLM: its upstream hangs (it accepts and never answers). /readyz still
+    answers within a Kubernetes probe's 1 s; ready only if that model's readiness is optional."""
+    with socket.create_server(("127.0.0.1", 0)) as hanging, \
+            ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up:
+        models = {"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
+                  "remote": Model(upstream=f"http://127.0.0.1:{hanging.getsockname()[1]}/v1", readiness=readiness)}
+        settings = Settings(meter=MeterSettings(source="simulated"), ledger=LedgerSettings(enabled=False),
+                            models=models)
+        with ServerThread(create_app(settings)) as gw:
+            start = time.monotonic()
+            r = httpx.get(f"{gw.url}/readyz")
+            took = time.monotonic() - start
+    assert took < 1.0, took
+    assert r.json()["upstreams"] == {"llama": True, "remote": False}
+    assert r.status_code == (200 if readiness == "optional" else 503)

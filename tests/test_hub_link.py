@@ -1,6 +1,6 @@
 """A worker's end of the hub's event socket (``proxy/hub_link.HubConnection``) against a stand-in hub on a
 real Unix socket: replies reach the call waiting for them, a reply that does not come in time gives
-way to ``TIMED_OUT``, and a line that is not the hub's drops the link, which is then made again."""
+way to ``TIMED_OUT`` (and, the hub counted stalled, so do later ones until it is heard from), and a line that is not the hub's drops the link, which is then made again."""
 
 from __future__ import annotations
 
@@ -88,5 +88,28 @@ def test_a_line_that_is_not_the_hubs_drops_the_link_and_it_is_made_again(tmp_pat
             assert await waiting is None  # the link dropped: no answer will come on it
             await _connected(conn, hub, 2)
             assert conn.generation == 2
+
+    asyncio.run(scenario())
+
+
+def test_after_one_late_reply_no_call_waits_until_the_hub_is_heard_from(tmp_path: Path) -> None:
+    """A stalled hub costs one bounded wait, not one per call: later requests give way at once (their
+    events still go to the hub), until any reply shows it is back."""
+
+    async def scenario() -> None:
+        async with _linked(tmp_path) as (conn, hub):
+            assert await conn.request("energy", 1, ["end", 1], timeout=0.05) is TIMED_OUT
+            assert conn.stalled
+            at_once = conn.request("energy", 2, ["end", 2], timeout=5)
+            assert at_once.done() and at_once.result() is TIMED_OUT
+            assert [(await hub.next_event("end"))[1] for _ in range(2)] == [1, 2]  # the hub still gets both
+            hub.reply(orjson.dumps(["energy", 1, {"joules": 1.0}]) + b"\n")  # late, but the hub is back
+            async with asyncio.timeout(5):
+                while conn.stalled:
+                    await asyncio.sleep(0.01)
+            answered = conn.request("energy", 3, ["end", 3], timeout=5)
+            assert (await hub.next_event("end"))[1] == 3
+            hub.reply(orjson.dumps(["energy", 3, {"joules": 3.0}]) + b"\n")
+            assert await answered == ["energy", 3, {"joules": 3.0}]
 
     asyncio.run(scenario())

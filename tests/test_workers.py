@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import SERVED, settled_records, wait_until
-from wattgate.proxy.hub_link import REPLY_TIMEOUT_S
+from wattgate.proxy.hub_link import HUB_ROUTE_WAIT_S, REPLY_TIMEOUT_S
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
@@ -286,21 +286,36 @@ def test_a_stalled_hub_never_stalls_a_stream(gateway):
         events = [e for e in body.decode().split("\n\n") if e]
         return time.monotonic() - start, max(gaps[1:-1]), orjson.loads(events[-2].removeprefix("data: "))["energy"]
 
+    def timed_get(path: str) -> tuple[float, httpx.Response]:
+        start = time.monotonic()
+        r = httpx.get(f"{gateway.url}{path}", timeout=30)
+        return time.monotonic() - start, r
+
     normal, _, _ = timed_stream("hub-running")
     hub = gateway.ready()["hub_pid"]
     os.kill(hub, signal.SIGSTOP)
     try:
         stalled, worst_gap, energy = timed_stream("hub-stalled")
+        ready_s, ready = timed_get("/readyz")
+        metrics_s, metrics = timed_get("/metrics")
     finally:
         os.kill(hub, signal.SIGCONT)
-    # Tokens flow as usual. Only the client's id (checked by the hub) and the figure wait for the hub,
-    # REPLY_TIMEOUT_S at most each; the figure is then estimated.
+    # Tokens flow as usual. Only the client's id (checked by the hub) and the figure wait for the hub:
+    # the first wait that times out marks the hub stalled, so the call loses REPLY_TIMEOUT_S at most,
+    # and its figure is estimated.
     assert worst_gap < 0.25
-    assert stalled < normal + 2 * REPLY_TIMEOUT_S + 0.5, (stalled, normal)
+    assert stalled < normal + REPLY_TIMEOUT_S + 0.3, (stalled, normal)
     assert energy["method"] == "estimate" and not energy["settled"]
+    # Readiness answers from the worker's own view within a probe's second, and stays ready.
+    assert ready_s < 1.0 and ready.status_code == 200, (ready_s, ready.text)
+    assert ready.json()["meter"]["hub"] == "stalled" and ready.json()["upstreams"] == {"llama": True}
+    # The hub's other routes answer 503 with retry-after after a bounded wait.
+    assert metrics_s < HUB_ROUTE_WAIT_S + 0.5 and metrics.status_code == 503, (metrics_s, metrics.text)
+    assert metrics.headers["retry-after"] == "1" and metrics.json()["error"]["type"] == "service_unavailable"
     # The hub, back, meters the call from the events it was sent: its record is a measurement.
     record = settled_records(gateway.url, ["hub-stalled"])["hub-stalled"]
     assert record["method"] == "simulated" and record["completion_tokens"] == 48
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 200
 
 
 def test_the_hub_killed_calls_are_still_served_and_nothing_settled_is_lost(gateway):
