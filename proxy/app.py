@@ -36,7 +36,7 @@ from wattgate.proxy.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from wattgate.proxy.exchange import Exchange, parse
+from wattgate.proxy.exchange import TOO_DEEP, Exchange, parse
 from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
 from wattgate.proxy.metrics import TeamView
@@ -122,7 +122,9 @@ class GatewayState:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         try:
             data = orjson.loads(body)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as e:
+            if e.msg.startswith("depth limit exceeded"):  # valid JSON, deeper than orjson reads (1024)
+                raise InvalidRequest(TOO_DEEP) from None
             raise InvalidRequest("request body is not valid JSON (UTF-8)") from None
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
@@ -151,7 +153,8 @@ class _ApiCors:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
+    # "." and "..": a URL path cannot carry them (clients normalise them away), so the record could not be fetched
+    return given if _REQUEST_ID.fullmatch(given) and given.strip(".") else new_request_id()
 
 
 async def probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:
@@ -200,7 +203,8 @@ def new_app(gw: GatewayState, running: Callable[[], AbstractAsyncContextManager[
             lag_probe.cancel()
             await gw.client.close()
 
-    app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirect_slashes: its 307 would be built from the client's Host header; a stray slash is a 404.
+    app = FastAPI(title="wattgate", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.gateway = gw
     if gw.settings.gateway.cors_allow_origins:
         app.add_middleware(

@@ -66,18 +66,21 @@ def parse(settings: Settings, path: str, body: dict[str, Any]) -> Call:
     if stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     try:
-        # orjson reads JSON nested up to 1024 levels but writes only 255: a deeper body (valid JSON)
-        # fails here, before the call holds anything, not after its window opened.
+        # orjson reads JSON nested up to 1024 levels but writes only 254 (the body object counted): a
+        # deeper body (valid JSON) fails here, before the call holds anything, not after its window opened.
         payload = orjson.dumps(body)
         prompt_bytes = len(orjson.dumps(body.get(_PROMPT_FIELD[path])))
     except orjson.JSONEncodeError:
-        raise InvalidRequest("request body is nested too deeply (at most 255 levels)") from None
+        raise InvalidRequest(TOO_DEEP) from None
     return Call(path, name, model, stream, client_wants_usage, payload, max(1, prompt_bytes // _BYTES_PER_TOKEN))
+
+
+TOO_DEEP = "request body is nested too deeply (at most 254 levels, the body object counted)"
 
 
 def check_fields(path: str, body: dict[str, Any]) -> None:
     """Cheap type checks of what the gateway itself relies on; the upstream validates the rest."""
-    if "stream" in body and not isinstance(body["stream"], bool):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):  # null: OpenAI's default, false
         raise InvalidRequest("'stream' must be a boolean", param="stream")
     for key in ("max_tokens", "max_completion_tokens", "n"):
         v = body.get(key)

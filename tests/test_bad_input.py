@@ -54,3 +54,37 @@ def test_unknown_route_and_method(stack):
     assert httpx.get(f"{stack.url}/v1/nothing").status_code == 404
     r = httpx.get(f"{stack.url}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def _nested(depth: int) -> bytes:
+    """A chat body whose deepest value sits ``depth`` levels down, the body object counted."""
+    inner = depth - 1
+    return (b'{"model": "llama", "messages": [{"role": "user", "content": "x"}], "metadata": '
+            + b"[" * inner + b"1" + b"]" * inner + b"}")
+
+
+@pytest.mark.parametrize("depth", [254, 255, 1024, 1025, 5000])
+def test_nesting_is_refused_beyond_254_levels_and_said_so(stack, depth):
+    r = httpx.post(f"{stack.url}/v1/chat/completions", content=_nested(depth), headers=JSON)
+    if depth <= 254:
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 400 and "nested too deeply (at most 254 levels" in r.json()["error"]["message"]
+
+
+def test_stream_null_is_a_plain_call(stack):
+    r = httpx.post(f"{stack.url}/v1/chat/completions",
+                   json={"model": "llama", "messages": [{"role": "user", "content": "x"}], "stream": None})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_built_from_host(stack):
+    r = httpx.get(f"{stack.url}/v1/energy/", headers={"host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+@pytest.mark.parametrize("given", [".", "..", "..."])
+def test_an_id_a_url_path_cannot_carry_is_replaced(stack, given):
+    r = httpx.post(f"{stack.url}/v1/chat/completions", headers={"x-request-id": given},
+                   json={"model": "llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] not in (given, "")
