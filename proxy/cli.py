@@ -17,11 +17,21 @@ def version() -> str:
         return "(not installed)"
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Says an option's default, unless there is none to say (None, a flag's False) or its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _Defaults
     parser = argparse.ArgumentParser(prog="wattgate", description="Energy-metering gateway for OpenAI-compatible APIs")
-    parser.add_argument("--version", action="version", version=f"wattgate {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-V", "--version", action="version", version=f"wattgate {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
     serve = sub.add_parser("serve", help="run the gateway", formatter_class=defaults,
                            description="Run the gateway in front of the registry's upstreams, metering every request.")
     serve.add_argument("--config", default="models_registry.yaml", help="registry file (models, GPUs, site factors)")
@@ -63,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `wattgate`: what it can do, not only that a command is missing
+        parser.print_help(sys.stderr)
+        return 2
 
     from wattgate.proxy.settings import ConfigError
 

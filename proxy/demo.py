@@ -7,6 +7,7 @@ localhost, and every figure is labelled ``simulated``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from wattgate.proxy.app import create_app
 from wattgate.proxy.books import build_meter
 from wattgate.proxy.ledger import data_dir
 from wattgate.proxy.serving import ServerThread
-from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings, Site
+from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, Site
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 MODEL = "llama-3.1-8b"
@@ -128,7 +129,19 @@ def demo_stack(port: int = 0, ledger: Path | None = None) -> Iterator[tuple[str,
             yield gw.url, meter
 
 
+def _port_free(port: int) -> None:
+    """A busy ``--port`` is said in one line, before anything starts (uvicorn would log it and exit)."""
+    try:
+        with socket.create_server(("127.0.0.1", port)):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
+                          "pick another, or leave --port out for a free one") from None
+
+
 def run_demo(keep_serving: bool = False, port: int = 0) -> int:
+    if port:
+        _port_free(port)
     with demo_stack(port) as (url, meter):
         print("sending 69 chat requests (streamed and not) in waves of 1, 4, 16 and 48 concurrent...\n")
         rows = _settled(url, asyncio.run(_workload(url)))
@@ -166,7 +179,8 @@ def _totals(rows: list[dict[str, Any]], meter: Meter) -> None:
             f" + idle {t.idle:.1f} J + unattributed {t.unattributed:.1f} J"
         )
     print("All figures are simulated: no GPU was measured. Point `wattgate serve` at vLLM for measured ones.")
-    print(f"Settled records are in the demo's own ledger {demo_ledger()}: try `wattgate report --ledger {demo_ledger()}`.")
+    print(f"Settled records are in the demo's own ledger {demo_ledger()}, with those of earlier demo runs: "
+          f"try `wattgate report --ledger {demo_ledger()} --since 5m` for this run's.")
 
 
 def _snippets(url: str) -> None:

@@ -170,30 +170,49 @@ _HEADERS = {"completion_tokens": "tokens out", "wh": "Wh", "gco2e": "gCO2e", "gc
             "joules_per_token": "J/token", "measured_share": "measured", "sci_g_per_1000_requests": "SCI g/1k req"}
 
 
+_WIDE = ("requests", "methods", "completion_tokens", "wh", "gco2e", "gco2e_location", "embodied_gco2e",
+         "water_ml", "wh_per_1000_queries", "joules_per_token", "measured_share", "sci_g_per_1000_requests")
+_NARROW = ("requests", "wh", "gco2e", "water_ml", "joules_per_token", "measured_share")  # fits 80 columns
+_WIDE_FROM = 150  # columns the wide table needs
+
+
+def _flat(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A row for CSV: nested objects as dotted columns (``sci.tiers_wh.facility``), lists as JSON."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
 def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
+        flat = [_flat(r) for r in rows]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [by])
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)) or [by])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
         return buf.getvalue()
     from rich.console import Console
     from rich.table import Table
 
+    # The terminal's width when there is one; piped, wide enough for every column.
+    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
     table = Table(title=f"wattgate energy by {by}")
-    cols = (by, "requests", "methods", "completion_tokens", "wh", "gco2e", "gco2e_location", "embodied_gco2e",
-            "water_ml", "wh_per_1000_queries", "joules_per_token", "measured_share", "sci_g_per_1000_requests")
+    cols = (by, *(_WIDE if width >= _WIDE_FROM else _NARROW))
     for c in cols:
         table.add_column(_HEADERS.get(c, c), justify="left" if c in (by, "methods") else "right")
     for r in rows:
         cells = {**r, "sci_g_per_1000_requests": r["sci"]["sci_g_per_1000_requests"] if r["sci"] else "-"}
         table.add_row(*(f"{cells[c]:.4g}" if isinstance(cells[c], float) else str(cells[c]) for c in cols))
-    # The terminal's width when there is one; piped, wide enough for every column.
-    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
     console = Console(file=io.StringIO(), width=width)
     console.print(table)
+    if width < _WIDE_FROM:
+        console.print(f"(more columns in a terminal {_WIDE_FROM} wide, and all in --format json or csv)", highlight=False)
     console.print("In everyday terms, all of the above together is about:")
     for line in equivalents(rows):
         console.print(f"  {line}", highlight=False)

@@ -26,10 +26,16 @@ from wattgate.proxy.simulated_upstream import SimulatedUpstream
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-def test_version_names_the_installed_distribution(capsys):
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_the_installed_distribution(capsys, flag):
     with pytest.raises(SystemExit) as done:
-        main(["--version"])
+        main([flag])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("wattgate 0.")
+
+
+def test_bare_wattgate_prints_its_help(capsys):
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().err
 
 
 def test_serve_help_says_what_each_option_is_and_its_default(capsys):
@@ -171,3 +177,43 @@ def test_readiness_answers_within_a_second_and_an_optional_upstream_does_not_mak
     assert took < 1.0, took
     assert r.json()["upstreams"] == {"llama": True, "remote": False}
     assert r.status_code == (200 if readiness == "optional" else 503)
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate-upstream", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out and out.count("(default: an H100's)") == 1
+
+
+def test_the_demo_on_a_busy_port_says_so_in_one_line(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        assert main(["demo", "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wattgate: --port ") and "in use" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_fits_80_columns_and_its_csv_has_no_python_reprs(tmp_path, monkeypatch):
+    from wattgate.proxy.report import render
+
+    row = {"model": "llama-3.1-8b", "requests": 69, "methods": "simulated 69", "completion_tokens": 4368,
+           "wh": 0.3955, "gco2e": 0.2279, "gco2e_location": 0.2279, "embodied_gco2e": 0.0418, "water_ml": 2.156,
+           "wh_per_1000_queries": 5.73, "joules_per_token": 0.326, "measured_share": 0.0,
+           "sci": {"requests": 69, "sci_g_per_1000_requests": 4.33, "tiers_wh": {"facility": 0.69}}}
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    table = render([row], "model", "table")
+    assert max(len(line) for line in table.splitlines()) <= 80 and "llama-3.1-8b" in table and "0.3955" in table
+    csv_text = render([row], "model", "csv")
+    assert "{" not in csv_text and "sci.tiers_wh.facility" in csv_text.splitlines()[0]
+
+
+def test_the_registry_for_trying_serve_without_a_gpu_points_at_simulate_upstreams_default(capsys):
+    """README: `wattgate simulate-upstream --port 8000` then `wattgate serve --config` this file."""
+    from pathlib import Path
+
+    from wattgate.proxy.settings import load_settings
+
+    settings = load_settings(Path(__file__).parent.parent / "deploy" / "models_registry.simulated.yaml")
+    assert settings.meter.source == "simulated"
+    assert [m.base_url for m in settings.models.values()] == ["http://127.0.0.1:8000/v1"]
