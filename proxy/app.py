@@ -36,7 +36,7 @@ from wattgate.proxy.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from wattgate.proxy.exchange import TOO_DEEP, Exchange, parse
+from wattgate.proxy.exchange import TOO_DEEP, Exchange, parse, upstream_name
 from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
 from wattgate.proxy.metrics import TeamView
@@ -171,7 +171,7 @@ async def books_running(gw: GatewayState, books: Books) -> AsyncIterator[None]:
     """The books' meter, grid feed and foreign-load poller, for the lifespan of the app that keeps them."""
     settings = gw.settings
     books.start()
-    tasks = [asyncio.create_task(books.grid.run())]
+    tasks = [asyncio.create_task(books.grid.run()), asyncio.create_task(warn_unreachable(gw))]
     if settings.meter.foreign_poll_ms and books.meter.sampler is not None:
         foreign = ForeignLoadPoller(
             gw.client, books.meter, settings.models, settings.served_name, books.in_flight,
@@ -324,6 +324,14 @@ async def _upstream_answers(gw: GatewayState, model: Model) -> bool:
         return status < 500
     except UPSTREAM_ERRORS:
         return False
+
+
+async def warn_unreachable(gw: GatewayState) -> None:
+    """At start-up, one warning per upstream that does not answer: a wrong port shows now, not at the first call."""
+    for name, up in (await ask_upstreams(gw)).items():
+        if not up:
+            log.warning("model %s: its upstream %s does not answer /models yet; its calls get 502 until it does",
+                        name, upstream_name(gw.settings.models[name]))
 
 
 async def ask_upstreams(gw: GatewayState) -> dict[str, bool]:

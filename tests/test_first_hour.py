@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import SERVED
+from tests.conftest import SERVED, wait_until
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
 from wattgate.proxy.cli import main
@@ -161,9 +161,11 @@ def test_serve_refuses_auth_without_keys_in_one_line(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.parametrize("readiness", ["required", "optional"])
-def test_readiness_answers_within_a_second_and_an_optional_upstream_does_not_make_it_unready(readiness):
+def test_readiness_answers_within_a_second_and_an_optional_upstream_does_not_make_it_unready(readiness, caplog):
     """A remote API beside a local vLLM: its upstream hangs (it accepts and never answers). /readyz still
-    answers within a Kubernetes probe's 1 s; ready only if that model's readiness is optional."""
+    answers within a Kubernetes probe's 1 s; ready only if that model's readiness is optional. Start-up
+    warns of that upstream, naming it."""
+    caplog.set_level(logging.WARNING)
     with socket.create_server(("127.0.0.1", 0)) as hanging, \
             ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up:
         models = {"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0]),
@@ -174,6 +176,9 @@ def test_readiness_answers_within_a_second_and_an_optional_upstream_does_not_mak
             start = time.monotonic()
             r = httpx.get(f"{gw.url}/readyz")
             took = time.monotonic() - start
+            wait_until(lambda: any("model remote: its upstream http://127.0.0.1:" in rec.getMessage()
+                                   for rec in caplog.records), what="the start-up warning")
+    assert not any("model llama:" in rec.getMessage() for rec in caplog.records)
     assert took < 1.0, took
     assert r.json()["upstreams"] == {"llama": True, "remote": False}
     assert r.status_code == (200 if readiness == "optional" else 503)
