@@ -1,6 +1,7 @@
 """Limits at the HTTP layer against a real uvicorn on localhost (issue 30): a head over its cap is a 431
 whether it arrives in one read or many, a head or body that stalls is a 408 and the connection closed, a
-silent connection is closed, and the requests arriving at once are bounded. Raw sockets, so that the
+silent connection is closed, the requests arriving at once are bounded, and fuzzed raw requests (hypothesis)
+get valid HTTP or a close, never a 500. Raw sockets, so that the
 client sends exactly the bytes under test."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import SERVED
 from wattgate.meter.sources.simulated import SimulatedGpu
@@ -144,3 +147,51 @@ def test_requests_arriving_at_once_are_bounded_and_the_rest_served_after(gateway
             sock.close()
     time.sleep(0.1)
     assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+
+
+_TOKEN = st.text(st.sampled_from("GETPOSTHEADOPTIONSxyz-_/?%.:;= \t\r\n\x00\xff"), min_size=0, max_size=12)
+_HEADER_LINE = st.one_of(
+    st.sampled_from([b"host: x", b"content-type: application/json", b"transfer-encoding: chunked",
+                     b"content-length: 5", b"content-length: -1", b"content-length: 99999999999999999999",
+                     b"content-length: 3, 4", b"authorization: Bearer x", b"expect: 100-continue",
+                     b"connection: upgrade", b"upgrade: websocket", b"x-request-id: ..", b": empty name",
+                     b"no colon", b" folded: continuation"]),
+    st.binary(max_size=40),
+)
+_BODY = st.one_of(st.just(CHAT), st.binary(max_size=200), st.just(b"5\r\nhello\r\n0\r\n\r\n"),
+                  st.just(b"zz\r\nbad chunk\r\n"), st.just(CHAT[: len(CHAT) // 2]))
+_PATHS = st.sampled_from([b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/v1/energy/x", b"/v1/energy/",
+                          b"/%00", b"*", b"http://other/v1/models", b"/v1/chat/completions?x=\xff", b""])
+
+
+@st.composite
+def _raw_requests(draw: st.DrawFn) -> bytes:
+    """Bytes shaped like an HTTP/1.1 request, each part of it possibly wrong."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=300))  # not HTTP at all
+    method = draw(st.one_of(st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE"]), _TOKEN.map(str.encode)))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b""]))
+    headers = b"".join(line + b"\r\n" for line in draw(st.lists(_HEADER_LINE, max_size=6)))
+    ending = draw(st.sampled_from([b"\r\n", b"\n", b""]))
+    return method + b" " + draw(_PATHS) + b" " + version + b"\r\n" + headers + ending + draw(_BODY)
+
+
+def test_fuzzed_raw_requests_get_valid_http_or_a_close_and_the_gateway_keeps_serving(gateway):
+    """Whatever bytes arrive, the answer is an HTTP response with a status (never a 500) or a closed
+    connection, within the limits' timeouts; afterwards the gateway still answers."""
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(_raw_requests())
+    def one(raw: bytes) -> None:
+        with _connect(gateway) as sock:
+            _send_all(sock, [raw])
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the client is done: a short body ends at EOF, not a timeout
+            except OSError:
+                pass
+            status, _, _ = _answer(sock)
+        assert status is None or 100 <= status <= 599, raw
+        assert status != 500, raw
+
+    one()
+    assert httpx.get(f"http://{gateway.host}:{gateway.port}/healthz").status_code == 200
