@@ -199,6 +199,25 @@ def test_the_page_fits_a_phone_and_every_control_has_a_label(demo, browser, arti
     context.close()
 
 
+def test_the_newest_reply_and_the_composer_stay_in_view(demo, browser, artifacts):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    tab = context.new_page()
+    tab.goto(f"{demo}/chat")
+    playwright_api.expect(tab.locator("#chat")).to_be_visible()
+    for n in range(1, 6):
+        ask(tab, "Explain continuous batching in one paragraph.", n)
+        tab.wait_for_timeout(100)  # the badge's own layout
+        reply = tab.locator("#log .message.assistant").last.bounding_box()
+        composer = tab.locator("#ask").bounding_box()
+        assert reply is not None and composer is not None
+        # Viewport coordinates: the composer inside the window, the reply's end above it.
+        assert composer["y"] + composer["height"] <= 800 + 1, (n, composer)
+        assert 0 <= reply["y"] + reply["height"] <= composer["y"] + 1, (n, reply, composer)
+    assert tab.evaluate("document.scrollingElement.scrollTop") > 0  # five replies do not fit: it scrolled
+    screenshot(tab, "chat-page-long-conversation", artifacts)
+    context.close()
+
+
 def test_with_keys_the_page_asks_for_one_and_shows_only_its_teams_figures(browser, page, tmp_path, monkeypatch):
     monkeypatch.setenv("WG_BROWSER_KEYS", "team-a:sk-a,team-b:sk-b")
     with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=16)) as up:
@@ -218,6 +237,7 @@ def test_with_keys_the_page_asks_for_one_and_shows_only_its_teams_figures(browse
             page.locator("#key").fill("sk-wrong")
             page.locator("#key").press("Enter")
             playwright_api.expect(page.locator("#error")).to_have_text("That key was refused.")
+            playwright_api.expect(page.locator("#error")).to_be_visible()
             page.locator("#key").fill("sk-a")
             page.locator("#key").press("Enter")
             playwright_api.expect(page.locator("#chat")).to_be_visible()

@@ -86,7 +86,21 @@ function describeModel() {
   $("model-energy").textContent = text;
 }
 
-function message(role, text) {
+/** Whether the reader is at the end of the page (not scrolled up to read back). */
+function atEnd() {
+  const page = document.scrollingElement;
+  return page.scrollTop + page.clientHeight >= page.scrollHeight - 48;
+}
+
+/** Apply ``change`` to the conversation; a reader who was at the end (or ``always``: who just sent)
+ * stays there, so the newest reply is in view above the composer; one who scrolled up is left there. */
+function follow(change, always = false) {
+  const stay = always || atEnd();
+  change();
+  if (stay) document.scrollingElement.scrollTop = document.scrollingElement.scrollHeight;
+}
+
+function message(role, text, always = false) {
   const el = document.createElement("div");
   el.className = `message ${role}`;
   const who = document.createElement("span");
@@ -96,14 +110,14 @@ function message(role, text) {
   body.className = "text";
   body.textContent = text;
   el.append(who, body);
-  $("log").append(el);
+  follow(() => $("log").append(el), always);
   return body;
 }
 
 async function send(text) {
   showError("");
   turns.push({ role: "user", content: text });
-  message("user", text);
+  message("user", text, true);
   const out = message("assistant", "");
   running = new AbortController();
   $("send").disabled = true;
@@ -126,7 +140,7 @@ async function send(text) {
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         reply += delta.content;
-        out.textContent = reply;
+        follow(() => { out.textContent = reply; });
       }
     });
   } catch (err) {
@@ -141,7 +155,7 @@ async function send(text) {
 
 window.addEventListener("wattgate:reply", (event) => {
   const el = replyElements.get(event.detail.energy.request_id);
-  if (el) el.append(WattGate.badge(event.detail));
+  if (el) follow(() => el.append(WattGate.badge(event.detail)));
 });
 window.addEventListener("wattgate:update", () => loadModelEnergy());
 
