@@ -13,10 +13,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Protocol
 
-from wattgate.meter import Fault, Measurement, Meter, MeterFault, Method, RequestWindow, Status
+from wattgate.meter import Fault, GpuTotals, Measurement, Meter, MeterFault, Method, RequestWindow, Status
 from wattgate.meter.footprint import GridIntensity, SiteFactors, UnknownZone, grid_intensity
 from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
 from wattgate.meter.sources import PowerSource
@@ -139,6 +139,34 @@ def _host_power(settings: Settings) -> HostPower | None:
     return None
 
 
+class IdlePeriod:
+    """Idle energy per attributed joule over a trailing period, per GPU, from the meter's running totals.
+
+    Marks of the totals are kept every period/:data:`MARKS` (at request ends, so a quiet GPU keeps none);
+    the ratio runs from the newest mark at least a period old. A GPU's first mark is its first request's
+    end, with nothing attributed before it: the idle time before a GPU's first request is nobody's, and
+    until a period has passed the ratio covers all the time since."""
+
+    MARKS = 96  # a quarter of an hour apart over the default 24 h
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._marks: dict[int, deque[tuple[float, float, float]]] = {}  # (time, idle, attributed) per GPU
+
+    def per_joule(self, totals: dict[int, GpuTotals], now: float) -> dict[int, float]:
+        ratios = {}
+        for g, t in totals.items():
+            marks = self._marks.setdefault(g, deque([(now, t.idle, 0.0)]))
+            if now - marks[-1][0] >= self.period_s / self.MARKS:
+                marks.append((now, t.idle, t.attributed))
+            while len(marks) > 1 and marks[1][0] <= now - self.period_s:
+                marks.popleft()
+            _, idle_then, attributed_then = marks[0]
+            attributed = t.attributed - attributed_then
+            ratios[g] = (t.idle - idle_then) / attributed if attributed > 0 else 0.0
+        return ratios
+
+
 class Books:
     """The meter, the records, the metrics and the ledger of one gateway."""
 
@@ -164,7 +192,7 @@ class Books:
                              lambda source: self.metrics.grid_errors.labels(source).inc())
         if self.grid.provider is not None:
             self.metrics.grid_errors.labels(self.grid.provider.name)
-        self._idle_before: dict[int, float] = {}  # each GPU's idle joules when its first request ended
+        self._idle_period = IdlePeriod(settings.meter.idle_period_h * 3600)
         self.estimates = Meter(None)  # windows for when the meter itself fails
         self.estimates.on_settled = self.settled
         meter.on_settled = self.settled
@@ -211,17 +239,12 @@ class Books:
             mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
 
     def idle_per_joule(self) -> dict[int, float]:
-        """Each GPU's idle energy since its first request ended, per joule attributed on it: what a request
-        ending now carries in the SCI's widest tier per joule of its own there (with ``meter.idle:
-        amortize``, nothing more: its joules hold the idle energy already). The idle time before a GPU's
-        first request is nobody's, else the first requests after start-up would carry all of it."""
+        """Each GPU's idle energy per joule attributed on it over the trailing ``meter.idle_period_h``
+        (:class:`IdlePeriod`): what a request ending now carries in the SCI's widest tier per joule of
+        its own there (with ``meter.idle: amortize``, nothing more: its joules hold the idle energy already)."""
         if self.settings.meter.idle == "amortize":
             return {}
-        ratios = {}
-        for g, t in self.meter.gpu_totals().items():
-            since = self._idle_before.setdefault(g, t.idle)
-            ratios[g] = (t.idle - since) / t.attributed if t.attributed > 0 else 0.0
-        return ratios
+        return self._idle_period.per_joule(self.meter.gpu_totals(), time.monotonic())
 
     @staticmethod
     def idle_share(m: Measurement, per_joule: dict[int, float] | None) -> float:

@@ -92,6 +92,9 @@ class MeterSettings(_Strict):
     source: Literal["nvml", "simulated", "none"] = "nvml"
     interval_ms: int = Field(default=50, ge=5, le=10_000)
     idle: Literal["exclude", "amortize"] = "exclude"
+    # With idle: exclude, the SCI's with_idle tier spreads each GPU's idle energy over this many hours'
+    # attributed energy (a trailing period), so a quiet night is shared by the day's requests.
+    idle_period_h: float = Field(default=24.0, gt=0, le=24 * 366)
     # Energy-counter reads; power is read every interval and places the energy in between.
     # "auto": as often as counter_cpu_budget allows, from the measured cost of a read (one read
     # cost 4 ms of CPU on an H200 host, bench/RESULTS.md); a number of ms: that often; 0: every interval.

@@ -148,3 +148,28 @@ def test_the_idle_time_before_a_gpus_first_request_is_nobodys(tmp_path):
             rid = r.headers["x-request-id"]
             tiers = settled_records(gw.url, [rid])[rid]["sci"]["tiers_wh"]
     assert tiers["with_idle"] == tiers["with_host"] > 0
+
+
+def test_idle_is_spread_over_a_trailing_periods_attributed_energy():
+    """IdlePeriod on scripted totals: before a GPU's first request nothing is anyone's; within the first
+    period the ratio covers all the time since; later, only the trailing period counts, so an idle
+    first week weighs nothing on this week's requests."""
+    from wattgate.meter import GpuTotals
+    from wattgate.proxy.books import IdlePeriod
+
+    hour = 3600.0
+    period = IdlePeriod(24 * hour)
+
+    def totals(idle: float, attributed: float) -> dict[int, GpuTotals]:
+        return {0: GpuTotals(measured=idle + attributed, attributed=attributed, idle=idle, unattributed=0.0,
+                             pending_idle=0.0, power_w=None)}
+
+    assert period.per_joule(totals(idle=5000.0, attributed=0.0), now=0.0) == {0: 0.0}  # idle before it: nobody's
+    # A quiet first week: 100 kJ of idle, 1 kJ attributed.
+    assert period.per_joule(totals(105_000.0, 1000.0), now=7 * 24 * hour)[0] == pytest.approx(100.0)
+    # Then a busy day: every quarter hour 10 J idle and 100 J attributed.
+    idle, attributed = 105_000.0, 1000.0
+    for quarter in range(1, 4 * 24 * 2 + 1):
+        idle, attributed = idle + 10, attributed + 100
+        ratio = period.per_joule(totals(idle, attributed), now=7 * 24 * hour + quarter * hour / 4)[0]
+    assert ratio == pytest.approx(0.1, rel=0.02)  # the last 24 h only: the idle week is forgotten
