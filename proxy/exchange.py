@@ -24,7 +24,7 @@ from wattgate.meter import Status, token_count
 from wattgate.proxy import upstream as up
 from wattgate.proxy.books import CallWindow
 from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
-from wattgate.proxy.figures import energy_headers
+from wattgate.proxy.figures import energy_headers, usage_fields
 from wattgate.proxy.relay import StreamRelay
 from wattgate.proxy.settings import Model, Settings
 
@@ -106,6 +106,7 @@ class Front(Protocol):
     """What an exchange needs of the gateway."""
 
     client: up.UpstreamClient
+    settings: Settings
 
     def upstream_headers(self, model: Model, request_id: str) -> dict[str, str]: ...
 
@@ -152,7 +153,8 @@ class Exchange:
     def _relay(self, response: up.Response) -> StreamRelay:
         headers = {**up.passed_headers(response), "x-request-id": self.request_id,
                    "x-energy-method": self.window.method}
-        return StreamRelay(response, self.window, headers, self.call.client_wants_usage)
+        return StreamRelay(response, self.window, headers, self.call.client_wants_usage,
+                           self.front.settings.gateway.energy_in_usage)
 
     async def _reply(self, response: up.Response) -> Response:
         """The upstream's JSON answer with the energy object added (or its error, relayed)."""
@@ -183,8 +185,8 @@ class Exchange:
         energy = await self.window.energy()
         headers = {**up.passed_headers(response), "x-request-id": self.request_id, **energy_headers(energy)}
         if ok:
-            return Response(_with_energy(data, raw, energy), status_code=200, media_type="application/json",
-                            headers=headers)
+            body = _with_energy(data, raw, energy, self.front.settings.gateway.energy_in_usage)
+            return Response(body, status_code=200, media_type="application/json", headers=headers)
         if response.status == 200:
             raise _failed(UpstreamUnavailable, call, "sent a response that is not a JSON object")
         if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
@@ -209,9 +211,11 @@ def _failed(kind: type[GatewayError], call: Call, what: str) -> GatewayError:
     return kind(message)
 
 
-def _with_energy(data: dict[str, Any], raw: bytes, energy: dict[str, Any]) -> bytes:
-    """The upstream's JSON object with ``energy`` added."""
+def _with_energy(data: dict[str, Any], raw: bytes, energy: dict[str, Any], in_usage: bool) -> bytes:
+    """The upstream's JSON object with ``energy`` added (and, ``in_usage``, its figures in ``usage``)."""
     data["energy"] = energy
+    if in_usage and isinstance(data.get("usage"), dict):
+        data["usage"].update(usage_fields(energy))
     try:
         return orjson.dumps(data)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes: add the key to the upstream's own bytes

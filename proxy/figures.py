@@ -42,6 +42,13 @@ def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embod
     }
 
 
+def usage_fields(energy: dict[str, Any]) -> dict[str, Any]:
+    """The figures as flat keys for ``usage``, where chat front ends and routers look (Open WebUI shows
+    every key of it; LiteLLM rebuilds it)."""
+    return {"energy_j": energy["joules"], "energy_wh": energy["wh"], "gco2e": energy["gco2e"],
+            "water_ml": energy["water_ml"], "energy_method": energy["method"], "energy_settled": energy["settled"]}
+
+
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,
                   location: GridIntensity | None = None, idle_j: float = 0.0) -> dict[str, Any]:
     """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client

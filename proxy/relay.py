@@ -30,6 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from wattgate.meter import Status
 from wattgate.proxy import upstream as up
 from wattgate.proxy.books import CallWindow
+from wattgate.proxy.figures import usage_fields
 
 _DONE = b"data: [DONE]"
 # Generated output in a streamed choice: a non-empty string of text (chat and completions) or
@@ -64,6 +65,7 @@ class StreamRelay(Response):
         window: CallWindow,
         headers: dict[str, str],
         client_wants_usage: bool,
+        energy_in_usage: bool = True,
     ) -> None:
         super().__init__(None, 200, {"cache-control": "no-cache", **headers}, "text/event-stream")
         # No length: the body is a stream (FastAPI may still add headers to raw_headers).
@@ -71,6 +73,7 @@ class StreamRelay(Response):
         self.upstream_response = upstream
         self.window = window
         self.client_wants_usage = client_wants_usage
+        self.energy_in_usage = energy_in_usage
         self.held: dict[str, Any] | None = None
         self.first: dict[str, Any] | None = None
         self.status = Status.OK
@@ -154,7 +157,10 @@ class StreamRelay(Response):
         self.window.end(self.status)
         energy = await self.window.energy()
         last = self.held if self.held is not None else self._synthetic_last()
-        if not self.client_wants_usage:
+        if self.energy_in_usage:  # where front ends and routers look: usage, and LiteLLM's provider fields
+            last["usage"] = {**(last.get("usage") or {}), **usage_fields(energy)}
+            last["provider_specific_fields"] = {"energy": energy}
+        elif not self.client_wants_usage:
             last.pop("usage", None)
         last["energy"] = energy
         return error_event + b"data: " + orjson.dumps(last) + b"\n\n" + _DONE + b"\n\n"

@@ -209,6 +209,9 @@ class GatewaySettings(_Strict):
     timeouts: Timeouts = Timeouts()
     auth: Auth | None = None  # None: no gateway keys (say so by leaving it out)
     max_connections: int = Field(default=1000, ge=1)
+    # The figures also as flat keys in `usage` (plain bodies and the last stream chunk, which then
+    # carries usage even when the client did not ask); false for a client that chokes on them.
+    energy_in_usage: bool = True
     # Settled records kept in memory for GET /v1/energy/{id} (unsettled ones are always kept); with
     # the ledger on, at most 1,000 of them (proxy.books.RECENT_WITH_LEDGER): the ledger answers for older ones.
     recent_records: int = Field(default=100_000, ge=100)

@@ -51,9 +51,15 @@ def test_stream_relays_every_chunk_and_ends_with_energy(stack, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     last = chunks[-1]
-    assert last.choices == [] and last.usage is None  # the client did not ask for usage
     energy = last.model_extra["energy"]
     assert energy["completion_tokens"] == 10 and energy["joules"] > 0
+    # The figures also where chat front ends and routers look, parsed by the SDK: usage (sent though the
+    # client did not ask: it is the extra choices-less chunk already) and LiteLLM's provider fields.
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 10
+    assert last.usage.model_extra == {"energy_j": energy["joules"], "energy_wh": energy["wh"],
+                                      "gco2e": energy["gco2e"], "water_ml": energy["water_ml"],
+                                      "energy_method": "simulated", "energy_settled": False}
+    assert last.model_extra["provider_specific_fields"] == {"energy": energy}
     assert len({c.id for c in chunks}) == 1
     # The gateway asked the upstream for usage to learn exact counts.
     assert stack.upstream.requests_seen[-1]["stream_options"] == {"include_usage": True}
@@ -298,3 +304,32 @@ def test_running_sequences_parses_vllm_metrics():
     assert running_sequences("up 1\n", "m") is None
     for nonsense in ("NaN", "+Inf", "-3"):  # not a count: none running, and no crash in int()
         assert running_sequences(f'vllm:num_requests_running{{model_name="m"}} {nonsense}\n', "m") == 0.0
+
+
+@pytest.mark.parametrize("in_usage", [True, False])
+def test_the_figures_ride_in_usage_unless_the_registry_turns_it_off(in_usage):
+    """A plain body's usage gets the flat keys too; with gateway.energy_in_usage false, usage is the
+    upstream's own and a stream's last chunk has none the client did not ask for (the energy object stays)."""
+    from wattgate.meter.sources.simulated import SimulatedGpu
+    from wattgate.proxy.app import create_app
+    from wattgate.proxy.serving import ServerThread
+    from wattgate.proxy.settings import GatewaySettings, LedgerSettings, MeterSettings, Model, Settings
+    from wattgate.proxy.simulated_upstream import SimulatedUpstream
+
+    keys = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled"}
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up:
+        settings = Settings(meter=MeterSettings(source="simulated"), ledger=LedgerSettings(enabled=False),
+                            gateway=GatewaySettings(energy_in_usage=in_usage),
+                            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x")
+            plain = sdk.chat.completions.create(model="llama", messages=MSG, max_tokens=4)
+            last = list(sdk.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=True))[-1]
+    assert set(plain.usage.model_extra) == (keys if in_usage else set())
+    assert plain.usage.model_extra.get("energy_j", plain.model_extra["energy"]["joules"]) == \
+        plain.model_extra["energy"]["joules"]
+    assert "energy" in last.model_extra
+    if in_usage:
+        assert set(last.usage.model_extra) == keys and "provider_specific_fields" in last.model_extra
+    else:
+        assert last.usage is None and "provider_specific_fields" not in last.model_extra

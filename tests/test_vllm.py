@@ -104,21 +104,27 @@ def test_greedy_answers_are_vllms_own_streamed_and_not(real: Real, route: str):
     assert streamed == pick(direct["choices"][0])
 
 
+USAGE_FIGURES = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled"}
+
+
 def test_usage_and_the_energy_objects_token_counts_are_vllms(real: Real):
     direct = _post(f"{real.vllm}/chat/completions", {"model": "tiny", "messages": MSG, **GREEDY}).json()
     via = _post(f"{real.gateway}/chat/completions", {"model": "tiny", "messages": MSG, **GREEDY}).json()
-    assert via["usage"] == direct["usage"]
+    figures = {k: via["usage"].pop(k) for k in USAGE_FIGURES}  # the gateway's, beside vLLM's own keys
+    assert via["usage"] == direct["usage"] and figures["energy_j"] == via["energy"]["joules"]
     assert (via["energy"]["prompt_tokens"], via["energy"]["completion_tokens"]) == (
         direct["usage"]["prompt_tokens"], direct["usage"]["completion_tokens"])
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_the_usage_chunk_is_kept_or_stripped_as_the_client_asked(real: Real, include_usage: bool):
+def test_the_usage_chunk_ends_the_stream_with_the_figures_whether_the_client_asked_or_not(real: Real,
+                                                                                          include_usage: bool):
     body = {"model": "tiny", "messages": MSG, **GREEDY, "stream_options": {"include_usage": include_usage}}
     _, events = _stream_text(f"{real.gateway}/chat/completions", body)
-    with_usage = [e for e in events if e.get("usage")]
-    assert bool(with_usage) is include_usage
-    assert events[-1].get("energy") and events[-1]["energy"]["completion_tokens"] >= 1
+    assert [i for i, e in enumerate(events) if e.get("usage")] == [len(events) - 1]  # only the last chunk
+    last = events[-1]
+    assert last.get("energy") and last["energy"]["completion_tokens"] == last["usage"]["completion_tokens"] >= 1
+    assert USAGE_FIGURES <= set(last["usage"]) and last["provider_specific_fields"] == {"energy": last["energy"]}
 
 
 def test_tools_and_response_format_pass_through(real: Real):
