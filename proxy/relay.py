@@ -65,7 +65,7 @@ class StreamRelay(Response):
         window: CallWindow,
         headers: dict[str, str],
         client_wants_usage: bool,
-        energy_in_usage: bool = True,
+        energy_in_usage: bool,
     ) -> None:
         super().__init__(None, 200, {"cache-control": "no-cache", **headers}, "text/event-stream")
         # No length: the body is a stream (FastAPI may still add headers to raw_headers).
