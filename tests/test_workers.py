@@ -103,7 +103,12 @@ def _registry(home: Path, upstream_url: str, source: str = "simulated", **more: 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[Gateway]:
     home = tmp_path_factory.mktemp("workers")
-    with _serving(home, _registry(home, upstream_url)) as gw:
+    registry = _registry(home, upstream_url)
+    # The stalled-hub test stops the hub's whole process for over 5 s, its sampler with it. With the
+    # default 2 s, whether the calls that ended meanwhile are measured would hang on which thread runs
+    # first after SIGCONT (the sampler's fresh read, or the loop closing the window on a stale GPU).
+    registry["meter"]["stale_after_ms"] = 30_000
+    with _serving(home, registry) as gw:
         yield gw
 
 
