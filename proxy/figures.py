@@ -44,9 +44,11 @@ def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embod
 
 def usage_fields(energy: dict[str, Any]) -> dict[str, Any]:
     """The figures as flat keys for ``usage``, where chat front ends and routers look (Open WebUI shows
-    every key of it; LiteLLM rebuilds it)."""
+    every key of it; LiteLLM rebuilds it). ``energy_request_id`` is the id ``GET /v1/energy/{id}`` settles:
+    a front end that sees only ``usage`` can follow the figure until it is final."""
     return {"energy_j": energy["joules"], "energy_wh": energy["wh"], "gco2e": energy["gco2e"],
-            "water_ml": energy["water_ml"], "energy_method": energy["method"], "energy_settled": energy["settled"]}
+            "water_ml": energy["water_ml"], "energy_method": energy["method"], "energy_settled": energy["settled"],
+            "energy_request_id": energy["request_id"]}
 
 
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,

@@ -4,7 +4,12 @@ Every event is forwarded as soon as it arrives. The only event held back is the
 upstream's usage chunk (``choices: []``, requested by the gateway with
 ``stream_options.include_usage``): it becomes the last data event, carrying the
 ``energy`` object (and ``usage`` only if the client asked for it), followed by
-``[DONE]``.
+``[DONE]``. With the figures in usage on (the default), a chat stream's finish chunk
+(every choice has its ``finish_reason``) is held back too, until the figure is
+known, and goes out just before the last event with the figure in each choice's
+``delta.provider_specific_fields.energy``: the one place LiteLLM's proxy keeps on a
+stream whatever the provider. Anything else arriving after it sends it on first,
+unchanged.
 
 Every data event is parsed (orjson: about 1.5 us for a chat chunk, what the
 regular-expression scan for output it replaced cost), so nothing a client cannot
@@ -75,6 +80,7 @@ class StreamRelay(Response):
         self.client_wants_usage = client_wants_usage
         self.energy_in_usage = energy_in_usage
         self.held: dict[str, Any] | None = None
+        self.finish: tuple[dict[str, Any], bytes] | None = None  # the held finish chunk, and its event
         self.first: dict[str, Any] | None = None
         self.status = Status.OK
         self.streaming = True
@@ -156,6 +162,9 @@ class StreamRelay(Response):
         self.streaming = False  # from here on, a disconnect no longer interrupts: the window is closing
         self.window.end(self.status)
         energy = await self.window.energy()
+        finish = b""
+        if self.finish is not None:
+            finish = b"data: " + orjson.dumps(_with_choice_energy(self.finish[0], energy)) + b"\n\n"
         last = self.held if self.held is not None else self._synthetic_last()
         if self.energy_in_usage:  # where front ends and routers look: usage, and LiteLLM's provider fields
             last["usage"] = {**(last.get("usage") or {}), **usage_fields(energy)}
@@ -163,17 +172,21 @@ class StreamRelay(Response):
         elif not self.client_wants_usage:
             last.pop("usage", None)
         last["energy"] = energy
-        return error_event + b"data: " + orjson.dumps(last) + b"\n\n" + _DONE + b"\n\n"
+        return finish + error_event + b"data: " + orjson.dumps(last) + b"\n\n" + _DONE + b"\n\n"
 
     def _forward(self, events: list[bytes]) -> tuple[list[bytes], bool]:
         """What to forward of ``events``, up to the first one a client could not parse (then True)."""
         out = []
         for event in events:
+            held = self.finish
             try:
                 forwarded = self._event(event)
             except _Unparseable:
                 return out, True
             if forwarded:
+                if held is not None and self.finish is held:  # more came after the finish chunk: it goes on as it was
+                    out.append(held[1])
+                    self.finish = None
                 out.append(forwarded)
         return out, False
 
@@ -207,6 +220,9 @@ class StreamRelay(Response):
                     event = b"data: " + orjson.dumps(obj)
         if _has_output(obj):
             self.tokens += 1
+        if self.energy_in_usage and _finishes_chat(obj):
+            previous, self.finish = self.finish, (obj, event)
+            return previous[1] if previous is not None else None
         return event
 
     def _record_tokens(self) -> None:
@@ -262,6 +278,23 @@ def _has_output(chunk: dict[str, Any]) -> bool:
         if (isinstance(calls, list) and any(isinstance(c, dict) for c in calls)) or isinstance(call, dict):
             return True
     return False
+
+
+def _finishes_chat(chunk: dict[str, Any]) -> bool:
+    """Whether ``chunk`` finishes every chat choice it has (each has a ``delta`` and a ``finish_reason``)."""
+    choices = chunk.get("choices")
+    return bool(choices) and isinstance(choices, list) and all(
+        isinstance(c, dict) and isinstance(c.get("delta"), dict) and c.get("finish_reason") is not None
+        for c in choices)
+
+
+def _with_choice_energy(chunk: dict[str, Any], energy: dict[str, Any]) -> dict[str, Any]:
+    """The finish ``chunk`` with ``energy`` in each choice's ``delta.provider_specific_fields``."""
+    for choice in chunk["choices"]:
+        delta = choice["delta"]
+        fields = delta.get("provider_specific_fields")
+        delta["provider_specific_fields"] = {**(fields if isinstance(fields, dict) else {}), "energy": energy}
+    return chunk
 
 
 def _key(pattern: re.Pattern[bytes], data: bytes) -> bool:

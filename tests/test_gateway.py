@@ -58,8 +58,12 @@ def test_stream_relays_every_chunk_and_ends_with_energy(stack, client):
     assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 10
     assert last.usage.model_extra == {"energy_j": energy["joules"], "energy_wh": energy["wh"],
                                       "gco2e": energy["gco2e"], "water_ml": energy["water_ml"],
-                                      "energy_method": "simulated", "energy_settled": False}
+                                      "energy_method": "simulated", "energy_settled": False,
+                                      "energy_request_id": energy["request_id"]}
     assert last.model_extra["provider_specific_fields"] == {"energy": energy}
+    # And on the finish chunk's delta, the one place LiteLLM's proxy keeps on a stream whatever the provider.
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert finish is chunks[-2] and finish.choices[0].delta.model_extra["provider_specific_fields"] == {"energy": energy}
     assert len({c.id for c in chunks}) == 1
     # The gateway asked the upstream for usage to learn exact counts.
     assert stack.upstream.requests_seen[-1]["stream_options"] == {"include_usage": True}
@@ -316,7 +320,7 @@ def test_the_figures_ride_in_usage_unless_the_registry_turns_it_off(in_usage):
     from wattgate.proxy.settings import GatewaySettings, LedgerSettings, MeterSettings, Model, Settings
     from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
-    keys = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled"}
+    keys = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled", "energy_request_id"}
     with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up:
         settings = Settings(meter=MeterSettings(source="simulated"), ledger=LedgerSettings(enabled=False),
                             gateway=GatewaySettings(energy_in_usage=in_usage),
@@ -324,7 +328,9 @@ def test_the_figures_ride_in_usage_unless_the_registry_turns_it_off(in_usage):
         with ServerThread(create_app(settings)) as gw:
             sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x")
             plain = sdk.chat.completions.create(model="llama", messages=MSG, max_tokens=4)
-            last = list(sdk.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=True))[-1]
+            *_, finish, last = sdk.chat.completions.create(model="llama", messages=MSG, max_tokens=4, stream=True)
+    assert finish.choices[0].finish_reason == "length"
+    assert ("provider_specific_fields" in finish.choices[0].delta.model_extra) is in_usage
     assert set(plain.usage.model_extra) == (keys if in_usage else set())
     assert plain.usage.model_extra.get("energy_j", plain.model_extra["energy"]["joules"]) == \
         plain.model_extra["energy"]["joules"]

@@ -135,9 +135,21 @@ def test_every_token_is_timed_whatever_the_chunk_shape(gateway, shape):
     energy = orjson.loads(events[-2].removeprefix("data: "))["energy"]
     # No usage chunk from most of these upstreams: the count is the token events the relay saw.
     assert energy["completion_tokens"] == tokens
-    # Each upstream event reaches the client as it was sent (line ends made LF, [DONE] the gateway's own).
+    # Each upstream event reaches the client as it was sent (line ends made LF, [DONE] the gateway's own),
+    # but for a chat stream's finish chunk: the same JSON, with the figure on its choices' deltas.
     sent = [e for e in raw.decode().replace("\r\n", "\n").split("\n\n") if e and "[DONE]" not in e]
-    assert all(e in text for e in sent if '"usage"' not in e)
+    finishes = [e for e in events if '"finish_reason":"' in e and '"delta"' in e]
+    if "completions" in shape:
+        assert all(e in text for e in sent if '"usage"' not in e) and not finishes
+        return
+    assert len(finishes) == 1 and finishes[0] == events[-3]  # just before the energy chunk
+    finish = orjson.loads(finishes[0].removeprefix("data: "))
+    assert all(c["delta"].pop("provider_specific_fields") == {"energy": energy} for c in finish["choices"])
+    assert all(e in text or _event_json(e) == finish for e in sent if '"usage"' not in e)
+
+
+def _event_json(event: str) -> Any:
+    return json.loads("\n".join(line.removeprefix("data:").strip() for line in event.split("\n")))
 
 
 def test_the_openai_sdk_reads_the_spaced_stream_and_its_energy(gateway):

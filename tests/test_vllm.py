@@ -104,7 +104,7 @@ def test_greedy_answers_are_vllms_own_streamed_and_not(real: Real, route: str):
     assert streamed == pick(direct["choices"][0])
 
 
-USAGE_FIGURES = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled"}
+USAGE_FIGURES = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled", "energy_request_id"}
 
 
 def test_usage_and_the_energy_objects_token_counts_are_vllms(real: Real):

