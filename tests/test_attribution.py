@@ -117,7 +117,8 @@ def test_monotonicity(trace, act, others, extra):
     parts = {i: spans(a) for i, a in enumerate(others)}
     base = split_energy(trace, {**parts, "x": spans(act)}, 0.0, T_END).shares["x"]
     bigger = split_energy(trace, {**parts, "x": spans(more)}, 0.0, T_END).shares["x"]
-    assert bigger >= base - 1e-9 * max(base, 1.0)
+    # Relative 1e-8: sums of many same-time arrivals round differently (hypothesis found 1.1e-9 on 6.76 J).
+    assert bigger >= base - 1e-8 * max(base, 1.0)
 
 
 def test_work_weighted_split():
