@@ -131,7 +131,7 @@ class WattgateEnergy(CustomLogger):
             yield held
 
     async def fetch(self, request_id: str | None) -> dict[str, Any] | None:
-        """The gateway's record of ``request_id`` (None when unknown, unsettled, or not in ``wait_s``)."""
+        """The gateway's record of ``request_id``, provisional or settled (None when it has none, or not in ``wait_s``)."""
         if not self.gateway_url or not request_id:
             return None
         if self._session is None or self._session.closed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +46,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout} s")
         time.sleep(0.02)
+
+
+def wait_serving(proc: subprocess.Popen, url: str, log: Path, timeout: float, what: str) -> None:
+    """Wait until a real server that ``proc`` started answers 200 at ``url``; fail with the end of its
+    ``log`` if it exits first or takes longer than ``timeout`` s (an opt-in suite's vLLM, LiteLLM, ...)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start ({proc.returncode=}); its log ends:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
 
 
 def scenario(body: dict[str, Any]) -> Scenario:

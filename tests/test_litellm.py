@@ -31,7 +31,7 @@ pytestmark = pytest.mark.litellm
 litellm = pytest.importorskip(
     "litellm", reason="the LiteLLM environment is not installed: python tests/real_litellm/build_env.py")
 
-from tests.conftest import SERVED, settled_records
+from tests.conftest import SERVED, settled_records, wait_serving
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread, free_port
@@ -86,19 +86,6 @@ def _proxy(home: Path, gateways: dict[str, str], callback: bool, env: dict[str, 
     return proc, Proxy(f"http://127.0.0.1:{port}", spend_log)
 
 
-def _wait_ready(proc: subprocess.Popen, proxy: Proxy, log: Path) -> None:
-    deadline = time.monotonic() + START_S
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"LiteLLM's proxy did not start ({proc.returncode=}); its log ends:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{proxy.url}/health/liveliness", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up, \
@@ -111,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                    _proxy(homes[1], {"wg": gw.url, "quiet": quiet.url}, True, env)]
         try:
             for (proc, proxy), home in zip(started, homes, strict=True):
-                _wait_ready(proc, proxy, home / "litellm.log")
+                wait_serving(proc, f"{proxy.url}/health/liveliness", home / "litellm.log", START_S, "LiteLLM's proxy")
             yield Stack(started[0][1], started[1][1], f"{gw.url}/v1", f"{quiet.url}/v1")
         finally:
             for proc, _ in started:

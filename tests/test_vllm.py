@@ -23,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="the real-vLLM environment is not installed: python tests/real_vllm/build_env.py")
 
-from tests.conftest import wait_until
+from tests.conftest import wait_serving, wait_until
 from tests.real_vllm.tiny_model import build
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread, free_port
@@ -52,16 +52,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + START_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vLLM did not start ({proc.returncode=}); its log ends:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_serving(proc, f"{base}/models", log, START_S, "vLLM")
         settings = Settings(
             meter=MeterSettings(source="simulated", foreign_poll_ms=200, settle_lag_ms=500),
             ledger=LedgerSettings(enabled=False),
