@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,17 @@ def stack():
         meter = Meter(SimulatedSource({0: gpu}), [0], interval_s=0.02, settle_lag_s=0.2)
         with ServerThread(create_app(settings, meter=meter)) as gw:
             yield Stack(gw.url, up.url, upstream, gpu, meter)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium (tests/chromium.py) for a module of browser tests; they skip without one."""
+    from tests.chromium import CHROMIUM, CHROMIUM_ARGS  # only the browser suites need Playwright
+
+    with pytest.importorskip("playwright.sync_api").sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ folder); the run's summary prints their paths.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from tests.chromium import CHROMIUM, NO_CHROMIUM, screenshot
 from tests.conftest import settled_records
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
@@ -29,13 +28,9 @@ from wattgate.proxy.settings import Auth, GatewaySettings, LedgerSettings, Meter
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-CHROMIUM = os.environ.get("WATTGATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and os.environ.get("WATTGATE_REQUIRE_BROWSER"):  # CI: a skip here would hide the page's tests
     raise RuntimeError("WATTGATE_REQUIRE_BROWSER is set and no Chromium is installed (apt-get install chromium)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (as .ci/run does)")
-# As root in a container, on a machine with no route out: no sandbox, and no calls home at start.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 APP = Path(__file__).parent / "browser_app"
 FIGURES = ("joules", "wh", "gco2e", "water_ml")
 # Text whose contrast with its background is under WCAG AA's 4.5:1 (shadow roots included; disabled
@@ -70,14 +65,6 @@ LOW_CONTRAST = """() => {
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with demo_stack(ledger=tmp_path_factory.mktemp("ledger") / "ledger.db") as (url, _):
         yield url
@@ -97,14 +84,6 @@ def page(browser: Any) -> Iterator[Any]:
     yield tab
     context.close()
     assert not problems, problems
-
-
-def screenshot(tab: Any, name: str, artifacts: list[Path]) -> None:
-    folder = Path(os.environ.get("WATTGATE_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "wattgate-test-artifacts")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    tab.screenshot(path=str(path), full_page=True)
-    artifacts.append(path)
 
 
 def badges(tab: Any) -> list[dict[str, Any]]:

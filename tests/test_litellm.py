@@ -14,7 +14,6 @@ the callback has to fetch.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,22 +24,20 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 pytestmark = pytest.mark.litellm
 litellm = pytest.importorskip(
     "litellm", reason="the LiteLLM environment is not installed: python tests/real_litellm/build_env.py")
 
-from tests.conftest import SERVED, settled_records, wait_serving
+from tests.conftest import SERVED, settled_records
+from tests.real_litellm import proxy as litellm_proxy
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.serving import ServerThread, free_port
+from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import GatewaySettings, LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-wattgate-suite-master-key-0123456789"
-START_S = 120  # LiteLLM's proxy starts in about 15 s on 2 cores
 MSG = [{"role": "user", "content": "How much energy does one chat answer use?"}]
 PROVIDERS = ["openai", "hosted_vllm"]
 USAGE_KEYS = {"energy_j", "energy_wh", "gco2e", "water_ml", "energy_method", "energy_settled", "energy_request_id"}
@@ -67,46 +64,30 @@ def _gateway(upstream: str, in_usage: bool) -> ServerThread:
     return ServerThread(create_app(settings))
 
 
-def _proxy(home: Path, gateways: dict[str, str], callback: bool, env: dict[str, str]) -> tuple[subprocess.Popen, Proxy]:
-    """``litellm --config`` with a model per provider and gateway (``{prefix}-{provider}``), started as a user would."""
-    models = [{"model_name": f"{prefix}-{provider}",
-               "litellm_params": {"model": f"{provider}/llama", "api_base": f"{url}/v1", "api_key": "none"}}
-              for prefix, url in gateways.items() for provider in PROVIDERS]
-    callbacks = ["tests.real_litellm.spend_probe.probe"]
-    if callback:
-        callbacks.insert(0, "wattgate.integrations.litellm.energy_callback")
-    config = home / "config.yaml"
-    config.write_text(yaml.safe_dump({"model_list": models, "litellm_settings": {"callbacks": callbacks}}))
-    port, spend_log = free_port(), home / "spend.jsonl"
-    env = {**env, "WATTGATE_SPEND_PROBE": str(spend_log)}
-    litellm_cli = Path(sys.executable).parent / "litellm"
-    with (home / "litellm.log").open("wb") as out:
-        proc = subprocess.Popen([str(litellm_cli), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=home)
-    return proc, Proxy(f"http://127.0.0.1:{port}", spend_log)
+def _proxy(home: Path, gateways: dict[str, str], callback: bool) -> tuple[subprocess.Popen, Proxy]:
+    """A proxy with a model per provider and gateway (``{prefix}-{provider}``), and the spend probe."""
+    models = {f"{prefix}-{provider}": f"{provider}/llama@{url}/v1" for prefix, url in gateways.items()
+              for provider in PROVIDERS}
+    callbacks = ["wattgate.integrations.litellm.energy_callback"] if callback else []
+    spend_log = home / "spend.jsonl"
+    env = {"PYTHONPATH": str(ROOT), "WATTGATE_URL": gateways.get("quiet", ""), "WATTGATE_SPEND_PROBE": str(spend_log)}
+    proc, url = litellm_proxy.start(Path(sys.executable).parent / "litellm", home, models,
+                                    [*callbacks, "tests.real_litellm.spend_probe.probe"], env)
+    return proc, Proxy(url, spend_log)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED)) as up, \
             _gateway(up.url, True) as gw, _gateway(up.url, False) as quiet:
-        # Offline: LiteLLM's own price map, no tokenizer from the Hub (each try costs a stream 23 s).
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "LITELLM_MASTER_KEY": KEY,
-               "PYTHONPATH": str(ROOT), "WATTGATE_URL": quiet.url}
-        homes = [tmp_path_factory.mktemp(name) for name in ("litellm-stock", "litellm-callback")]
-        started = [_proxy(homes[0], {"wg": gw.url}, False, env),
-                   _proxy(homes[1], {"wg": gw.url, "quiet": quiet.url}, True, env)]
+        started = [_proxy(tmp_path_factory.mktemp("litellm-stock"), {"wg": gw.url}, False)]
         try:
-            for (proc, proxy), home in zip(started, homes, strict=True):
-                wait_serving(proc, f"{proxy.url}/health/liveliness", home / "litellm.log", START_S, "LiteLLM's proxy")
-            yield Stack(started[0][1], started[1][1], f"{gw.url}/v1", f"{quiet.url}/v1")
+            started.append(_proxy(tmp_path_factory.mktemp("litellm-callback"), {"wg": gw.url, "quiet": quiet.url},
+                                  True))
+            yield Stack(started[0][1], started[-1][1], f"{gw.url}/v1", f"{quiet.url}/v1")
         finally:
             for proc, _ in started:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                litellm_proxy.stop(proc)
 
 
 def _chat(proxy: Proxy, model: str, stream: bool, usage: bool = False) -> tuple[httpx.Headers, list[dict[str, Any]]]:
@@ -114,7 +95,7 @@ def _chat(proxy: Proxy, model: str, stream: bool, usage: bool = False) -> tuple[
     body: dict[str, Any] = {"model": model, "messages": MSG, "max_tokens": 8, "stream": stream}
     if usage:
         body["stream_options"] = {"include_usage": True}
-    headers = {"authorization": f"Bearer {KEY}"}
+    headers = {"authorization": f"Bearer {litellm_proxy.KEY}"}
     with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         text = r.read().decode()
         assert r.status_code == 200, text
