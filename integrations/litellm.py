@@ -24,6 +24,7 @@ the callback uses only what the responses carry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncGenerator, Mapping
@@ -37,8 +38,9 @@ from wattgate.proxy.figures import usage_fields
 
 log = logging.getLogger("wattgate.integrations.litellm")
 
-#: Longest wait for the gateway's record, per response that came without a figure.
-WAIT_S = 2.0
+#: Longest wait for the gateway's record, per response that came without a figure; between its
+#: tries, while the gateway has no record yet, waits doubling from the first to the last.
+WAIT_S, FIRST_RETRY_S, LAST_RETRY_S = 2.0, 0.02, 0.25
 _HEADER_PREFIXES = ("llm_provider-", "")
 
 
@@ -69,11 +71,12 @@ def _get(obj: Any, key: str) -> Any:
 
 
 def request_id_of(obj: Any) -> str | None:
-    """The gateway's ``x-request-id`` among the upstream headers LiteLLM kept on a response or chunk."""
+    """The gateway's ``x-request-id`` among the upstream headers LiteLLM kept on a response or chunk;
+    None for another server's (a gateway's responses say ``x-energy-method``, streams too)."""
     hidden = get_hidden_params(obj) or getattr(obj, "_hidden_params", None) or {}
     headers = hidden.get("additional_headers") or {}
     for prefix in _HEADER_PREFIXES:
-        if value := headers.get(f"{prefix}x-request-id"):
+        if headers.get(f"{prefix}x-energy-method") and (value := headers.get(f"{prefix}x-request-id")):
             return str(value)
     return None
 
@@ -86,7 +89,6 @@ class WattgateEnergy(CustomLogger):
         self.gateway_url = (gateway_url or os.environ.get("WATTGATE_URL") or "").rstrip("/") or None
         self.api_key = api_key or os.environ.get("WATTGATE_API_KEY") or None
         self.wait_s = wait_s
-        self._session: aiohttp.ClientSession | None = None
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any, response: Any) -> Any:
         try:
@@ -105,10 +107,14 @@ class WattgateEnergy(CustomLogger):
         drops when it asked for usage itself): held until the stream ends, then given the figure seen
         anywhere in the stream."""
         tail: list[Any] = []  # from the first finished choice on, chunks without output
-        energy, request_id = None, None
+        energy, request_id, fetched = None, None, False
         async for chunk in response:
             energy = energy_in(chunk) or energy
             request_id = request_id or request_id_of(chunk)
+            if energy is None and not fetched and _finishes(chunk):
+                # LiteLLM builds the spend row as soon as the stream is drained: ask before reading on.
+                fetched = True
+                energy = await self.fetch(request_id or request_id_of(response))
             if (tail or _finishes(chunk)) and not _has_output(chunk):
                 tail.append(chunk)
                 continue
@@ -120,7 +126,8 @@ class WattgateEnergy(CustomLogger):
             else:
                 yield chunk
         try:
-            energy = energy or await self.fetch(request_id or request_id_of(response))
+            if energy is None and not fetched:
+                energy = await self.fetch(request_id or request_id_of(response))
             if energy is not None and tail:
                 for chunk in tail:
                     _attach(chunk, energy)
@@ -131,20 +138,26 @@ class WattgateEnergy(CustomLogger):
             yield held
 
     async def fetch(self, request_id: str | None) -> dict[str, Any] | None:
-        """The gateway's record of ``request_id``, provisional or settled (None when it has none, or not in ``wait_s``)."""
+        """The gateway's record of ``request_id``, provisional or settled, asked again while the gateway
+        has none yet (a stream's record begins when its upstream ends); None when there is none in ``wait_s``."""
         if not self.gateway_url or not request_id:
             return None
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.wait_s))
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            async with self._session.get(f"{self.gateway_url}/v1/energy/{request_id}", headers=headers) as r:
-                if r.status != 200:
+        loop = asyncio.get_running_loop()
+        deadline, wait = loop.time() + self.wait_s, FIRST_RETRY_S
+        # A session per fetch: LiteLLM gives a callback no shutdown to close a kept one in; fetches are rare.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.wait_s)) as session:
+            while True:
+                try:
+                    async with session.get(f"{self.gateway_url}/v1/energy/{request_id}", headers=headers) as r:
+                        record = await r.json() if r.status == 200 else None
+                        status = r.status
+                except (TimeoutError, aiohttp.ClientError, ValueError):
                     return None
-                record = await r.json()
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+                if status != 404 or loop.time() + wait > deadline:
+                    return record if isinstance(record, dict) else None
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, LAST_RETRY_S)
 
 
 def _finishes(chunk: Any) -> bool:

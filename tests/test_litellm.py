@@ -174,5 +174,4 @@ def test_the_callback_fetches_the_figure_a_quiet_gateway_kept_out_of_the_stream(
     if stream:
         assert not _delta_energy(chunks)
     assert energy is not None and energy["method"] == "simulated", chunks[-1]
-    if not stream:  # a fetched stream figure comes after LiteLLM built its spend row (open in issue 31)
-        assert _spend_row(stack.with_callback, energy["request_id"])["energy_j"] == energy["joules"]
+    assert _spend_row(stack.with_callback, energy["request_id"])["energy_j"] == energy["joules"]
