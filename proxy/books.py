@@ -21,7 +21,7 @@ from wattgate.meter.footprint import GridIntensity, SiteFactors, UnknownZone, gr
 from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
 from wattgate.meter.sources import PowerSource
 from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
-from wattgate.proxy.figures import energy_object
+from wattgate.proxy.figures import Energy, energy_object
 from wattgate.proxy.grid import GridFeed, provider_from
 from wattgate.proxy.ledger import Ledger, ledger_path, to_row
 from wattgate.proxy.metrics import Metrics
@@ -215,13 +215,14 @@ class Books:
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         if rec is None:
             return
-        energy = energy_object(m, self.site, rec.request_id, rec.grid, self.idle_share(m, rec.idle_per_joule))
+        idle_j = self.idle_share(m, rec.idle_per_joule)
+        energy = energy_object(m, self.site, rec.request_id, rec.grid, idle_j)
         if self.ledger is None:
             self.records.update(m.request_id, energy)
         else:
             # The API calls a record settled only once it is durable: a crash loses no settled record.
             gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
-            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules)
+            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules, idle_j)
             self.ledger.submit(row, after=lambda stored: self.records.update(
                 m.request_id, energy if stored else {**energy, "settled": False, "stored": False}))
         # Metrics after the record: if they fail, the record is kept all the same.
@@ -277,12 +278,12 @@ class Books:
             request_id = new_request_id()
         return request_id, key
 
-    async def stored(self, request_id: str, team: str | None, *, any_team: bool) -> dict[str, Any] | None:
-        """The ledger's record of ``team``'s ``request_id`` (any team's with ``any_team``), read off
-        the event loop (a commit may hold the database)."""
+    async def stored(self, request_id: str, team: str | None, *, any_team: bool) -> Energy | None:
+        """The energy object of the ledger's record of ``team``'s ``request_id`` (any team's with
+        ``any_team``), read off the event loop (a commit may hold the database)."""
         if self.ledger is None:
             return None
-        return await asyncio.to_thread(self.ledger.get, request_id, team, any_team=any_team)
+        return await asyncio.to_thread(self.ledger.energy, request_id, team, any_team=any_team)
 
     async def summary(self, by: str, team: str | None, since_s: float | None) -> list[dict[str, Any]]:
         """``wattgate report``'s totals of the ledger by ``by`` (``team``'s records only, when given),

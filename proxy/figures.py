@@ -1,9 +1,11 @@
-"""Per-request figures as the user sees them: the ``energy`` body object and headers."""
+"""Per-request figures as the user sees them: the ``energy`` body object (its one definition,
+:class:`Energy`), its headers and its flat ``usage`` keys."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 from wattgate.meter import Measurement
 from wattgate.meter.footprint import J_PER_WH, GridIntensity, SiteFactors, footprint
@@ -14,35 +16,105 @@ def iso_time(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def grid_object(grid: GridIntensity) -> dict[str, Any]:
+class GridObject(TypedDict):
+    """Where a grid intensity came from."""
+
+    source: str  # codecarbon, electricitymaps, watttime, override
+    signal: str  # average, marginal, contractual
+    zone: str | None
+    g_per_kwh: float
+    at: str | None  # ISO time the figure is for (None: an annual average or a fixed figure)
+    fallback_for: str | None  # the live provider this figure stood in for
+    estimated: bool | None  # the provider's isEstimated (None: not said)
+
+
+class Grids(TypedDict):
+    location: GridObject
+    market: GridObject | None  # the site's own figure, when the registry fixes one
+
+
+class TiersWh(TypedDict):
+    accelerators: float
+    with_host: float
+    with_idle: float
+    facility: float
+
+
+class Sci(TypedDict):
+    """The request's Software Carbon Intensity (SCI 1.1, R = one request)."""
+
+    e_kwh: float
+    i_g_per_kwh: float | None
+    m_g: float | None
+    sci_g: float
+    tiers_wh: TiersWh
+
+
+class Energy(TypedDict):
+    """The body's ``energy`` object, as ``GET /v1/energy/{id}`` also returns it (README, "Use it"),
+    built by :func:`energy_object` from a measurement and by :func:`energy_from_record` from a
+    ledger row. The last three are None in rows written before they were kept."""
+
+    request_id: str
+    joules: float
+    wh: float
+    gco2e: float
+    water_ml: float
+    method: str
+    settled: bool
+    gpus: list[int]
+    components: dict[str, float]
+    window_ms: int
+    prompt_tokens: int
+    completion_tokens: int
+    grid_zone: str | None  # the zone the intensity came from; "override" when the registry fixed it
+    grid_intensity_g_per_kwh: float
+    pue: float
+    status: str
+    gco2e_location: float | None  # location-based carbon (SCI); gco2e is market-based when the site fixes one
+    embodied_gco2e: float | None  # the hardware's manufacturing share, apart from gco2e (operational)
+    gpu_seconds: float | None
+    sci: Sci | None
+    grid: Grids | None
+    stored: NotRequired[bool]  # False: the ledger gave the settled record up (it is not settled then)
+
+
+#: The keys every energy object has, in the order it writes them.
+ENERGY_KEYS = tuple(key for key in Energy.__annotations__ if key != "stored")
+
+
+def grid_object(grid: GridIntensity) -> GridObject:
     """Where a grid intensity came from, as the ``energy`` object's ``grid`` says it."""
     return {"source": grid.source, "signal": grid.signal, "zone": grid.zone, "g_per_kwh": grid.g_per_kwh,
             "at": iso_time(grid.at), "fallback_for": grid.fallback, "estimated": grid.estimated}
 
 
-def tiers_wh(gpu_j: float, it_j: float, idle_j: float, pue: float) -> dict[str, float]:
-    """Energy by boundary tier (Wh): the accelerators, + host (IT), + the idle share, x PUE."""
+def tiers_wh(gpu_j: float, it_j: float, idle_j: float, pue: float) -> TiersWh:
+    """Energy by boundary tier (Wh, to 1e-9): the accelerators, + host (IT), + the idle share, x PUE."""
     with_idle = (it_j + idle_j) / J_PER_WH
-    return {"accelerators": gpu_j / J_PER_WH, "with_host": it_j / J_PER_WH, "with_idle": with_idle,
-            "facility": with_idle * pue}
+    return {"accelerators": round(gpu_j / J_PER_WH, 9), "with_host": round(it_j / J_PER_WH, 9),
+            "with_idle": round(with_idle, 9), "facility": round(with_idle * pue, 9)}
 
 
-def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embodied_g: float,
-               idle_j: float) -> dict[str, Any]:
+def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embodied_g: float, idle_j: float) -> Sci:
     """The request's Software Carbon Intensity (SCI 1.1, R = one request) and its energy by boundary tier.
 
     E is the facility energy of the widest tier (accelerators, host, the idle share, x PUE); I the
     location-based intensity; M the embodied share: SCI = E x I + M."""
-    tiers = tiers_wh(m.gpu_joules, m.joules, idle_j, site.pue)
-    e_kwh = tiers["facility"] / 1000
+    e_kwh = (m.joules + idle_j) / J_PER_WH * site.pue / 1000
     return {
         "e_kwh": round(e_kwh, 12), "i_g_per_kwh": location.g_per_kwh, "m_g": round(embodied_g, 9),
         "sci_g": round(e_kwh * location.g_per_kwh + embodied_g, 9),
-        "tiers_wh": {tier: round(wh, 9) for tier, wh in tiers.items()},
+        "tiers_wh": tiers_wh(m.gpu_joules, m.joules, idle_j, site.pue),
     }
 
 
-def usage_fields(energy: dict[str, Any]) -> dict[str, Any]:
+def energy_from_record(record: Mapping[str, Any]) -> Energy:
+    """The energy object of a ledger record (``ledger.from_row``): :class:`Energy`'s keys, no others."""
+    return cast(Energy, {key: record.get(key) for key in ENERGY_KEYS})
+
+
+def usage_fields(energy: Energy) -> dict[str, Any]:
     """The figures as flat keys for ``usage``, where chat front ends and routers look (Open WebUI shows
     every key of it; LiteLLM rebuilds it). ``energy_request_id`` is the id ``GET /v1/energy/{id}`` settles:
     a front end that sees only ``usage`` can follow the figure until it is final."""
@@ -52,7 +124,7 @@ def usage_fields(energy: dict[str, Any]) -> dict[str, Any]:
 
 
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,
-                  location: GridIntensity | None = None, idle_j: float = 0.0) -> dict[str, Any]:
+                  location: GridIntensity | None = None, idle_j: float = 0.0) -> Energy:
     """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client
     knows it, when the meter's window had another name; ``location``: the grid's intensity at the
     request's time (default: the zone's annual average); ``idle_j``: the GPUs' idle energy the request
@@ -95,11 +167,14 @@ ENERGY_HEADERS = (
 )
 
 
-def intensity_source(energy: dict[str, Any]) -> str:
+def intensity_source(energy: Energy) -> str:
     """``x-grid-intensity-source``: where the intensity behind ``x-carbon-gco2e`` came from, e.g.
     ``electricitymaps; signal=average; at=2026-11-27T19:00:00Z``, ``codecarbon; signal=average;
     fallback-for=watttime``, ``override; signal=contractual``."""
-    grid = energy["grid"]["market"] or energy["grid"]["location"]
+    grids = energy["grid"]
+    if grids is None:  # a ledger record written before grid sources were kept
+        return "unknown"
+    grid = grids["market"] or grids["location"]
     parts = [grid["source"], f"signal={grid['signal']}"]
     if grid["at"]:
         parts.append(f"at={grid['at']}")
@@ -108,7 +183,7 @@ def intensity_source(energy: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def energy_headers(energy: dict[str, Any]) -> dict[str, str]:
+def energy_headers(energy: Energy) -> dict[str, str]:
     """Response headers of a non-stream response."""
     return {
         "x-energy-joules": f"{energy['joules']:.6g}",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wattgate.meter.footprint import GridIntensity
-from wattgate.proxy.figures import grid_object, tiers_wh
+from wattgate.proxy.figures import Energy, GridObject, energy_from_record, grid_object, tiers_wh
 from wattgate.proxy.settings import ConfigError, LedgerSettings
 
 log = logging.getLogger(__name__)
@@ -150,36 +150,39 @@ class LedgerUnavailable(ConfigError):
 
 
 def to_row(
-    energy: dict[str, Any],
+    energy: Energy,
     model: str,
     team: str | None,
     ts_end: float,
     gpu_joules: dict[int, float] | None = None,
+    idle_joules: float = 0.0,
 ) -> tuple[Any, ...]:
-    """A ledger row from the body's ``energy`` object; times are Unix seconds."""
+    """A ledger row from the body's ``energy`` object (a settled one: it has its grid and SCI); times are
+    Unix seconds; ``idle_joules``: the GPUs' idle energy in its SCI's widest tier."""
+    grids, sci = energy["grid"], energy["sci"]
+    assert grids is not None and sci is not None, "a settled energy object has its grid and SCI"
     return (
         energy["request_id"], ts_end, model, team, energy["status"], energy["method"], int(energy["settled"]),
         energy["prompt_tokens"], energy["completion_tokens"], energy["window_ms"], energy["joules"], energy["wh"],
         energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
         energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
         ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
-        *_grid_values(energy), energy["embodied_gco2e"], energy["gpu_seconds"],
-        round((energy["sci"]["tiers_wh"]["with_idle"] - energy["sci"]["tiers_wh"]["with_host"]) * 3600, 6),
-        energy["sci"]["e_kwh"], energy["sci"]["sci_g"],
-        None if energy["grid"]["location"]["estimated"] is None else int(energy["grid"]["location"]["estimated"]),
-        energy["grid"]["location"]["zone"],
+        *_grid_values(energy["gco2e_location"], grids["location"]), energy["embodied_gco2e"], energy["gpu_seconds"],
+        round(idle_joules, 6), sci["e_kwh"], sci["sci_g"],
+        None if grids["location"]["estimated"] is None else int(grids["location"]["estimated"]),
+        grids["location"]["zone"],
     )
 
 
-def _grid_values(energy: dict[str, Any]) -> tuple[Any, ...]:
-    grid = energy["grid"]["location"]
+def _grid_values(gco2e_location: float | None, grid: GridObject) -> tuple[Any, ...]:
     at = None if grid["at"] is None else datetime.fromisoformat(grid["at"]).timestamp()
-    return energy["gco2e_location"], grid["g_per_kwh"], grid["source"], grid["signal"], at, grid["fallback_for"]
+    return gco2e_location, grid["g_per_kwh"], grid["source"], grid["signal"], at, grid["fallback_for"]
 
 
 def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-    """A record as ``GET /v1/energy/{id}`` returns it: the row's columns, with the ``grid`` and ``sci``
-    objects of the body's ``energy`` rebuilt from them (rows written before they existed have none)."""
+    """A record: the row's columns, with the ``grid`` and ``sci`` objects of the body's ``energy``
+    rebuilt from them (rows written before they existed have none); ``energy_from_record`` makes it
+    the energy object ``GET /v1/energy/{id}`` returns."""
     rec = dict(zip(COLUMNS, row))
     rec["settled"] = bool(rec["settled"])
     rec["gpus"] = json.loads(rec["gpus"])
@@ -373,6 +376,11 @@ class Ledger:
                 (request_id, *args),
             ).fetchone()
         return from_row(row) if row else None
+
+    def energy(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> Energy | None:
+        """:meth:`get`'s record as the energy object (the same keys as a response's)."""
+        record = self.get(request_id, team, any_team=any_team)
+        return None if record is None else energy_from_record(record)
 
     def reader(self) -> sqlite3.Connection:
         """A read-only connection of its own, for long reads that must not hold up the writer (WAL)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from wattgate.meter.footprint import GridIntensity
+from wattgate.proxy.figures import Energy
 
 
 @dataclass(slots=True)
@@ -15,7 +15,7 @@ class Record:
     request_id: str  # as the client knows it (unique within its team)
     model: str
     team: str | None
-    energy: dict[str, Any] = field(default_factory=dict)
+    energy: Energy | None = None  # its latest figures (None: none yet)
     grid: GridIntensity | None = None  # the grid's intensity when the request ended (None: the zone's average)
     idle_per_joule: dict[int, float] | None = None  # each GPU's idle share per joule then (Books.idle_per_joule)
 
@@ -49,7 +49,7 @@ class Records:
             self._open[key] = Record(request_id, model, team)
             return key
 
-    def update(self, key: str, energy: dict[str, Any]) -> Record | None:
+    def update(self, key: str, energy: Energy) -> Record | None:
         """Store figures unless final ones are already there; return the record. Final: settled, or
         never to be (the ledger gave the record up: ``stored: false``)."""
         with self._lock:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wattgate.meter import Method
+from wattgate.meter.footprint import J_PER_WH
 from wattgate.proxy.ledger import connect
 
 GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')", "method": "method"}
@@ -123,8 +124,9 @@ def _sci(r: dict[str, float]) -> dict[str, Any] | None:
     return {
         "requests": n, "e_kwh": e, "i_g_per_kwh": (sci - m) / e if e else None, "m_g": m,
         "sci_g_per_request": sci / n, "sci_g_per_1000_requests": sci * 1000 / n,
-        "tiers_wh": {"accelerators": r["sci_gpu_joules"] / 3600, "with_host": r["sci_joules"] / 3600,
-                     "with_idle": (r["sci_joules"] + r["idle_joules"]) / 3600, "facility": e * 1000},
+        # Not figures.tiers_wh: a group's records may have different PUEs, so its facility tier is E's sum.
+        "tiers_wh": {"accelerators": r["sci_gpu_joules"] / J_PER_WH, "with_host": r["sci_joules"] / J_PER_WH,
+                     "with_idle": (r["sci_joules"] + r["idle_joules"]) / J_PER_WH, "facility": e * 1000},
     }
 
 

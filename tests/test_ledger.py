@@ -358,3 +358,32 @@ def test_figures_read_to_three_significant_digits_without_exponents(x, text):
     from wattgate.proxy.report import sig3
 
     assert sig3(x) == text
+
+
+def test_get_energy_is_the_same_object_from_memory_and_from_the_ledger(tmp_path):
+    """``GET /v1/energy/{id}``: a record still in the gateway's memory and one it reads back from the
+    ledger (another gateway on the same file, as after a restart or 1,000 newer records) have the
+    same keys and figures."""
+    from tests.conftest import settled_records
+    from wattgate.meter.sources.simulated import SimulatedGpu
+    from wattgate.proxy.app import create_app
+
+    with ServerThread(SimulatedUpstream(SimulatedGpu(), served_name=SERVED, default_max_tokens=8)) as up:
+        settings = Settings(meter=MeterSettings(source="simulated", settle_lag_ms=200),
+                            ledger=LedgerSettings(path=tmp_path / "ledger.db"),
+                            models={"llama": Model(served_name=SERVED, upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as first:
+            ids = [httpx.post(f"{first.url}/v1/chat/completions", json={
+                "model": "llama", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).headers[
+                "x-request-id"] for stream in (False, True)]
+            in_memory = settled_records(first.url, ids)
+            assert set(in_memory) == set(ids)
+            with ServerThread(create_app(settings)) as second:
+                from_ledger = {rid: httpx.get(f"{second.url}/v1/energy/{rid}").json() for rid in ids}
+    for rid in ids:
+        assert list(from_ledger[rid]) == list(in_memory[rid])
+        mem, led = in_memory[rid], from_ledger[rid]
+        assert {k: v for k, v in led.items() if k != "sci"} == {k: v for k, v in mem.items() if k != "sci"}
+        assert led["sci"]["tiers_wh"] == pytest.approx(mem["sci"]["tiers_wh"])
+        assert {k: v for k, v in led["sci"].items() if k != "tiers_wh"} == pytest.approx(
+            {k: v for k, v in mem["sci"].items() if k != "tiers_wh"})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from tests.conftest import settled_records
 from wattgate.meter import Measurement, Method
 from wattgate.meter.footprint import GridIntensity, SiteFactors
-from wattgate.proxy.figures import energy_object
+from wattgate.proxy.figures import ENERGY_KEYS, Energy, energy_object
 from wattgate.proxy.ledger import Ledger, connect, to_row
 from wattgate.proxy.report import totals
 
@@ -54,7 +53,7 @@ def test_report_totals_are_the_sums_of_the_records(tmp_path_factory, rows):
     for i, (gpu_j, host_j, idle_j, gpu_s, pue, intensity, model) in enumerate(rows):
         e = energy_object(measurement(gpu_j, host_j, gpu_s, f"r{i}"), site(pue, intensity), idle_j=idle_j)
         energies.append((model, e))
-        ledger.submit(to_row(e, model, None, time.time()))
+        ledger.submit(to_row(e, model, None, time.time(), idle_joules=idle_j))
     ledger.close()
     db = connect(path)
     by_model = {r["model"]: r for r in totals(db, "model")}
@@ -94,14 +93,15 @@ def test_each_record_through_the_gateway_carries_its_sci(stack):
     assert sci["m_g"] == pytest.approx(rec["embodied_gco2e"]) and set(inline) == set(sci)
 
 
-def read_back(path: Path, energy: dict[str, Any]) -> dict[str, Any]:
-    """``energy``'s record as the ledger gives it back, once written and the ledger reopened."""
+def read_back(path: Path, energy: Energy, idle_j: float = 0.0) -> Energy:
+    """``energy``'s record as the ledger gives it back (``GET /v1/energy/{id}`` once it left memory),
+    once written and the ledger reopened."""
     ledger = Ledger(path)
-    ledger.submit(to_row(energy, "m", None, time.time()))
+    ledger.submit(to_row(energy, "m", None, time.time(), idle_joules=idle_j))
     ledger.close()
     again = Ledger(path)
     try:
-        rec = again.get(energy["request_id"])
+        rec = again.energy(energy["request_id"])
     finally:
         again.close()
     assert rec is not None
@@ -110,7 +110,9 @@ def read_back(path: Path, energy: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_record_read_back_from_the_ledger_has_the_same_sci_and_grid(tmp_path):
     e = energy_object(measurement(36.0, host_j=3.6, gpu_s=2.0), site(), idle_j=7.2)
-    rec = read_back(tmp_path / "l.db", e)
+    rec = read_back(tmp_path / "l.db", e, idle_j=7.2)
+    assert list(rec) == list(e) == list(ENERGY_KEYS)  # the same object as a response's, key for key
+    assert {k: v for k, v in rec.items() if k != "sci"} == {k: v for k, v in e.items() if k != "sci"}
     assert rec["sci"]["tiers_wh"] == pytest.approx(e["sci"]["tiers_wh"])
     for key in ("e_kwh", "i_g_per_kwh", "m_g", "sci_g"):
         assert rec["sci"][key] == pytest.approx(e["sci"][key]), key
