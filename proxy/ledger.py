@@ -217,8 +217,11 @@ class Ledger:
 
     def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], object] | None = None) -> None:
         self.path = path
-        self.db = connect(path)
-        self._lock = threading.Lock()  # one user of the connection at a time: the writer, or a read
+        self.db = connect(path)  # the writer thread's (and close's, once it has stopped)
+        # Reads have a connection of their own: WAL lets them run while the writer holds the database
+        # across a commit of up to 500 rows (a hub's call opening with a client's id waits on a read).
+        self._reads = self.reader()
+        self._reads_lock = threading.Lock()  # one read at a time on it
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._waiting: deque[_Item] = deque()  # rows whose write failed, to be written again (writer thread only)
         self._max_waiting = queue_size
@@ -357,21 +360,20 @@ class Ledger:
 
     def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Insert ``rows`` in one transaction; on failure nothing is written and no transaction stays open."""
-        with self._lock:
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(sql, rows)
-                self.db.execute("COMMIT")
-            except sqlite3.Error:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(sql, rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def get(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> dict[str, Any] | None:
         """The record of ``request_id`` sent by ``team`` (None: without a key), or by any team (the latest)."""
         where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
-        with self._lock:
-            row = self.db.execute(
+        with self._reads_lock:
+            row = self._reads.execute(
                 f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
                 (request_id, *args),
             ).fetchone()
@@ -395,3 +397,5 @@ class Ledger:
                       timeout, self._queue.qsize())
             return
         self.db.close()
+        with self._reads_lock:
+            self._reads.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 
@@ -54,7 +56,6 @@ def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
 
 
 def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
-    import sqlite3
 
     path = tmp_path / "v2.db"
     old = sqlite3.connect(path)
@@ -87,7 +88,6 @@ def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
 def test_a_request_id_is_unique_within_a_team_only(tmp_path):
     """From version 5 on: two teams' records under one id both stay; one team's second replaces its first.
     A ledger of version 4 (one id, one record) keeps its rows."""
-    import sqlite3
 
     path = tmp_path / "v4.db"
     old = sqlite3.connect(path)
@@ -113,10 +113,23 @@ def test_a_request_id_is_unique_within_a_team_only(tmp_path):
         reopened.close()
 
 
+@contextlib.contextmanager
+def held(path):
+    """Another connection's write transaction on the ledger's file: its writer waits inside a commit
+    until this ends, as behind a slow disk or another process's long write."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
     drops = []
     ledger = Ledger(tmp_path / "l.db", queue_size=2, on_drop=lambda: drops.append(1))
-    with ledger._lock:  # the writer is stuck behind this lock, as behind a slow disk
+    with held(tmp_path / "l.db"):
         results = [ledger.submit(to_row(energy(f"r{i}", 1.0), "m", None, time.time())) for i in range(20)]
     assert not all(results) and len(drops) == results.count(False) == ledger.dropped
     ledger.close()
@@ -144,7 +157,7 @@ def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
     drops = []
     ledger = Ledger(tmp_path / "l.db", on_drop=lambda: drops.append(1))
     done = []
-    with ledger._lock:  # hold the writer so that the rows are committed as one batch
+    with held(tmp_path / "l.db"):  # the rows queue up behind the writer and are committed together
         for i in range(5):
             model = None if i == 2 else "m"
             ledger.submit(to_row(energy(f"r{i}", 1.0), model, None, time.time()), after=done.append)
@@ -387,3 +400,27 @@ def test_get_energy_is_the_same_object_from_memory_and_from_the_ledger(tmp_path)
         assert led["sci"]["tiers_wh"] == pytest.approx(mem["sci"]["tiers_wh"])
         assert {k: v for k, v in led["sci"].items() if k != "tiers_wh"} == pytest.approx(
             {k: v for k, v in mem["sci"].items() if k != "tiers_wh"})
+
+
+def test_a_read_never_waits_for_the_writer(tmp_path):
+    """While the writer is held inside a commit (here: another process's write transaction keeps the
+    database, as a long batch does), ``get`` still answers: a hub's call that opens with a client's
+    own id waits on that read, and the worker's other events behind it."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger.submit(to_row(energy("before", 1.0), "m", None, time.time()))
+    wait_for = time.monotonic() + 5
+    while ledger.get("before") is None and time.monotonic() < wait_for:
+        time.sleep(0.01)
+    with held(path):
+        ledger.submit(to_row(energy("during", 2.0), "m", None, time.time()))
+        time.sleep(0.2)  # the writer is now waiting for the lock, inside its commit
+        answered = threading.Event()
+        reader = threading.Thread(target=lambda: (ledger.get("before"), answered.set()))
+        reader.start()
+        assert answered.wait(1.0), "a read waited for the writer's commit"
+        assert ledger.get("during") is None  # not committed yet
+    ledger.close()
+    again = Ledger(path)
+    assert again.get("during")["joules"] == 2.0  # written once the lock was free
+    again.close()
