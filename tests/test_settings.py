@@ -87,10 +87,10 @@ def test_gateway_auth_is_off_only_when_left_out(monkeypatch):
         load_keys(Auth(keys_env="WG_KEYS", metrics_aliases=["prometheus"]))
 
 
-def test_readme_registry_reference_is_valid():
-    text = (ROOT / "README.md").read_text()
-    start = text.index("```yaml", text.index("## Registry")) + len("```yaml")
-    s = parse_settings(text[start : text.index("```", start)], "README.md")
+def test_the_registry_reference_is_valid():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    start = text.index("```yaml") + len("```yaml")
+    s = parse_settings(text[start : text.index("```", start)], "docs/configuration.md")
     assert set(s.models) == {"llama-3.1-8b", "gpt-4o-mini"}
 
 
