@@ -10,7 +10,7 @@ default, so that the gateway is the bottleneck), streamed 128-token answers at
 each concurrency. The gateway is pinned to ``--gateway-cores`` (give it one thread of
 each physical core: the bench prints which of them share one); the upstreams and
 the load generators (``--clients`` processes) to the other cores. Both are
-``bench/load_side.py``'s bare protocols (aiohttp clients and ``simulate-upstream``
+``tests/load_side.py``'s bare protocols (aiohttp clients and ``simulate-upstream``
 capped the curve at about 55k tokens/s on 13 cores); even so each costs about
 11-12 us of CPU per chunk, two thirds of it in the kernel, against the gateway's
 25-35 (2-core VM, 2026-11-28), so N workers need nearly as many cores again for
@@ -62,8 +62,8 @@ import orjson
 import uvloop
 import yaml
 
-from bench.load_side import Streamed, stream_requests
 from bench.overhead import _cpu_s, _cpu_times, _hub_and_workers, _pinned, _wait, _wait_workers
+from tests.load_side import Streamed, split, stream_requests
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -74,16 +74,11 @@ TOKENS = 128
 IDLE_S = 2.0
 
 
-def _split(total: int, parts: int) -> list[int]:
-    """``total`` in ``parts`` nearly equal whole shares."""
-    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
-
-
 async def _streams(ports: list[int], models: list[str], concurrency: int, n: int) -> Streamed:
     """``n`` streamed requests, ``concurrency`` at a time, split evenly over the gateways at ``ports``."""
     return Streamed.merged(await asyncio.gather(*(
         stream_requests("127.0.0.1", port, "/v1/chat/completions", models, c, k, TOKENS)
-        for port, c, k in zip(ports, _split(concurrency, len(ports)), _split(n, len(ports)), strict=True))))
+        for port, c, k in zip(ports, split(concurrency, len(ports)), split(n, len(ports)), strict=True))))
 
 
 def _client_process(ports: list[int], models: list[str], concurrency: int, n: int, cores: list[int], go: Any,
@@ -106,7 +101,7 @@ def _load(ports: list[int], models: list[str], concurrency: int, n: int, clients
     ctx = multiprocessing.get_context("spawn")
     out, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_client_process, args=(ports, models, c, k, cores, go, out))
-             for c, k in zip(_split(concurrency, clients), _split(n, clients), strict=True)]
+             for c, k in zip(split(concurrency, clients), split(n, clients), strict=True)]
     for p in procs:
         p.start()
     time.sleep(0.5 + 0.2 * clients)  # let them import
@@ -336,7 +331,7 @@ def main() -> None:
         _hub_alone(args, other)
         return
     up_ports = [free_port() for _ in range(args.upstreams)]
-    exe = [sys.executable, "-m", "bench.load_side", "upstream", "--itl-ms", str(args.itl_ms)]
+    exe = [sys.executable, "-m", "tests.load_side", "upstream", "--itl-ms", str(args.itl_ms)]
     ups = [subprocess.Popen(_pinned(other, [*exe, "--port", str(p)]), stdout=subprocess.DEVNULL) for p in up_ports]
     try:
         for p in up_ports:

@@ -54,11 +54,11 @@ def test_a_counter_that_changes_at_every_read_gives_no_phase_and_no_sweep():
 
 
 def test_readyz_shows_the_learnt_counter_step():
-    from bench.inline import _Clock  # the bench's scripted clock
+    from tests.replay import Clock  # the replay harness's scripted clock
     from wattgate.meter import Meter
 
     trace = [(round(0.01 * k, 6), 1000.0 + 30.0 * (k // 10), 300.0) for k in range(600)]  # steps every 100 ms
-    clock = _Clock()
+    clock = Clock()
     meter = Meter(TraceSource({0: trace}, clock), [0], clock=clock)
     assert meter.sampler is not None
     t = 0.05

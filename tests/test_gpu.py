@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bench.gpu_upstream import counter_j
+from tests.gpu_upstream import counter_j
 from wattgate.meter import Measurement, Meter
 from wattgate.meter.sources.nvml import NvmlSource, visible_gpu_count
 
@@ -139,8 +139,8 @@ def test_gateway_end_to_end_on_the_gpu():
     import httpx
     import openai
 
-    from bench.gpu_upstream import TorchUpstream
     from tests.conftest import settled_records
+    from tests.gpu_upstream import TorchUpstream
     from wattgate.proxy.app import create_app
     from wattgate.proxy.serving import ServerThread
     from wattgate.proxy.settings import MeterSettings, Model, Settings, Site

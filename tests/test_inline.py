@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.inline import SPARSE_COUNTER_S, Planned, Replayed, Scripted, replay, run_trace, simulate, summary, workload
+from tests.replay import SPARSE_COUNTER_S, Planned, Replayed, Scripted, replay, run_trace, simulate, summary, workload
 
 POLL_S = 0.05
 # Requests come once the sampler has learnt when the counter steps (meter.counter_steps: about 2.5 s

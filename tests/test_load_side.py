@@ -1,4 +1,4 @@
-"""The bench's load side (bench/load_side.py) speaks what the gateway and the openai SDK expect, and its
+"""The bench's load side (tests/load_side.py) speaks what the gateway and the openai SDK expect, and its
 client counts what it was sent: otherwise bench.workers' tokens per second would measure nothing."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import openai
 import pytest
 import uvloop
 
-from bench.load_side import SERVED, serve_upstream, stream_requests
 from tests.conftest import wait_until
+from tests.load_side import SERVED, serve_upstream, split, stream_requests
 from wattgate.proxy.app import create_app
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import MeterSettings, Model, Settings
@@ -84,3 +84,9 @@ def test_the_client_fails_loudly_on_an_error_answer(gateway: str) -> None:
     port = int(gateway.rsplit(":", 1)[1])
     with pytest.raises(RuntimeError, match="gateway answered b'HTTP/1.1 404"):
         uvloop.run(stream_requests("127.0.0.1", port, "/v1/chat/completions", ["no-such-model"], 1, 1, 16))
+
+
+def test_the_load_is_split_into_whole_shares_that_add_up() -> None:
+    assert split(512, 3) == [170, 171, 171]
+    assert split(2, 4) == [0, 1, 0, 1]
+    assert all(sum(split(total, parts)) == total for total in range(50) for parts in range(1, 9))

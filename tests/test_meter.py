@@ -332,7 +332,7 @@ def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier
 def test_mirror_image_windows_get_mirror_shares_from_ideal_sensors(counter_every_s):
     """Windows a (0-3 s) and c (2-5 s) around b mirror each other: c/a = 1 but for where the 100 ms
     counter steps and the reads fall against the load's edges (bench/placement.py maps it)."""
-    from bench.placement import mirror_windows
+    from tests.mirror_windows import mirror_windows
 
     for phase, offset in [(0.013, 0.37), (0.081, 0.83)]:
         got = mirror_windows(counter_every_s, phase, offset)
@@ -344,7 +344,7 @@ def test_mirror_image_windows_get_mirror_shares_from_ideal_sensors(counter_every
 @pytest.mark.parametrize("counter_every_s", [1.0, 8.0])
 def test_power_lag_undoes_a_power_sensor_that_reports_late(counter_every_s):
     """A power sensor 100 ms late moves energy across the load's edges; told the lag, the meter places it as if on time."""
-    from bench.placement import mirror_windows
+    from tests.mirror_windows import mirror_windows
 
     on_time = mirror_windows(counter_every_s, 0.047, 0.61)
     late = mirror_windows(counter_every_s, 0.047, 0.61, power_late=0.1)

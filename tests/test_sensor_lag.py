@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.sensor_lag import busy_before, counter_steps, fit_counter, fit_power, is_busy
+from tests.sensor_fits import busy_before, counter_steps, fit_counter, fit_power, is_busy
 
 PHASES = np.array([(1.0 + 2 * k, 2.0 + 2 * k) for k in range(6)])  # 1 s busy, 1 s idle
 

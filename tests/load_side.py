@@ -1,8 +1,8 @@
 """A load side fast enough to find a many-core gateway's limit: an upstream and a client as bare asyncio protocols.
 
-    python -m bench.load_side upstream --port 8001 [--itl-ms 1]   # what bench.workers starts
+    python -m tests.load_side upstream --port 8001 [--itl-ms 1]   # what bench.workers starts
 
-Written by hand, for the bench only: `bench.workers` with aiohttp load
+Written by hand, for `bench.workers` (tests/test_load_side.py checks it): that bench with aiohttp load
 generators and `wattgate simulate-upstream` processes reached about 55k
 tokens/s on 13 of the H200 host's 16 cores (2026-11-27), less than two
 gateway workers relay, so the curve measured the load side. HTTP load tools
@@ -250,3 +250,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` nearly equal whole shares (connections and requests among load processes)."""
+    return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
