@@ -11,10 +11,9 @@ import asyncio
 import functools
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -26,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu
-from wattgate.proxy.books import Books, CallWindow, build_meter, new_request_id
+from wattgate.proxy.books import Books
+from wattgate.proxy.calls import CallOpener, request_id_from
 from wattgate.proxy.errors import (
     GatewayError,
     InvalidRequest,
@@ -39,28 +39,19 @@ from wattgate.proxy.errors import (
 from wattgate.proxy.exchange import TOO_DEEP, Exchange, parse, upstream_name
 from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
+from wattgate.proxy.metering import build_meter
 from wattgate.proxy.metrics import TeamView
 from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.records import record_key
-from wattgate.proxy.report import GROUPS, parse_duration
 from wattgate.proxy.settings import Model, Settings, load_keys
+from wattgate.proxy.totals import GROUPS, parse_duration
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient
 
 log = logging.getLogger("wattgate")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: What ``GET /v1/energy`` totals by: no ``team`` (a caller sees its own team's records only).
 SUMMARY_GROUPS = tuple(g for g in GROUPS if g != "team")
-
-
-class CallOpener(Protocol):
-    """Where calls are metered: :class:`~proxy.books.Books`, or a worker's link to the hub."""
-
-    async def open(self, request_id: str, client_chose: bool, name: str, team: str | None,
-                   prompt_tokens: int) -> CallWindow: ...
-
-    def observe_loop_lag(self, seconds: float) -> None: ...
 
 
 class GatewayState:
@@ -152,9 +143,7 @@ class _ApiCors:
 
 
 def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    # "." and "..": a URL path cannot carry them (clients normalise them away), so the record could not be fetched
-    return given if _REQUEST_ID.fullmatch(given) and given.strip(".") else new_request_id()
+    return request_id_from(request.headers.get("x-request-id", ""))
 
 
 async def probe_loop_lag(observe: Callable[[float], None], period_s: float = 0.5) -> None:

@@ -3,8 +3,8 @@
 One :class:`Books` exists per gateway: in the single process, or in the hub of a
 multi-worker gateway (:mod:`proxy.hub`), where every worker's calls reach the same
 meter. A call's window and record are opened with :meth:`Books.open`, which gives
-the call a :class:`CallWindow`: what the relay and the exchange feed tokens to and
-close. The hub's workers hold a remote window of the same shape (:mod:`proxy.hub_client`).
+the call a :class:`~proxy.calls.CallWindow`: what the relay and the exchange feed tokens
+to and close. The hub's workers hold a remote window of the same shape (:mod:`proxy.hub_link`).
 """
 
 from __future__ import annotations
@@ -12,131 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter, deque
-from typing import Any, Protocol
+from typing import Any
 
-from wattgate.meter import Fault, GpuTotals, Measurement, Meter, MeterFault, Method, RequestWindow, Status
-from wattgate.meter.footprint import GridIntensity, SiteFactors, UnknownZone, grid_intensity
-from wattgate.meter.host import FixedHostPower, HostPower, RaplHostPower
-from wattgate.meter.sources import PowerSource
-from wattgate.meter.sources.simulated import SimulatedGpu, SimulatedSource
+from wattgate.meter import Fault, GpuTotals, Measurement, Meter, Method, RequestWindow, Status
+from wattgate.meter.sources.simulated import SimulatedGpu
+from wattgate.proxy.calls import new_request_id
 from wattgate.proxy.figures import Energy, energy_object
 from wattgate.proxy.grid import GridFeed, provider_from
 from wattgate.proxy.ledger import Ledger, ledger_path, to_row
+from wattgate.proxy.metering import site_factors
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records
-from wattgate.proxy.report import totals
-from wattgate.proxy.settings import ConfigError, Model, Settings
+from wattgate.proxy.settings import Model, Settings
+from wattgate.proxy.totals import totals
 
 log = logging.getLogger("wattgate")
 
 # Settled records kept in memory with the ledger on (it answers for older ones): about 1 KB each.
 RECENT_WITH_LEDGER = 1_000
-
-
-class CallWindow(Protocol):
-    """One call's window and record, wherever the meter runs (this process or the hub)."""
-
-    request_id: str  # as the client knows it
-    key: str  # the record's key: unique across teams
-
-    @property
-    def method(self) -> Method:
-        """How the call is metered, as far as is known while it runs (a stream's header says it)."""
-        ...
-
-    def tokens(self, n: float = 1) -> None:
-        """``n`` tokens arrived now (streams)."""
-        ...
-
-    def completed(self, n: int) -> None:
-        """A plain response's ``n`` tokens, whose arrival times the gateway cannot see."""
-        ...
-
-    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
-        """The upstream's usage report; what is not a count is ignored."""
-        ...
-
-    def end(self, status: Status) -> None:
-        """Close the window (the first call only) and count the call; never raises."""
-        ...
-
-    async def energy(self) -> dict[str, Any]:
-        """The ``energy`` object of the ended call (provisional unless already final)."""
-        ...
-
-
-def new_request_id() -> str:
-    return f"wg-{uuid.uuid4().hex}"
-
-
-def site_factors(settings: Settings) -> SiteFactors:
-    s = settings.site
-    try:
-        location = GridIntensity(grid_intensity(s.grid_zone), "codecarbon", "average", s.grid_zone)
-    except UnknownZone as exc:
-        raise ConfigError(f"site.grid_zone: {exc}") from None
-    market = None
-    if s.grid_intensity_g_per_kwh is not None:
-        market = GridIntensity(s.grid_intensity_g_per_kwh, "override", "contractual", s.grid_zone)
-    return SiteFactors(s.grid_zone, location, market, s.pue, s.wue_site_l_per_kwh, s.water_grid_l_per_kwh,
-                       s.hardware.embodied())
-
-
-def build_meter(
-    settings: Settings, simulated_gpus: dict[int, SimulatedGpu] | None = None
-) -> tuple[Meter, dict[int, SimulatedGpu]]:
-    """The meter the registry asks for; NVML missing degrades to estimates, loudly.
-
-    Also returns the simulated GPUs the gateway must drive itself (begin/end of each request).
-    ``simulated_gpus``: for ``source: simulated``, GPUs whose load something else drives (the
-    demo's and tests' simulated upstream); none then for the gateway to drive.
-    """
-    m = settings.meter
-    gpus = settings.metered_gpus
-    simulated: dict[int, SimulatedGpu] = {}
-    source: PowerSource | None = None
-    init_fault = None
-    if m.source == "simulated":
-        if simulated_gpus is None:
-            simulated = {g: SimulatedGpu() for g in gpus}
-        source = SimulatedSource(simulated if simulated_gpus is None else simulated_gpus)
-    elif m.source == "nvml" and gpus:
-        from wattgate.meter.sources.nvml import NvmlSource
-
-        try:
-            source = NvmlSource(gpus, m.mig)
-        except MeterFault as exc:
-            log.warning("meter: %s; all figures will be estimates", exc)
-            init_fault = exc.kind
-    meter = Meter(
-        source,
-        gpus,
-        host=_host_power(settings),
-        interval_s=m.interval_ms / 1000,
-        idle=m.idle,
-        settle_lag_s=m.settle_lag_ms / 1000,
-        stale_after_s=m.stale_after_ms / 1000,
-        counter_every_s=None if m.counter_interval_ms == "auto" else m.counter_interval_ms / 1000 or None,
-        counter_cpu_budget=m.counter_cpu_budget if m.counter_interval_ms == "auto" else None,
-        power_lag_s=None if m.power_lag_ms == "auto" else m.power_lag_ms / 1000,
-    )
-    if init_fault:
-        meter.errors[init_fault] += 1
-    return meter, simulated
-
-
-def _host_power(settings: Settings) -> HostPower | None:
-    host = settings.meter.host
-    if host.source == "fixed":
-        return FixedHostPower(host.watts_per_gpu)
-    if host.source == "rapl":
-        try:
-            return RaplHostPower()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"meter.host.source: rapl: {exc}") from None
-    return None
 
 
 class IdlePeriod:
@@ -226,18 +120,8 @@ class Books:
             self.ledger.submit(row, after=lambda stored: self.records.update(
                 m.request_id, energy if stored else {**energy, "settled": False, "stored": False}))
         # Metrics after the record: if they fail, the record is kept all the same.
-        mx = self.metrics
-        # Other sources (a trace in tests, a benchmark's) count with the simulated figures: not measurements.
-        method = m.method if m.method in (Method.NVML, Method.ESTIMATE) else Method.SIMULATED
-        mx.energy.labels(rec.model, method).observe(m.joules)
-        if m.completion_tokens:
-            mx.per_token.labels(rec.model).observe(m.joules / m.completion_tokens)
-        mx.carbon.labels(rec.model).inc(energy["gco2e"])
-        mx.water.labels(rec.model).inc(energy["water_ml"] / 1000)
-        if rec.team is not None:
-            mx.team_energy.labels(rec.team).inc(m.joules)
-            mx.team_carbon.labels(rec.team).inc(energy["gco2e"])
-            mx.team_water.labels(rec.team).inc(energy["water_ml"] / 1000)
+        self.metrics.count_settled(rec.model, rec.team, m.method, m.joules, m.completion_tokens, energy["gco2e"],
+                                   energy["water_ml"])
 
     def idle_per_joule(self) -> dict[int, float]:
         """Each GPU's idle energy per joule attributed on it over the trailing ``meter.idle_period_h``
@@ -333,11 +217,7 @@ class Books:
 
     def record(self, name: str, m: Measurement, status: Status, latency_s: float) -> dict[str, Any]:
         """Count an ended call and store its figure in its record; its energy object."""
-        mx = self.metrics
-        mx.requests.labels(name, status).inc()
-        mx.tokens.labels(name, "prompt").inc(m.prompt_tokens)
-        mx.tokens.labels(name, "completion").inc(m.completion_tokens)
-        mx.latency.labels(name).observe(latency_s)
+        self.metrics.count_call(name, status, m.prompt_tokens, m.completion_tokens, latency_s)
         rec = self.records.get(m.request_id)  # the window is named by the record's key
         # The intensity in force as it ended, and the GPUs' idle ratios then: its settled figure uses the same.
         grid, idle = self.grid.at(), self.idle_per_joule()

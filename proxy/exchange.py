@@ -22,7 +22,7 @@ from starlette.types import Receive
 
 from wattgate.meter import Status, token_count
 from wattgate.proxy import upstream as up
-from wattgate.proxy.books import CallWindow
+from wattgate.proxy.calls import CallWindow
 from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
 from wattgate.proxy.figures import energy_headers, usage_fields
 from wattgate.proxy.relay import StreamRelay

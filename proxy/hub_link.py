@@ -38,10 +38,10 @@ from wattgate.meter import Fault, Method, Status
 from wattgate.meter.window import Request as Window
 from wattgate.meter.window import measurement, token_count
 from wattgate.proxy.app import READY_PROBE_S, GatewayState, ask_upstreams, ready_response
-from wattgate.proxy.books import site_factors
 from wattgate.proxy.errors import ServiceUnavailable
 from wattgate.proxy.figures import energy_object
 from wattgate.proxy.hub import MAX_LINE_BYTES, api_path, events_path, measurement_fields
+from wattgate.proxy.metering import site_factors
 from wattgate.proxy.records import record_key
 from wattgate.proxy.settings import Model, Settings
 
@@ -260,7 +260,7 @@ class HubConnection:
 
 
 class HubLink:
-    """A worker's link to the hub: opens :class:`HubCall` windows there (a :class:`~proxy.app.CallOpener`)
+    """A worker's link to the hub: opens :class:`HubCall` windows there (a :class:`~proxy.calls.CallOpener`)
     and passes it the routes it answers."""
 
     def __init__(self, settings: Settings, runtime_dir: str | os.PathLike[str], index: int) -> None:
@@ -355,7 +355,7 @@ def add_hub_routes(app: FastAPI, link: HubLink) -> None:
 
 
 class HubCall:
-    """A call's window kept at the hub, fed by a worker (a :class:`~proxy.books.CallWindow`)."""
+    """A call's window kept at the hub, fed by a worker (a :class:`~proxy.calls.CallWindow`)."""
 
     __slots__ = (
         "_completed",

@@ -90,6 +90,29 @@ class Metrics:
         r.register(_GpuCollector(meter))
 
 
+    def count_call(self, model: str, status: Status, prompt_tokens: int, completion_tokens: int,
+                   latency_s: float) -> None:
+        """An ended call of registry model ``model``."""
+        self.requests.labels(model, status).inc()
+        self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        self.tokens.labels(model, "completion").inc(completion_tokens)
+        self.latency.labels(model).observe(latency_s)
+
+    def count_settled(self, model: str, team: str | None, method: Method, joules: float, completion_tokens: int,
+                      gco2e: float, water_ml: float) -> None:
+        """A settled figure: its energy, carbon and water, by model and by team. Sources other than NVML
+        and estimates (a trace in tests, a benchmark's) count with the simulated figures: not measurements."""
+        published = method if method in (Method.NVML, Method.ESTIMATE) else Method.SIMULATED
+        self.energy.labels(model, published).observe(joules)
+        if completion_tokens:
+            self.per_token.labels(model).observe(joules / completion_tokens)
+        self.carbon.labels(model).inc(gco2e)
+        self.water.labels(model).inc(water_ml / 1000)
+        if team is not None:
+            self.team_energy.labels(team).inc(joules)
+            self.team_carbon.labels(team).inc(gco2e)
+            self.team_water.labels(team).inc(water_ml / 1000)
+
 class TeamView:
     """A registry as one team sees it: the per-team series of other teams left out."""
 

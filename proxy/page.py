@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from wattgate.proxy.report import EQUIVALENTS
+from wattgate.proxy.equivalents import EQUIVALENTS
 
 # The page runs only its own files and talks only to this gateway: no inline script or style, no frames.
 PAGE_POLICY = (

@@ -34,7 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from wattgate.meter import Status
 from wattgate.proxy import upstream as up
-from wattgate.proxy.books import CallWindow
+from wattgate.proxy.calls import CallWindow
 from wattgate.proxy.figures import usage_fields
 
 _DONE = b"data: [DONE]"

@@ -154,7 +154,7 @@ def test_a_reply_stopped_midway_still_shows_what_it_used(demo, page):
 
 @pytest.mark.parametrize("scale", [1e-4, 0.03, 1.0, 47.0, 12_345.0])
 def test_the_pages_equivalents_are_the_reports_word_for_word(demo, page, scale):
-    from wattgate.proxy.report import EQUIVALENTS, equivalent
+    from wattgate.proxy.equivalents import EQUIVALENTS, equivalent
 
     totals = {"wh": 0.0502 * scale, "gco2e": 0.0289 * scale, "water_ml": 0.273 * scale}
     page.goto(f"{demo}/chat")

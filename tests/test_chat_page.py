@@ -77,7 +77,7 @@ def test_the_page_is_served_with_a_strict_policy_and_no_inline_code(upstream, tm
 
 
 def test_the_widget_carries_the_report_equivalents_and_loads_from_any_origin(upstream, tmp_path):
-    from wattgate.proxy.report import EQUIVALENTS
+    from wattgate.proxy.equivalents import EQUIVALENTS
 
     with ServerThread(create_app(_settings(upstream, tmp_path))) as gw:
         widget = httpx.get(f"{gw.url}/widget.js", headers={"origin": "https://app.example"})

@@ -25,7 +25,7 @@ def test_one_gpu_hour_of_embodied_carbon_by_hand():
 
 
 def test_the_registry_sets_the_hardware():
-    from wattgate.proxy.books import site_factors
+    from wattgate.proxy.metering import site_factors
 
     s = parse_settings("site: {hardware: {gpu_embodied_kgco2e: 164, server_embodied_kgco2e: 2400, gpus_per_server: 4,"
                        " lifetime_years: 5}}\nmodels: {a: {upstream: 'http://x/v1'}}\n")

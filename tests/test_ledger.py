@@ -14,10 +14,10 @@ import pytest
 from tests.conftest import SERVED
 from wattgate.proxy.cli import main
 from wattgate.proxy.ledger import MIGRATIONS, Ledger, connect, to_row
-from wattgate.proxy.report import parse_duration, totals
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
+from wattgate.proxy.totals import parse_duration, totals
 
 
 def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, prompt: int = 5) -> dict:
@@ -323,7 +323,7 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
 
 
 def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):
-    from wattgate.proxy import report
+    from wattgate.proxy import totals as sums
 
     ledger = Ledger(tmp_path / "l.db")
     for i in range(300):
@@ -332,7 +332,7 @@ def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypat
     ledger.close()
     db = connect(tmp_path / "l.db")
     whole = totals(db, "model")
-    monkeypatch.setattr(report, "PROGRESS_ROWS", 10)
+    monkeypatch.setattr(sums, "PROGRESS_ROWS", 10)
     sliced = totals(db, "model", progress=True)
     db.close()
     assert [r["model"] for r in sliced] == [r["model"] for r in whole]
@@ -342,7 +342,7 @@ def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypat
 
 
 def test_equivalents_state_their_sources():
-    from wattgate.proxy.report import equivalents
+    from wattgate.proxy.equivalents import equivalents
 
     lines = equivalents([{"wh": 30.0, "gco2e": 497.0, "water_ml": 1000.0}])
     assert lines[0].startswith("2 smartphone charges") and "15 Wh" in lines[0]
@@ -353,7 +353,7 @@ def test_equivalents_state_their_sources():
 
 
 def test_small_equivalents_read_as_shares_and_short_spans():
-    from wattgate.proxy.report import equivalents
+    from wattgate.proxy.equivalents import equivalents
 
     lines = equivalents([{"wh": 0.03, "gco2e": 1.0, "water_ml": 5.0}])
     assert lines[0].startswith("0.2 % of a smartphone charge")
@@ -368,7 +368,7 @@ def test_small_equivalents_read_as_shares_and_short_spans():
     (0.000123456, "0.000123"), (2.0, "2"), (123456.7, "123,000"), (-0.0456, "-0.0456"),
 ])
 def test_figures_read_to_three_significant_digits_without_exponents(x, text):
-    from wattgate.proxy.report import sig3
+    from wattgate.proxy.equivalents import sig3
 
     assert sig3(x) == text
 

@@ -37,7 +37,7 @@ from tests.opt_in_env import env_dir
 from tests.real_litellm import proxy as litellm_proxy
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.report import sig3
+from wattgate.proxy.equivalents import sig3
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from tests.conftest import SERVED, Stack
+from wattgate.proxy.equivalents import EQUIVALENTS, equivalent, sig3
 from wattgate.proxy.figures import usage_fields
-from wattgate.proxy.report import EQUIVALENTS, equivalent, sig3
 from wattgate.proxy.serving import free_port
 
 FILE = Path(__file__).resolve().parents[1] / "integrations" / "open_webui_filter.py"

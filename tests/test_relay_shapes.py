@@ -21,7 +21,7 @@ from starlette.routing import Route
 from tests.conftest import SERVED, settled_records
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.books import build_meter
+from wattgate.proxy.metering import build_meter
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

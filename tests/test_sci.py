@@ -15,7 +15,7 @@ from wattgate.meter import Measurement, Method
 from wattgate.meter.footprint import GridIntensity, SiteFactors
 from wattgate.proxy.figures import ENERGY_KEYS, Energy, energy_object
 from wattgate.proxy.ledger import Ledger, connect, to_row
-from wattgate.proxy.report import totals
+from wattgate.proxy.totals import totals
 
 
 def site(pue: float = 1.5, intensity: float = 100.0) -> SiteFactors:

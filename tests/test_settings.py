@@ -8,7 +8,7 @@ import pytest
 
 from wattgate.meter.sources.nvml import NvmlSource
 from wattgate.meter.sources.simulated import SimulatedSource
-from wattgate.proxy.books import build_meter, site_factors
+from wattgate.proxy.metering import build_meter, site_factors
 from wattgate.proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
