@@ -20,7 +20,8 @@ from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.calls import new_request_id
 from wattgate.proxy.figures import Energy, energy_object
 from wattgate.proxy.grid import GridFeed, provider_from
-from wattgate.proxy.ledger import Ledger, ledger_path, to_row
+from wattgate.proxy.ledger import Ledger
+from wattgate.proxy.ledger_file import ledger_path, to_row
 from wattgate.proxy.metering import site_factors
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records

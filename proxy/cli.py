@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from wattgate.proxy.ledger import default_path
+    from wattgate.proxy.ledger_file import default_path
     from wattgate.proxy.report import run_report
     from wattgate.proxy.settings import load_settings
 

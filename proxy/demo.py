@@ -22,7 +22,7 @@ from pydantic import HttpUrl
 from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.ledger import data_dir
+from wattgate.proxy.ledger_file import data_dir
 from wattgate.proxy.metering import build_meter
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, Site

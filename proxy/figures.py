@@ -110,7 +110,7 @@ def sci_object(m: Measurement, site: SiteFactors, location: GridIntensity, embod
 
 
 def energy_from_record(record: Mapping[str, Any]) -> Energy:
-    """The energy object of a ledger record (``ledger.from_row``): :class:`Energy`'s keys, no others."""
+    """The energy object of a ledger record (``ledger_file.from_row``): :class:`Energy`'s keys, no others."""
     return cast(Energy, {key: record.get(key) for key in ENERGY_KEYS})
 
 

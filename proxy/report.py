@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from wattgate.proxy.equivalents import equivalents
-from wattgate.proxy.ledger import connect
+from wattgate.proxy.ledger_file import connect
 from wattgate.proxy.totals import parse_duration, totals
 
 #: The table's short headers (the JSON and CSV keep the full names).
@@ -73,7 +73,7 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
 
 def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> str:
     """Every record (oldest first) as CSV or JSON Lines, for ESG tooling."""
-    from wattgate.proxy.ledger import COLUMNS, from_row
+    from wattgate.proxy.ledger_file import COLUMNS, from_row
 
     where, args = "", []
     if since_s is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from wattgate.proxy.cli import version
-from wattgate.proxy.ledger import ledger_path
+from wattgate.proxy.ledger_file import ledger_path
 from wattgate.proxy.settings import Settings
 
 log = logging.getLogger("wattgate")

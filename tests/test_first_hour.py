@@ -18,7 +18,7 @@ from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
 from wattgate.proxy.cli import main
 from wattgate.proxy.demo import demo_settings
-from wattgate.proxy.ledger import data_dir
+from wattgate.proxy.ledger_file import data_dir
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, parse_settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import SERVED
 from wattgate.proxy.cli import main
-from wattgate.proxy.ledger import MIGRATIONS, Ledger, connect, to_row
+from wattgate.proxy.ledger import Ledger
+from wattgate.proxy.ledger_file import MIGRATIONS, connect, to_row
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import SERVED, wait_until
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.ledger import LedgerUnavailable
+from wattgate.proxy.ledger_file import LedgerUnavailable
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

@@ -14,7 +14,8 @@ from tests.conftest import settled_records
 from wattgate.meter import Measurement, Method
 from wattgate.meter.footprint import GridIntensity, SiteFactors
 from wattgate.proxy.figures import ENERGY_KEYS, Energy, energy_object
-from wattgate.proxy.ledger import Ledger, connect, to_row
+from wattgate.proxy.ledger import Ledger
+from wattgate.proxy.ledger_file import connect, to_row
 from wattgate.proxy.totals import totals
 
 
