@@ -39,11 +39,12 @@ from wattgate.proxy.errors import (
 from wattgate.proxy.exchange import TOO_DEEP, Exchange, parse, upstream_name
 from wattgate.proxy.figures import ENERGY_HEADERS
 from wattgate.proxy.foreign import ForeignLoadPoller
+from wattgate.proxy.keys import load_keys
 from wattgate.proxy.metering import build_meter
 from wattgate.proxy.metrics import TeamView
 from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.records import record_key
-from wattgate.proxy.settings import Model, Settings, load_keys
+from wattgate.proxy.settings import Model, Settings
 from wattgate.proxy.totals import GROUPS, parse_duration
 from wattgate.proxy.upstream import ERRORS as UPSTREAM_ERRORS
 from wattgate.proxy.upstream import UpstreamClient

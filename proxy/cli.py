@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from wattgate.proxy.app import create_app
     from wattgate.proxy.http_limits import uvicorn_options
-    from wattgate.proxy.settings import load_settings
+    from wattgate.proxy.registry_file import load_settings
     from wattgate.proxy.startup import log_startup
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -131,8 +131,8 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from wattgate.proxy.ledger_file import default_path
+    from wattgate.proxy.registry_file import load_settings
     from wattgate.proxy.report import run_report
-    from wattgate.proxy.settings import load_settings
 
     path = Path(args.ledger) if args.ledger else default_path()
     if args.config:

@@ -45,9 +45,11 @@ from wattgate.proxy.dealer import Dealer, DealtServer
 from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
+from wattgate.proxy.keys import load_keys
 from wattgate.proxy.ledger_file import connect, ledger_path
 from wattgate.proxy.metering import build_meter
-from wattgate.proxy.settings import ConfigError, load_keys, load_settings
+from wattgate.proxy.registry_file import load_settings
+from wattgate.proxy.settings import ConfigError
 from wattgate.proxy.startup import log_startup
 
 log = logging.getLogger("wattgate.workers")

@@ -16,8 +16,9 @@ import yaml
 from tests.conftest import SERVED
 from wattgate.proxy.app import create_app
 from wattgate.proxy.hub_link import HUB_READY_WAIT_S
+from wattgate.proxy.registry_file import load_settings
 from wattgate.proxy.serving import ServerThread, free_port
-from wattgate.proxy.settings import Auth, GatewaySettings, MeterSettings, Model, Settings, load_settings
+from wattgate.proxy.settings import Auth, GatewaySettings, MeterSettings, Model, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "wattgate.json"

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import settled_records
 from wattgate.meter.footprint import J_PER_KWH, Embodied, GridIntensity, SiteFactors, footprint
-from wattgate.proxy.settings import parse_settings
+from wattgate.proxy.registry_file import parse_settings
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -19,8 +19,9 @@ from wattgate.proxy.app import create_app
 from wattgate.proxy.cli import main
 from wattgate.proxy.demo import demo_settings
 from wattgate.proxy.ledger_file import data_dir
+from wattgate.proxy.registry_file import parse_settings
 from wattgate.proxy.serving import ServerThread, free_port
-from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings, parse_settings
+from wattgate.proxy.settings import ConfigError, LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -217,7 +218,7 @@ def test_the_registry_for_trying_serve_without_a_gpu_points_at_simulate_upstream
     """README: `wattgate simulate-upstream --port 8000` then `wattgate serve --config` this file."""
     from pathlib import Path
 
-    from wattgate.proxy.settings import load_settings
+    from wattgate.proxy.registry_file import load_settings
 
     settings = load_settings(Path(__file__).parent.parent / "deploy" / "models_registry.simulated.yaml")
     assert settings.meter.source == "simulated"

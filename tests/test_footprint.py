@@ -56,7 +56,7 @@ def test_unit_conversions_round_trip():
 
 def test_a_sites_own_figure_is_market_based_and_the_zones_is_still_reported():
     from wattgate.proxy.metering import site_factors
-    from wattgate.proxy.settings import parse_settings
+    from wattgate.proxy.registry_file import parse_settings
 
     s = parse_settings("site: {grid_zone: FRA, grid_intensity_g_per_kwh: 20}\nmodels: {a: {upstream: 'http://x/v1'}}\n")
     f = site_factors(s)

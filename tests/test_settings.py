@@ -8,8 +8,10 @@ import pytest
 
 from wattgate.meter.sources.nvml import NvmlSource
 from wattgate.meter.sources.simulated import SimulatedSource
+from wattgate.proxy.keys import load_keys
 from wattgate.proxy.metering import build_meter, site_factors
-from wattgate.proxy.settings import Auth, ConfigError, load_keys, load_settings, parse_settings
+from wattgate.proxy.registry_file import load_settings, parse_settings
+from wattgate.proxy.settings import Auth, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
