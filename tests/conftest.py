@@ -70,18 +70,24 @@ def scenario(body: dict[str, Any]) -> Scenario:
 
 
 def settled_records(url: str, ids: list[str], timeout: float = 10.0, key: str | None = None) -> dict[str, dict[str, Any]]:
-    """The settled records of ``ids`` from a gateway at ``url`` (read with gateway ``key``), as many as
-    settle within ``timeout``."""
+    """The settled records of ``ids`` from a gateway at ``url`` (read with gateway ``key``); fails, naming
+    those still unsettled and what the gateway last said of one, unless all settle within ``timeout``."""
     headers = {"authorization": f"Bearer {key}"} if key else {}
     records: dict[str, dict[str, Any]] = {}
+    last: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
-    while len(records) < len(ids) and time.monotonic() < deadline:
-        for rid in ids:
-            r = httpx.get(f"{url}/v1/energy/{rid}", headers=headers).json()
-            if r.get("settled"):
-                records[rid] = r
+    while True:
+        for rid in (rid for rid in ids if rid not in records):
+            last = httpx.get(f"{url}/v1/energy/{rid}", headers=headers).json()
+            if last.get("settled"):
+                records[rid] = last
+        if len(records) == len(set(ids)):
+            return records
+        if time.monotonic() > deadline:
+            missing = [rid for rid in ids if rid not in records]
+            raise AssertionError(f"{len(missing)} of {len(ids)} records did not settle within {timeout} s: "
+                                 f"{missing[:5]}; the last answer: {last}")
         time.sleep(0.1)
-    return records
 
 
 @dataclass
