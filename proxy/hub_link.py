@@ -37,11 +37,12 @@ from starlette.responses import Response
 from wattgate.meter import Fault, Method, Status
 from wattgate.meter.window import Request as Window
 from wattgate.meter.window import measurement, token_count
-from wattgate.proxy.app import READY_PROBE_S, GatewayState, ask_upstreams, ready_response
 from wattgate.proxy.errors import ServiceUnavailable
 from wattgate.proxy.figures import energy_object
+from wattgate.proxy.gateway_state import GatewayState
 from wattgate.proxy.hub import MAX_LINE_BYTES, api_path, events_path, measurement_fields
 from wattgate.proxy.metering import site_factors
+from wattgate.proxy.readiness import READY_PROBE_S, ask_upstreams, ready_response
 from wattgate.proxy.records import record_key
 from wattgate.proxy.settings import Model, Settings
 

@@ -40,8 +40,9 @@ from typing import Any
 
 import uvicorn
 
-from wattgate.proxy.app import GatewayState, add_book_routes, add_call_routes, books_running, new_app
+from wattgate.proxy.app import books_running, new_app
 from wattgate.proxy.dealer import Dealer, DealtServer
+from wattgate.proxy.gateway_state import GatewayState
 from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
@@ -49,6 +50,7 @@ from wattgate.proxy.keys import load_keys
 from wattgate.proxy.ledger_file import connect, ledger_path
 from wattgate.proxy.metering import build_meter
 from wattgate.proxy.registry_file import load_settings
+from wattgate.proxy.routes import add_book_routes, add_call_routes
 from wattgate.proxy.settings import ConfigError
 from wattgate.proxy.startup import log_startup
 
