@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from wattgate.proxy.hub_link import TIMED_OUT, HubConnection
+from wattgate.proxy.hub_connection import TIMED_OUT, HubConnection
 
 
 class StandInHub:

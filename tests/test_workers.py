@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from tests.conftest import SERVED, settled_records, wait_until
-from wattgate.proxy.hub_link import HUB_ROUTE_WAIT_S, REPLY_TIMEOUT_S
+from wattgate.proxy.hub_connection import REPLY_TIMEOUT_S
+from wattgate.proxy.hub_link import HUB_ROUTE_WAIT_S
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
 
