@@ -14,7 +14,7 @@ Energy is attributed per GPU slice by slice with
 :func:`meter.attribution.split_arrays`. Each slice is attributed once, when the
 counter has passed it and the work of every request on the GPU in it is known
 (or ``settle_lag_s`` has passed), so figures of overlapping requests always add
-up to what was measured. The provisional figure :meth:`RequestWindow.end` returns
+up to what was measured. The provisional figure :meth:`~meter.window.RequestWindow.end` returns
 comes from a second, live split of the same energy, made after every poll with
 what is known then (:mod:`meter.live`).
 """
@@ -33,70 +33,11 @@ from wattgate.meter.kinds import Fault, Method, Status
 from wattgate.meter.passes import GpuPasses
 from wattgate.meter.sampler import Sampler
 from wattgate.meter.sources import PowerSource
-from wattgate.meter.window import Measurement, Request, final_measurement, measurement, token_count
+from wattgate.meter.window import Measurement, Request, RequestWindow, final_measurement, measurement, token_count
 
 __all__ = ["GpuTotals", "Measurement", "Meter", "RequestWindow", "token_count"]
 
 log = logging.getLogger(__name__)
-
-
-class RequestWindow:
-    """One request's window; the proxy calls :meth:`tokens` and :meth:`end`."""
-
-    __slots__ = ("_meter", "_req")
-
-    def __init__(self, meter: Meter, req: Request) -> None:
-        self._meter = meter
-        self._req = req
-
-    @property
-    def request_id(self) -> str:
-        return self._req.request_id
-
-    def tokens(self, n: float = 1, t: float | None = None) -> None:
-        """Record ``n`` tokens that arrived at ``t`` (now by default).
-
-        Called per streamed chunk, so ``n`` is not checked: pass a count from
-        an upstream through :func:`token_count` first.
-        """
-        req = self._req
-        t = self._meter.clock() if t is None else t
-        if not req.times:
-            self._meter._first_token(req, t)
-        req.times.append(t)
-        req.counts.append(n)
-
-    def completed(self, n: int) -> None:
-        """A plain (non-streamed) response with ``n`` tokens, whose arrival times the gateway cannot see.
-
-        Its window is its prompt's prefill over the GPU's recent time to first token, then an
-        average head's share of the GPU up to its end (see :mod:`meter.work`), for the provisional
-        and the settled figure alike. Pass a count from an upstream through :func:`token_count` first.
-        """
-        self._req.unseen_tokens += n
-
-    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
-        """Exact token counts from the upstream's usage report; what is not a count is ignored."""
-        prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
-        if prompt is not None:
-            self._req.prompt_tokens = prompt
-        if completion is not None:
-            self._req.completion_tokens = completion
-
-    def end(self, status: Status = Status.OK, t: float | None = None) -> Measurement:
-        """Close the window and return the provisional measurement; never raises."""
-        meter, req = self._meter, self._req
-        try:
-            return meter._end(req, status, meter.clock() if t is None else t)
-        except Exception:  # a meter bug must not fail the request: settle it now, as an estimate
-            log.exception("meter failed to close window %s", req.request_id)
-            meter._count_error(Fault.INTERNAL)
-            with meter._lock:
-                req.fault, req.status = Fault.INTERNAL, status
-                req.end = req.end if req.end is not None else meter.clock()
-                settled = meter._settle(req)
-            meter._emit([settled])
-            return settled
 
 
 class Meter:
@@ -258,6 +199,21 @@ class Meter:
     def _estimated(self, req: Request) -> bool:
         return req.fault is not None or not req.gpus or self.passes is None
 
+    def close(self, req: Request, status: Status, t: float) -> Measurement:
+        """Close ``req``'s window at ``t``: its provisional measurement (settled at once for an estimate).
+        Never raises: a meter bug must not fail the request, so it is settled now, as an estimate."""
+        try:
+            return self._end(req, status, t)
+        except Exception:
+            log.exception("meter failed to close window %s", req.request_id)
+            self._count_error(Fault.INTERNAL)
+            with self._lock:
+                req.fault, req.status = Fault.INTERNAL, status
+                req.end = req.end if req.end is not None else self.clock()
+                settled = self._settle(req)
+            self._emit([settled])
+            return settled
+
     def _end(self, req: Request, status: Status, t: float) -> Measurement:
         settled: Measurement | None = None
         with self._lock:
@@ -281,7 +237,8 @@ class Meter:
             self._emit([settled])
         return result
 
-    def _first_token(self, req: Request, t: float) -> None:
+    def first_token(self, req: Request, t: float) -> None:
+        """``req``'s first token came at ``t``: its prefill ended."""
         if self.passes is not None:
             self.passes.first_token(req, t)
 

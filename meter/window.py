@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from wattgate.meter.estimate import ESTIMATE_BATCH, estimate
 from wattgate.meter.kinds import Fault, Method, Status
+
+if TYPE_CHECKING:  # the meter makes windows; a window only calls back into it
+    from wattgate.meter.meter import Meter
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,54 @@ class Request:
         elif pending > 0 and abs(pending - seen) > 0.5:
             scale = pending / seen
             self.counts[:] = [c * scale for c in self.counts]
+
+
+class RequestWindow:
+    """One request's window; the proxy calls :meth:`tokens` and :meth:`end`."""
+
+    __slots__ = ("_meter", "_req")
+
+    def __init__(self, meter: Meter, req: Request) -> None:
+        self._meter = meter
+        self._req = req
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    def tokens(self, n: float = 1, t: float | None = None) -> None:
+        """Record ``n`` tokens that arrived at ``t`` (now by default).
+
+        Called per streamed chunk, so ``n`` is not checked: pass a count from
+        an upstream through :func:`token_count` first.
+        """
+        req = self._req
+        t = self._meter.clock() if t is None else t
+        if not req.times:
+            self._meter.first_token(req, t)
+        req.times.append(t)
+        req.counts.append(n)
+
+    def completed(self, n: int) -> None:
+        """A plain (non-streamed) response with ``n`` tokens, whose arrival times the gateway cannot see.
+
+        Its window is its prompt's prefill over the GPU's recent time to first token, then an
+        average head's share of the GPU up to its end (see :mod:`meter.work`), for the provisional
+        and the settled figure alike. Pass a count from an upstream through :func:`token_count` first.
+        """
+        self._req.unseen_tokens += n
+
+    def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
+        """Exact token counts from the upstream's usage report; what is not a count is ignored."""
+        prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
+        if prompt is not None:
+            self._req.prompt_tokens = prompt
+        if completion is not None:
+            self._req.completion_tokens = completion
+
+    def end(self, status: Status = Status.OK, t: float | None = None) -> Measurement:
+        """Close the window and return the provisional measurement; never raises."""
+        return self._meter.close(self._req, status, self._meter.clock() if t is None else t)
 
 
 def measurement(req: Request, method: Method, joules: dict[int, float], settled: bool, host_j: float,
