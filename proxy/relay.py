@@ -198,10 +198,10 @@ class StreamRelay(Response):
             if event.startswith(_NO_DATA):
                 return event  # comments, keep-alives, an event name without data
             raise _Unparseable
-        if data.strip() == b"[DONE]":
-            return None
         obj = _loads(data)
         if obj is None:
+            if data.strip() == b"[DONE]":  # once per stream: tried after the parse, which every other event needs
+                return None
             raise _Unparseable
         if self.first is None:
             self.first = obj
@@ -218,9 +218,10 @@ class StreamRelay(Response):
                 if not self.client_wants_usage:  # continuous usage stats the client did not ask for
                     del obj["usage"]
                     event = b"data: " + orjson.dumps(obj)
-        if _has_output(obj):
+        output, finishes = _output_and_finish(obj)
+        if output:
             self.tokens += 1
-        if self.energy_in_usage and _finishes_chat(obj):
+        if finishes and self.energy_in_usage:
             previous, self.finish = self.finish, (obj, event)
             return previous[1] if previous is not None else None
         return event
@@ -259,33 +260,37 @@ def _data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _has_output(chunk: dict[str, Any]) -> bool:
-    """Whether a stream chunk carries generated output (see _TEXT_KEYS): in a chat choice's ``delta``,
-    or in a completions choice itself."""
+def _output_and_finish(chunk: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether a stream chunk carries generated output (see _TEXT_KEYS: in a chat choice's ``delta``, or
+    in a completions choice itself), and whether it finishes every chat choice it has (each has a ``delta``
+    and a ``finish_reason``). One pass, as this runs for every chunk relayed."""
     choices = chunk.get("choices")
-    if not isinstance(choices, list):
-        return False
+    if not choices or not isinstance(choices, list):
+        return False, False
+    output, finishes = False, True
     for choice in choices:
         if not isinstance(choice, dict):
+            finishes = False
             continue
         delta = choice.get("delta")
-        part = delta if isinstance(delta, dict) else choice
-        for key in _TEXT_KEYS:
-            text = part.get(key)
-            if text and isinstance(text, str):
-                return True
-        calls, call = part.get("tool_calls"), part.get("function_call")
-        if (isinstance(calls, list) and any(isinstance(c, dict) for c in calls)) or isinstance(call, dict):
+        if isinstance(delta, dict):
+            part = delta
+            if finishes and choice.get("finish_reason") is None:
+                finishes = False
+        else:
+            part, finishes = choice, False
+        if not output:
+            output = _part_has_output(part)
+    return output, finishes
+
+
+def _part_has_output(part: dict[str, Any]) -> bool:
+    for key in _TEXT_KEYS:
+        text = part.get(key)
+        if text and isinstance(text, str):
             return True
-    return False
-
-
-def _finishes_chat(chunk: dict[str, Any]) -> bool:
-    """Whether ``chunk`` finishes every chat choice it has (each has a ``delta`` and a ``finish_reason``)."""
-    choices = chunk.get("choices")
-    return bool(choices) and isinstance(choices, list) and all(
-        isinstance(c, dict) and isinstance(c.get("delta"), dict) and c.get("finish_reason") is not None
-        for c in choices)
+    calls, call = part.get("tool_calls"), part.get("function_call")
+    return (isinstance(calls, list) and any(isinstance(c, dict) for c in calls)) or isinstance(call, dict)
 
 
 def _with_choice_energy(chunk: dict[str, Any], energy: dict[str, Any]) -> dict[str, Any]:
