@@ -64,6 +64,7 @@ import yaml
 
 from bench.overhead import _cpu_s, _cpu_times, _hub_and_workers, _pinned, _wait, _wait_workers
 from tests.load_side import Streamed, split, stream_requests
+from wattgate.proxy import hub_protocol as hp
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
@@ -230,7 +231,7 @@ async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float
             pass
 
     drainer = asyncio.create_task(drain())
-    writer.write(orjson.dumps([[], [["hello", 1, os.getpid()]]]) + b"\n")
+    writer.write(orjson.dumps([[], [hp.encode(hp.Hello(1, os.getpid()))]]) + b"\n")
     left: dict[int, int] = {}  # tokens left per open stream
     next_cid, sent, tick = 0, 0, 0
     per_tick = FLUSH_S / token_gap_s  # tokens per stream per flush
@@ -245,12 +246,12 @@ async def _feed_hub(path: Path, streams: int, seconds: float, token_gap_s: float
             left[cid] -= due
             if due and not left[cid]:  # an event that needs a reply ends its batch
                 del left[cid]
-                writer.write(orjson.dumps([tokens, [["end", cid, "ok", now, 1.0]]]) + b"\n")
+                writer.write(orjson.dumps([tokens, [hp.encode(hp.End(cid, "ok", now, 1.0))]]) + b"\n")
                 tokens = []
         while len(left) < streams:
             left[next_cid] = TOKENS
-            writer.write(orjson.dumps([tokens, [["open", next_cid, f"r{next_cid}", False, "m0", None, 16, now]]])
-                         + b"\n")
+            opening = hp.Open(next_cid, f"r{next_cid}", False, "m0", None, 16, now)
+            writer.write(orjson.dumps([tokens, [hp.encode(opening)]]) + b"\n")
             tokens, next_cid = [], next_cid + 1
         writer.write(orjson.dumps([tokens, []]) + b"\n")
         tick += 1

@@ -5,33 +5,9 @@ hub. Every call on a GPU must reach one meter for a fair split, so the workers
 send their calls' windows here and the hub answers ``/metrics``, ``/readyz`` and
 ``/v1/energy/{id}`` for all of them.
 
-The workers' events come over a Unix socket, one batch per line: a JSON array
-``[tokens, events]``. ``tokens`` is flat, ``cid, n, t`` for every ``n`` tokens of a
-stream that arrived at ``t`` (the one event per relayed chunk, so the cheapest to
-read); ``events`` are the others, in order. Times are on CLOCK_MONOTONIC, which
-every process on the host shares. A worker flushes its batch at once after an
-event that needs a reply (``open``, ``end``), so a batch holds at most one, last:
-the hub applies the tokens first, then the events, and a call's tokens are never
-in a batch before its opening::
-
-    ["hello", worker_index, pid]
-    ["open", cid, request_id, client_chose, model_name, team, prompt_tokens, t]
-    ["done", cid, n]                           a plain response's token count
-    ["use", cid, prompt_tokens, completion_tokens]
-    ["end", cid, status, t, latency_s]
-    ["lag", seconds]                           the worker's event-loop lag
-    ["rec", model_name, team, request_id, latency_s, measurement]   a call the worker
-                                               estimated itself while the hub was away
-    ["lost", n]                                such calls it could not keep
-
-``cid`` numbers a call within its worker's connection. The hub answers ``hello``
-with ``["methods", {model_name: method}]`` (how each model's calls are metered
-now), ``open`` with ``["opened", cid, request_id, key, method]`` (the id changes
-only when the client chose one the team already used) and ``end`` with
-``["energy", cid, energy_object]`` (null for a call it does not have: the worker
-then estimates it and sends it as ``rec``). A worker whose connection closes (it
-died) has its open calls ended as ``client_closed``, settled and recorded like
-any other.
+How they talk, one batch of events per line over a Unix socket, is
+:mod:`proxy.hub_protocol`; each kind of event has its handler here
+(:attr:`HubServer._handlers`).
 """
 
 from __future__ import annotations
@@ -39,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,12 +23,11 @@ from typing import Any
 
 import orjson
 
-from wattgate.meter import Fault, Measurement, Method, Status
+from wattgate.meter import Fault, Measurement, Status
+from wattgate.proxy import hub_protocol as hp
 from wattgate.proxy.books import Books, LocalCall
 
 log = logging.getLogger("wattgate.hub")
-
-MAX_LINE_BYTES = 64 * 1024 * 1024  # one batch of events; far above what a worker sends in one flush
 
 
 def events_path(runtime_dir: str | os.PathLike[str]) -> Path:
@@ -61,19 +36,6 @@ def events_path(runtime_dir: str | os.PathLike[str]) -> Path:
 
 def api_path(runtime_dir: str | os.PathLike[str]) -> Path:
     return Path(runtime_dir, "api.sock")
-
-
-def measurement_fields(m: Measurement) -> list[Any]:
-    """``m`` as a JSON array (a worker's estimate, for the hub to record)."""
-    return [m.request_id, {str(g): j for g, j in m.joules_by_gpu.items()}, m.method, m.settled, m.start, m.end,
-            m.prompt_tokens, m.completion_tokens, m.status, m.fault, m.host_joules]
-
-
-def measurement_from(fields: list[Any]) -> Measurement:
-    rid, joules, method, settled, start, end, prompt, completion, status, fault, host = fields
-    return Measurement(str(rid), {int(g): float(j) for g, j in joules.items()}, Method(method), bool(settled),
-                       float(start), float(end), int(prompt), int(completion), Status(status),
-                       None if fault is None else Fault(fault), float(host))
 
 
 @dataclass(slots=True)
@@ -90,17 +52,21 @@ class Worker:
 
 
 class HubServer:
-    """Applies the workers' events to the books; see the module's docstring for the protocol."""
+    """Applies the workers' events to the books (:mod:`proxy.hub_protocol`), one handler per kind."""
 
     def __init__(self, books: Books) -> None:
         self.books = books
         self.workers: dict[asyncio.StreamWriter, Worker] = {}
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type[Any], Callable[[Worker, Any, list[bytes]], Awaitable[None] | None]] = {
+            hp.Open: self._open, hp.End: self._end, hp.Done: self._done, hp.Use: self._use, hp.Lag: self._lag,
+            hp.Estimated: self._estimated, hp.Lost: self._lost, hp.Hello: self._hello,
+        }
 
     @asynccontextmanager
     async def serving(self, path: Path) -> AsyncIterator[None]:
         path.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(self._connection, path, limit=MAX_LINE_BYTES)
+        server = await asyncio.start_unix_server(self._connection, path, limit=hp.MAX_LINE_BYTES)
         try:
             yield
         finally:
@@ -109,8 +75,8 @@ class HubServer:
                 writer.close()
                 self._closed(self.workers.pop(writer))
             # Let each connection's handler see its end, rather than be cancelled with the loop.
-            if self._handlers:
-                await asyncio.wait(self._handlers, timeout=5)
+            if self._connections:
+                await asyncio.wait(self._connections, timeout=5)
 
     def state(self) -> list[dict[str, Any]]:
         return sorted((w.state() for w in self.workers.values()), key=lambda s: (s["index"] is None, s["index"]))
@@ -119,20 +85,21 @@ class HubServer:
         worker = self.workers[writer] = Worker()
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
         try:
             while line := await reader.readline():
                 replies: list[bytes] = []
                 tokens, events = orjson.loads(line)
                 calls = worker.calls
-                it = iter(tokens)
-                for cid, n, t in zip(it, it, it, strict=True):
+                for cid, n, t in hp.token_triples(tokens):
                     if (call := calls.get(cid)) is not None:  # None: ended as the worker's connection broke
                         call.tokens(n, t)
                 for event in events:
                     try:
-                        await self._apply(worker, event, replies)
+                        message = hp.decode_event(event)
+                        if (pending := self._handlers[type(message)](worker, message, replies)) is not None:
+                            await pending
                     except Exception:  # one bad event must not end the worker's connection
                         log.exception("hub: bad event %r from worker %s", event[:1], worker.index)
                 if replies:
@@ -153,50 +120,46 @@ class HubServer:
             call.end(Status.CLIENT_CLOSED)
         worker.calls.clear()
 
-    async def _apply(self, worker: Worker, event: list[Any], replies: list[bytes]) -> None:
-        kind = event[0]
-        call: LocalCall | None
-        if kind == "open":
-            _, cid, request_id, client_chose, name, team, prompt_tokens, t = event
-            call = await self.books.open(request_id, client_chose, name, team, prompt_tokens, t)
-            worker.calls[cid] = call
-            worker.served += 1
-            replies.append(orjson.dumps(["opened", cid, call.request_id, call.key, call.method]) + b"\n")
-        elif kind == "end":
-            _, cid, status, t, latency_s = event
-            call = worker.calls.pop(cid, None)
-            energy = None  # a call the hub never opened (its opening failed): the worker records an estimate
-            if call is not None:
-                call.end(Status(status), t, latency_s)
-                energy = await call.energy()
-            replies.append(orjson.dumps(["energy", cid, energy]) + b"\n")
-        elif kind == "done":
-            if (call := worker.calls.get(event[1])) is not None:
-                call.completed(event[2])
-        elif kind == "use":
-            if (call := worker.calls.get(event[1])) is not None:
-                call.usage(event[2], event[3])
-        elif kind == "lag":
-            self.books.observe_loop_lag(event[1])
-        elif kind == "rec":
-            _, name, team, request_id, latency_s, fields = event
-            self._record_estimate(name, team, request_id, latency_s, measurement_from(fields))
-        elif kind == "lost":
-            self.books.metrics.ledger_dropped.inc(event[1])
-        elif kind == "hello":
-            worker.index, worker.pid = event[1], event[2]
-            methods = {name: self.books.method_for(model) for name, model in self.books.settings.models.items()}
-            replies.append(orjson.dumps(["methods", methods]) + b"\n")
-        else:
-            log.warning("hub: unknown event %r", kind)
+    def _hello(self, worker: Worker, hello: hp.Hello, replies: list[bytes]) -> None:
+        worker.index, worker.pid = hello.worker_index, hello.pid
+        methods = {name: self.books.method_for(model) for name, model in self.books.settings.models.items()}
+        replies.append(hp.reply_line(hp.Methods(methods)))
 
-    def _record_estimate(self, name: str, team: str | None, request_id: str, latency_s: float, m: Measurement) -> None:
+    async def _open(self, worker: Worker, o: hp.Open, replies: list[bytes]) -> None:
+        call = await self.books.open(o.request_id, o.client_chose, o.model_name, o.team, o.prompt_tokens, o.t)
+        worker.calls[o.cid] = call
+        worker.served += 1
+        replies.append(hp.reply_line(hp.Opened(o.cid, call.request_id, call.key, call.method)))
+
+    async def _end(self, worker: Worker, e: hp.End, replies: list[bytes]) -> None:
+        call = worker.calls.pop(e.cid, None)
+        energy = None  # a call the hub never opened (its opening failed): the worker records an estimate
+        if call is not None:
+            call.end(Status(e.status), e.t, e.latency_s)
+            energy = await call.energy()
+        replies.append(hp.reply_line(hp.Figure(e.cid, energy)))
+
+    def _done(self, worker: Worker, done: hp.Done, replies: list[bytes]) -> None:
+        if (call := worker.calls.get(done.cid)) is not None:
+            call.completed(done.n)
+
+    def _use(self, worker: Worker, use: hp.Use, replies: list[bytes]) -> None:
+        if (call := worker.calls.get(use.cid)) is not None:
+            call.usage(use.prompt_tokens, use.completion_tokens)
+
+    def _lag(self, worker: Worker, lag: hp.Lag, replies: list[bytes]) -> None:
+        self.books.observe_loop_lag(lag.seconds)
+
+    def _lost(self, worker: Worker, lost: hp.Lost, replies: list[bytes]) -> None:
+        self.books.metrics.ledger_dropped.inc(lost.n)
+
+    def _estimated(self, worker: Worker, rec: hp.Estimated, replies: list[bytes]) -> None:
         """A call a worker served while the hub was away: recorded like the hub's own estimates."""
         books = self.books
-        key = books.records.open(request_id, name, team)
+        key = books.records.open(rec.request_id, rec.model_name, rec.team)
         if key is None:  # the hub recorded it already (its connection closed while it ran)
             return
-        m = replace(m, request_id=key)
+        m: Measurement = replace(hp.measurement_from(rec.measurement), request_id=key)
         books.metrics.meter_errors.labels(Fault.UNREACHABLE).inc()
-        books.record(name, m, m.status, latency_s)
+        books.record(rec.model_name, m, m.status, rec.latency_s)
         books.settled(m)

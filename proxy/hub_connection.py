@@ -17,7 +17,8 @@ from typing import Any, cast
 import orjson
 
 from wattgate.meter import Method
-from wattgate.proxy.hub import MAX_LINE_BYTES
+from wattgate.proxy import hub_protocol as hp
+from wattgate.proxy.hub_protocol import MAX_LINE_BYTES, Unanswered
 
 log = logging.getLogger("wattgate.worker")
 
@@ -25,10 +26,10 @@ FLUSH_S = 0.005  # token events wait at most this long, to go to the hub togethe
 # A reply the hub owes waits this long, then the worker goes on without it: a client-chosen id is used
 # unchecked (the hub checks it when it catches up), an ended call's figure is estimated here.
 REPLY_TIMEOUT_S = 0.5
-TIMED_OUT: list[Any] = ["timed out"]  # what a reply's future gets when the hub did not answer in time
 RECONNECT_S = (0.05, 1.0)  # first and longest wait between attempts to reach the hub
 MAX_BUFFER_BYTES = 64 * 1024 * 1024  # events the hub has not read: beyond this, the link is dropped
 OUTBOX_SIZE = 10_000  # calls estimated while the hub was away, kept for it
+_REPLY_TO: dict[type[Any], str] = {hp.Open: hp.Opened.KIND, hp.End: hp.Figure.KIND}  # what each request waits for
 
 
 class _HubProtocol(asyncio.Protocol):
@@ -56,7 +57,7 @@ class _HubProtocol(asyncio.Protocol):
             if lines:
                 self.conn.stalled = False
             for line in lines:
-                self.conn.replied(orjson.loads(line))
+                self.conn.replied(hp.decode_reply(orjson.loads(line)))
         except (ValueError, LookupError, TypeError):  # not what a hub sends: drop the link, reconnect
             log.warning("worker %d: bad reply from the hub; reconnecting", self.conn.index, exc_info=True)
             self.transport.abort()
@@ -75,11 +76,11 @@ class HubConnection:
         self.index = index
         self.generation = 0  # counts connections: a call opened on an earlier one is the hub's no more
         self._transport: asyncio.Transport | None = None
-        self._batch: list[list[Any]] = []
+        self._batch: list[list[Any]] = []  # encoded events
         self._tokens: list[float] = []  # token events, flat: cid, n, t, cid, n, t, ...
         self._flush_at: asyncio.TimerHandle | None = None
-        self._waiting: dict[tuple[str, int], asyncio.Future[list[Any] | None]] = {}
-        self._outbox: deque[list[Any]] = deque()
+        self._waiting: dict[tuple[str, int], asyncio.Future[hp.Reply | Unanswered]] = {}
+        self._outbox: deque[hp.Estimated] = deque()
         self._lost = 0  # estimated calls the outbox could not keep
         self.methods: dict[str, Method] = {}  # the hub's latest word on how each model's calls are metered
         self.stalled = False  # a reply came too late, and the hub has sent nothing since: wait for none
@@ -122,14 +123,14 @@ class HubConnection:
         self.generation += 1
         self._transport = transport
         self.stalled = False
-        self._batch.append(["hello", self.index, os.getpid()])
+        self._batch.append(hp.encode(hp.Hello(self.index, os.getpid())))
         if self._outbox or self._lost:
             log.info("worker %d: hub reached; sending %d calls estimated while it was away", self.index,
                      len(self._outbox))
-        self._batch.extend(self._outbox)
+        self._batch.extend(hp.encode(rec) for rec in self._outbox)
         self._outbox.clear()
         if self._lost:
-            self._batch.append(["lost", self._lost])
+            self._batch.append(hp.encode(hp.Lost(self._lost)))
             self._lost = 0
         self._flush()
 
@@ -142,23 +143,23 @@ class HubConnection:
         self._tokens.clear()
         for fut in self._waiting.values():
             if not fut.done():
-                fut.set_result(None)  # no answer will come
+                fut.set_result(Unanswered.GONE)
         self._waiting.clear()
 
-    def replied(self, reply: list[Any]) -> None:
+    def replied(self, reply: hp.Reply) -> None:
         """One reply from the hub: to the call waiting for it, or the hub's word on metering methods."""
-        if reply[0] == "methods":
-            self.methods.update({name: Method(m) for name, m in reply[1].items()})
+        if isinstance(reply, hp.Methods):
+            self.methods.update({name: Method(m) for name, m in reply.methods.items()})
             return
-        fut = self._waiting.pop((reply[0], reply[1]), None)
+        fut = self._waiting.pop((reply.KIND, reply.cid), None)
         if fut is not None and not fut.done():  # done: timed out, or its call went away
             fut.set_result(reply)
 
-    def send(self, event: list[Any]) -> None:
+    def send(self, event: hp.Event) -> None:
         """Queue ``event`` for the next batch (sent within :data:`FLUSH_S`)."""
         if self._transport is None:
             return
-        self._batch.append(event)
+        self._batch.append(hp.encode(event))
         self._flush_soon()
 
     def tokens(self, cid: int, n: float, t: float) -> None:
@@ -172,30 +173,31 @@ class HubConnection:
         if self._flush_at is None:
             self._flush_at = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
 
-    def request(self, reply: str, cid: int, event: list[Any], timeout: float | None = None
-                ) -> asyncio.Future[list[Any] | None]:
-        """Send ``event`` now, with what is queued; the future gets the hub's ``reply`` (None: none will
-        come; :data:`TIMED_OUT`: none came within ``timeout`` seconds, or at once while the hub is stalled)."""
+    def request(self, event: hp.Open | hp.End, timeout: float | None = None
+                ) -> asyncio.Future[hp.Reply | Unanswered]:
+        """Send ``event`` now, with what is queued; the future gets the hub's reply to it, or
+        :attr:`~Unanswered.GONE` if none will come, :attr:`~Unanswered.LATE` if none came within ``timeout``
+        seconds (at once while the hub is stalled)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Any] | None] = loop.create_future()
+        fut: asyncio.Future[hp.Reply | Unanswered] = loop.create_future()
         if self._transport is None:
-            fut.set_result(None)
+            fut.set_result(Unanswered.GONE)
             return fut
-        self._batch.append(event)
+        self._batch.append(hp.encode(event))
         self._flush()
         if timeout is not None and self.stalled:
-            fut.set_result(TIMED_OUT)
+            fut.set_result(Unanswered.LATE)
             return fut
-        self._waiting[(reply, cid)] = fut
+        self._waiting[(_REPLY_TO[type(event)], event.cid)] = fut
         if timeout is not None:  # a timer on the future itself: its waiter wakes a turn sooner than under wait_for
             timer = loop.call_later(timeout, self._time_out, fut)
             fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
-    def _time_out(self, fut: asyncio.Future[list[Any] | None]) -> None:
+    def _time_out(self, fut: asyncio.Future[hp.Reply | Unanswered]) -> None:
         if not fut.done():
             self.timed_out()
-            fut.set_result(TIMED_OUT)
+            fut.set_result(Unanswered.LATE)
 
     def timed_out(self) -> None:
         """A reply came too late: the hub counts as stalled until it sends something."""
@@ -219,7 +221,7 @@ class HubConnection:
                         transport.get_write_buffer_size())
             transport.abort()
 
-    def keep(self, event: list[Any]) -> None:
+    def keep(self, event: hp.Estimated) -> None:
         """Keep the record of a call estimated here, for the hub: sent now, or once it is back."""
         if self._transport is not None:
             self.send(event)

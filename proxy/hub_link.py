@@ -34,11 +34,13 @@ from starlette.responses import Response
 from wattgate.meter import Fault, Method, Status
 from wattgate.meter.window import Request as Window
 from wattgate.meter.window import measurement, token_count
+from wattgate.proxy import hub_protocol as hp
 from wattgate.proxy.errors import ServiceUnavailable
 from wattgate.proxy.figures import energy_object
 from wattgate.proxy.gateway_state import GatewayState
-from wattgate.proxy.hub import api_path, events_path, measurement_fields
-from wattgate.proxy.hub_connection import REPLY_TIMEOUT_S, TIMED_OUT, HubConnection
+from wattgate.proxy.hub import api_path, events_path
+from wattgate.proxy.hub_connection import REPLY_TIMEOUT_S, HubConnection
+from wattgate.proxy.hub_protocol import Unanswered
 from wattgate.proxy.metering import site_factors
 from wattgate.proxy.readiness import READY_PROBE_S, ask_upstreams, ready_response
 from wattgate.proxy.records import record_key
@@ -81,8 +83,7 @@ class HubLink:
         call = HubCall(self, cid, request_id, team, name, self.settings.models[name], prompt_tokens)
         if not self.conn.up:
             return call
-        opened = self.conn.request("opened", cid, ["open", cid, request_id, client_chose, name, team, prompt_tokens,
-                                               call.opened_at])
+        opened = self.conn.request(hp.Open(cid, request_id, client_chose, name, team, prompt_tokens, call.opened_at))
         # The hub checks a client-chosen id against the team's records (a fresh id names none: no wait);
         # while it is stalled the id is used unchecked, and checked when the hub catches up.
         if client_chose and not self.conn.stalled:
@@ -97,7 +98,7 @@ class HubLink:
         return call
 
     def observe_loop_lag(self, seconds: float) -> None:
-        self.conn.send(["lag", seconds])
+        self.conn.send(hp.Lag(seconds))
 
     async def ask_hub(self, request: Request) -> Response:
         """``/metrics``, ``/readyz``, ``/v1/energy`` and ``/v1/energy/{id}``, answered by the hub."""
@@ -190,22 +191,22 @@ class HubCall:
         self._completed = 0
         self._usage: tuple[int | None, int | None] = (None, None)
         self._ended: tuple[Status, float] | None = None
-        self._reply: asyncio.Future[list[Any] | None] | None = None
+        self._reply: asyncio.Future[hp.Reply | Unanswered] | None = None
         self._energy: dict[str, Any] | None = None
 
     @property
     def method(self) -> Method:
         return self._method
 
-    def opened(self, fut: asyncio.Future[list[Any] | None]) -> None:
+    def opened(self, fut: asyncio.Future[hp.Reply | Unanswered]) -> None:
         """The hub's answer to the opening: the id it was recorded under, and its method."""
         reply = fut.result() if fut.done() else None
-        if reply is None:
+        if not isinstance(reply, hp.Opened):
             self.generation = -1  # the hub did not answer: this call is estimated here
             self._method = Method.ESTIMATE
             return
-        _, _, self.request_id, self.key, method = reply
-        self._method = self._conn.methods[self.name] = Method(method)
+        self.request_id, self.key = reply.request_id, reply.key
+        self._method = self._conn.methods[self.name] = Method(reply.method)
 
     @property
     def _live(self) -> bool:
@@ -219,14 +220,14 @@ class HubCall:
     def completed(self, n: int) -> None:
         self._completed += n
         if self._live:
-            self._conn.send(["done", self.cid, n])
+            self._conn.send(hp.Done(self.cid, n))
 
     def usage(self, prompt_tokens: object, completion_tokens: object) -> None:
         prompt, completion = token_count(prompt_tokens), token_count(completion_tokens)
         self._usage = (prompt if prompt is not None else self._usage[0],
                        completion if completion is not None else self._usage[1])
         if self._live:
-            self._conn.send(["use", self.cid, prompt, completion])
+            self._conn.send(hp.Use(self.cid, prompt, completion))
 
     def end(self, status: Status) -> None:
         if self._ended is not None:
@@ -234,22 +235,18 @@ class HubCall:
         t = time.monotonic()
         self._ended = (status, t)
         if self._live:
-            self._reply = self._conn.request("energy", self.cid, ["end", self.cid, status, t, t - self.opened_at],
-                                             REPLY_TIMEOUT_S)
+            self._reply = self._conn.request(hp.End(self.cid, status, t, t - self.opened_at), REPLY_TIMEOUT_S)
 
     async def energy(self) -> dict[str, Any]:
         if self._energy is not None:
             return self._energy
-        reply = None
-        if self._reply is not None:
-            reply = await self._reply
-            if reply is TIMED_OUT:  # a slow hub: it still records the call; the client gets an estimate now
-                self._energy = self._estimate()
-                return self._energy
-        if reply is None or reply[2] is None:  # the hub was away, lost its connection, or never opened the call
+        reply = await self._reply if self._reply is not None else Unanswered.GONE
+        if reply is Unanswered.LATE:  # a slow hub: it still records the call; the client gets an estimate now
+            self._energy = self._estimate()
+        elif isinstance(reply, hp.Figure) and reply.energy is not None:
+            self._energy = reply.energy
+        else:  # the hub was away, lost its connection, or never opened the call
             self._energy = self._estimate(keep=True)
-        else:
-            self._energy = reply[2]
         return self._energy
 
     def _estimate(self, keep: bool = False) -> dict[str, Any]:
@@ -263,7 +260,7 @@ class HubCall:
                         end=end, status=status, fault=Fault.UNREACHABLE)
         m = measurement(window, Method.ESTIMATE, {}, True, 0.0, end)
         if keep:
-            self._conn.keep(["rec", self.name, self.team, self.request_id, end - self.opened_at,
-                             measurement_fields(m)])
+            self._conn.keep(hp.Estimated(self.name, self.team, self.request_id, end - self.opened_at,
+                                         hp.measurement_fields(m)))
         # Final for the worker, but the API calls a figure settled only once the hub has it.
         return {**energy_object(m, self._link.site, self.request_id), "settled": False}
