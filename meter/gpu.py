@@ -1,7 +1,7 @@
 """One GPU's attribution: the settled pass, the live split behind provisional figures, its totals.
 
 The meter (:class:`~meter.meter.Meter`) owns the requests, the lock and the
-faults; a :class:`GpuState` splits its GPU's measured energy among the requests
+faults; a :class:`GpuAccount` splits its GPU's measured energy among the requests
 on it, from the samples it is handed (see :mod:`meter.attribution` for the split
 and :mod:`meter.live` for the provisional figures).
 """
@@ -43,7 +43,7 @@ class GpuTotals:
 
 
 @dataclass(slots=True)
-class GpuState:
+class GpuAccount:
     frontier: float | None = None  # the settled pass has attributed everything before this time
     carry: float = 0.0  # idle energy waiting for the next request (idle: amortize)
     measured: float = 0.0
@@ -164,7 +164,7 @@ class GpuState:
         return req.start if self.live.until is None else max(self.live.until, req.start)
 
 
-def compact(req: Request, states: Iterable[GpuState | None]) -> None:
+def compact(req: Request, states: Iterable[GpuAccount | None]) -> None:
     """Drop the arrivals of ``req`` every GPU's passes are done with, but the last (a span starts there).
 
     A long generation would otherwise hold every token's time until it ends: a 32k-token answer

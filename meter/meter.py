@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from wattgate.meter.gpu import GpuTotals
 from wattgate.meter.host import HostPower
 from wattgate.meter.kinds import Fault, Method, Status
-from wattgate.meter.passes import GpuPasses
+from wattgate.meter.passes import MeteredGpus
 from wattgate.meter.sampler import Sampler
 from wattgate.meter.sources import PowerSource
 from wattgate.meter.window import Measurement, Request, RequestWindow, final_measurement, measurement, token_count
@@ -91,13 +91,13 @@ class Meter:
         self._ended: set[str] = set()
         self._started = False
         self.sampler: Sampler | None = None
-        self.passes: GpuPasses | None = None  # None: no GPU metered, every figure an estimate
+        self.passes: MeteredGpus | None = None  # None: no GPU metered, every figure an estimate
         if source is not None and self.gpus:
             self.sampler = Sampler(source, self.gpus, interval_s, horizon_s, clock=clock, after_poll=self._after_poll,
                                    counter_every_s=counter_every_s, counter_cpu_budget=counter_cpu_budget,
                                    cpu_clock=cpu_clock, power_lag_s=power_lag_s)
             self.sampler.on_error = self._count_error
-            self.passes = GpuPasses(self.sampler, self.unmeasured, settle_lag_s=settle_lag_s,
+            self.passes = MeteredGpus(self.sampler, self.unmeasured, settle_lag_s=settle_lag_s,
                                     settle_every_s=settle_every_s, amortize=idle == "amortize",
                                     stale_after_s=stale_after_s, host=host, count_error=self._count_error,
                                     created_at=clock())
@@ -282,6 +282,15 @@ class Meter:
         return result
 
     # -- callbacks ---------------------------------------------------------------
+
+    def connect(self, on_settled: Callable[[Measurement], None], on_error: Callable[[str], None]) -> None:
+        """Send settled measurements and faults to these from now on. The faults counted before (while
+        the meter was built, before its owner could listen) are passed to ``on_error`` at once."""
+        with self._lock:
+            self.on_settled, self.on_error = on_settled, on_error
+            earlier = list(self.errors.elements())
+        for kind in earlier:
+            on_error(kind)
 
     def _count_error(self, kind: str) -> None:
         self.errors[kind] += 1

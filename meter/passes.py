@@ -1,9 +1,9 @@
 """Every metered GPU of a meter: which requests run on each, their passes, and whether they can be trusted.
 
-The :class:`~meter.meter.Meter` holds the lock and the requests; :class:`GpuPasses`
+The :class:`~meter.meter.Meter` holds the lock and the requests; :class:`MeteredGpus`
 does what concerns the GPUs under that lock: it counts requests in and out
 (telling the sampler where a GPU turns busy or idle), runs the settled and live
-passes (:class:`~meter.gpu.GpuState`), notices a GPU with no fresh reading, and
+passes (:class:`~meter.gpu.GpuAccount`), notices a GPU with no fresh reading, and
 says whether a request's figure can be settled or measured at all.
 """
 
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
-from wattgate.meter.gpu import COMPACT_AFTER, GpuState, GpuTotals, compact
+from wattgate.meter.gpu import COMPACT_AFTER, GpuAccount, GpuTotals, compact
 from wattgate.meter.host import HostPower
 from wattgate.meter.kinds import Fault
 from wattgate.meter.sampler import Sampler
@@ -22,7 +22,7 @@ from wattgate.meter.window import Request
 log = logging.getLogger(__name__)
 
 
-class GpuPasses:
+class MeteredGpus:
     """The metered GPUs of one meter, read by ``sampler``."""
 
     def __init__(
@@ -40,7 +40,7 @@ class GpuPasses:
     ) -> None:
         self.sampler = sampler
         self.unmeasured = unmeasured  # GPUs the source sees but cannot meter per request (MIG)
-        self.gpu = {g: GpuState() for g in sampler.gpus}
+        self.gpu = {g: GpuAccount() for g in sampler.gpus}
         self.settle_lag_s = settle_lag_s
         self.settle_every_s = settle_every_s
         self.last_settle = self.last_live = -float("inf")
@@ -74,7 +74,7 @@ class GpuPasses:
                 st.requests.discard(req.request_id)
                 st.live.forget(req.request_id)
 
-    def _busy(self, g: int, st: GpuState, change: int, t: float) -> None:
+    def _busy(self, g: int, st: GpuAccount, change: int, t: float) -> None:
         """Count a request in or out; tell the sampler when the GPU turns busy or idle."""
         st.running += change
         if st.running == (1 if change > 0 else 0):
@@ -122,7 +122,7 @@ class GpuPasses:
                 self.count_error(Fault.INTERNAL)
                 st.drop_slice(requests, self.sampler.last_sample_time(g))
 
-    def _settle_gpu(self, g: int, st: GpuState, requests: Mapping[str, Request], now: float) -> None:
+    def _settle_gpu(self, g: int, st: GpuAccount, requests: Mapping[str, Request], now: float) -> None:
         if self.stale(g, now):
             if st.faulted is None:
                 st.faulted = Fault.STALE
@@ -154,7 +154,7 @@ class GpuPasses:
                 self.count_error(Fault.INTERNAL)
 
     def provisional(self, req: Request) -> tuple[dict[int, float], dict[int, float]]:
-        """``req``'s provisional joules per GPU (see :meth:`GpuState.provisional`), and the GPU time that
+        """``req``'s provisional joules per GPU (see :meth:`GpuAccount.provisional`), and the GPU time that
         goes with them: on each GPU, the window times the request's share of the GPU's energy over it
         (the settled pass splits the time itself). One curve per GPU serves both."""
         assert req.end is not None

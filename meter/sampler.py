@@ -18,7 +18,7 @@ from wattgate.meter.sources import MeterFault, PowerSource
 log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
-class _GpuState:
+class _GpuReadings:
     trace: EnergyTrace
     last_poll: float | None = None
     power_w: float | None = None
@@ -72,7 +72,7 @@ class Sampler:
         self.power_lag_s = source.power_lag_s if power_lag_s is None else power_lag_s
         self.continuous = getattr(source, "continuous_counter", False)
         maxlen = int(horizon_s / interval_s) + 16
-        self._gpu = {g: _GpuState(EnergyTrace(maxlen, continuous=self.continuous, counter_lag_s=counter_lag_s,
+        self._gpu = {g: _GpuReadings(EnergyTrace(maxlen, continuous=self.continuous, counter_lag_s=counter_lag_s,
                                               on_reset=lambda: self._fault(Fault.COUNTER_RESET)))
                      for g in self.gpus}
         self.on_error: Callable[[str], None] | None = None  # told each fault's kind (the meter counts them)

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from wattgate.meter import Fault, GpuTotals, Measurement, Meter, Method, RequestWindow, Status
@@ -75,8 +77,6 @@ class Books:
         self.records = Records(min(settings.gateway.recent_records, RECENT_WITH_LEDGER) if with_ledger
                                else settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
-        for kind, n in meter.errors.items():
-            self.metrics.meter_errors.labels(kind).inc(n)
         self.ledger = (
             Ledger(ledger_path(settings.ledger), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
             if settings.ledger.enabled
@@ -88,10 +88,8 @@ class Books:
         if self.grid.provider is not None:
             self.metrics.grid_errors.labels(self.grid.provider.name)
         self._idle_period = IdlePeriod(settings.meter.idle_period_h * 3600)
-        self.estimates = Meter(None)  # windows for when the meter itself fails
-        self.estimates.on_settled = self.settled
-        meter.on_settled = self.settled
-        meter.on_error = lambda kind: self.metrics.meter_errors.labels(kind).inc()
+        self.estimates = Meter(None, on_settled=self.settled)  # windows for when the meter itself fails
+        meter.connect(self.settled, lambda kind: self.metrics.meter_errors.labels(kind).inc())
 
     def start(self) -> None:
         self.meter.start()
@@ -148,7 +146,9 @@ class Books:
         """Open the record and the window of a call to registry model ``name``."""
         request_id, key = await self.open_record(request_id, client_chose, name, team)
         model = self.settings.models[name]
-        return LocalCall(self, request_id, key, name, model, self.begin(key, name, model, prompt_tokens, t))
+        window = self.begin(key, name, model, prompt_tokens, t)
+        return LocalCall(request_id, key, window, finish=partial(self.finish, name, model),
+                         method=partial(self.method_for, model))
 
     async def open_record(
         self, request_id: str, client_chose: bool, name: str, team: str | None
@@ -234,15 +234,16 @@ class Books:
 
 
 class LocalCall:
-    """A call's window on the meter of this process (see :class:`CallWindow`)."""
+    """A call's window on the meter of this process (see :class:`CallWindow`): ``finish`` records its
+    measurement once it ends (:meth:`Books.finish`) and gives its energy object, ``method`` says how
+    calls to its model are metered now."""
 
     __slots__ = (
-        "_books",
         "_energy",
+        "_finish",
+        "_method",
         "completed",
         "key",
-        "model",
-        "name",
         "opened_at",
         "request_id",
         "tokens",
@@ -250,13 +251,13 @@ class LocalCall:
         "window",
     )
 
-    def __init__(self, books: Books, request_id: str, key: str, name: str, model: Model, window: RequestWindow) -> None:
-        self._books = books
+    def __init__(self, request_id: str, key: str, window: RequestWindow,
+                 finish: Callable[[Measurement, Status, float], dict[str, Any]], method: Callable[[], Method]) -> None:
         self.request_id = request_id
         self.key = key
-        self.name = name
-        self.model = model
         self.window = window
+        self._finish = finish
+        self._method = method
         # The window's own methods: a stream calls ``tokens`` per read, without a wrapper in between.
         self.tokens = window.tokens
         self.completed = window.completed
@@ -266,7 +267,7 @@ class LocalCall:
 
     @property
     def method(self) -> Method:
-        return self._books.method_for(self.model)
+        return self._method()
 
     def end(self, status: Status, t: float | None = None, latency_s: float | None = None) -> None:
         """Close the window at ``t`` (now by default); ``latency_s``: from forwarding to the end, when
@@ -274,7 +275,7 @@ class LocalCall:
         if self._energy is None:
             m = self.window.end(status, t)
             latency_s = time.monotonic() - self.opened_at if latency_s is None else latency_s
-            self._energy = self._books.finish(self.name, self.model, m, status, latency_s)
+            self._energy = self._finish(m, status, latency_s)
 
     async def energy(self) -> dict[str, Any]:
         assert self._energy is not None, "energy() before end()"
