@@ -204,8 +204,8 @@ class EnergyTrace:
             # The sensors' agreement, once a few counter intervals back it: one interval with a step
             # in power between two reads misstates it by as much as the trapezoid misses the step.
             # Read every poll, the pending power is one counter step's worth, and 20 steps of 100 ms,
-            # each stamped to within a poll, are too few to scale it by (bench.inline, every poll:
-            # provisional vs settled p95 7.8-8.7 % scaled, 6.3-6.6 % not).
+            # each stamped to within a poll, are too few to scale it by: scaled, provisional figures
+            # were further from settled ones (bench/RESULTS.md, "Scaling the pending power, counter read every poll").
             trusted = len(self.agreement) >= TRUSTED_INTERVALS and sparse
             scale = (self.power_vs_counter() if trusted else None) or 1.0
             curve.extend((t, e_a + c * scale) for t, c in pending[1:] if t > t_a)

@@ -12,8 +12,8 @@ first token when it began), then an average head's share (rate unknown) up to it
 end. Each of its decode steps costs the GPU about what anyone else's does, and
 how its tokens fell in time is not known, so the same guess serves both passes
 and they agree (before, the settled pass placed its tokens evenly after a first
-one and the live one gave it heads: the first plain request of a burst came out
-10-18 % apart, ``bench/RESULTS.md``).
+one and the live one gave it heads, and the first plain request of a burst came
+out far apart: ``bench/RESULTS.md``, "One guess for requests seen without tokens").
 """
 
 from __future__ import annotations

@@ -2,18 +2,17 @@
 to the next worker in turn, over a Unix socket (SCM_RIGHTS), as Node.js's cluster module does by default.
 
 Why not let the kernel spread them: with a listening socket per worker (SO_REUSEPORT) it picks the
-worker by a hash of the client's address and port, whatever each worker's load, and 256 connections
-over 8 workers left the busiest with 1.09-1.38 times the mean; with one socket that all workers accept
-from, whichever wakes first takes it: 1.44-1.53 (2-core VM, 2026-11-28, ``bench/RESULTS.md``). A chat
-client keeps its connections open for many streams, so the busiest worker sets the pace of the whole
+worker by a hash of the client's address and port, whatever each worker's load; with one socket that
+all workers accept from, whichever wakes first takes it; either way the busiest worker held well over
+the mean (``bench/RESULTS.md``, "Relay workers around one hub"). A chat client keeps its connections open for many streams, so the busiest worker sets the pace of the whole
 gateway while the others idle. Dealt in turn, every worker holds the same number of connections, give or
 take one per client that opened them.
 
 The cost is one ``accept`` and one ``sendmsg`` in the supervisor per connection, not per token. A
 worker's channel holds a few hundred connections until it takes them (as many as its socket buffer
 has room for): when a burst fills every channel, the dealer waits for room, and the connections
-behind it wait in the listener's backlog, rather than any being closed (3000 at once on 2 busy
-workers on the 2-core VM: 270 closed before, none since).
+behind it wait in the listener's backlog, rather than any being closed (tests/test_workers.py bursts
+more connections than the channels hold).
 """
 
 from __future__ import annotations

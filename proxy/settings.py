@@ -88,8 +88,8 @@ class MeterSettings(_Strict):
     # attributed energy (a trailing period), so a quiet night is shared by the day's requests.
     idle_period_h: float = Field(default=24.0, gt=0, le=24 * 366)
     # Energy-counter reads; power is read every interval and places the energy in between.
-    # "auto": as often as counter_cpu_budget allows, from the measured cost of a read (one read
-    # cost 4 ms of CPU on an H200 host, bench/RESULTS.md); a number of ms: that often; 0: every interval.
+    # "auto": as often as counter_cpu_budget allows, from the measured cost of a read (milliseconds of
+    # CPU on NVML: bench/RESULTS.md); a number of ms: that often; 0: every interval.
     counter_interval_ms: Literal["auto"] | int = "auto"
     # Share of one CPU core that counter reads may use, all GPUs together, for "auto".
     counter_cpu_budget: float = Field(default=0.004, gt=0, le=1)

@@ -2,9 +2,8 @@
 
 aiohttp, not httpx: relaying token streams is the gateway's hot path, and httpx
 reads a chunked body through h11, a pure-Python parser, while aiohttp parses
-with llhttp in C. On one core relaying 128-token streams at 64 concurrent, a
-bare relay costs 190 us of CPU per chunk with httpx and 60 us with aiohttp; the
-whole gateway went from ~190 to ~70 us (bench/RESULTS.md). LiteLLM made the same
+with llhttp in C: a bare relay's upstream read costs about 150 us of CPU per
+chunk more with httpx (bench/RESULTS.md, "Where a relayed chunk's CPU goes"). LiteLLM made the same
 switch (aiohttp is its default transport) for the same reason.
 """
 
@@ -74,7 +73,7 @@ class UpstreamClient:
         """HTTP(S)_PROXY / NO_PROXY for ``url``'s origin, as httpx, requests and curl honour them.
 
         Looked up once per origin: aiohttp's ``trust_env`` does it per request,
-        reading the environment and ~/.netrc each time (about 190 us measured).
+        reading the environment and ~/.netrc each time (bench/RESULTS.md, "Gateway overhead").
         """
         parsed = URL(url)
         origin = parsed.origin()

@@ -39,9 +39,8 @@ class NvmlSource:
 
     method = Method.NVML
     continuous_counter = False
-    # How late NVML_FI_DEV_POWER_INSTANT reports a load change against the counter. bench/sensor_lag.py,
-    # 2026-11-27: 55 and 80 ms on an H100 (two runs), 60 ms on an H200; with 60 ms the mirror windows of
-    # tests/test_gpu.py came within 2 % in every counter mode on the H100 (bench/RESULTS.md).
+    # How late NVML_FI_DEV_POWER_INSTANT reports a load change against the counter, as bench/sensor_lag.py
+    # measured it on H100 and H200 hosts (bench/RESULTS.md, "Accuracy on a real GPU").
     power_lag_s = 0.06
 
     def __init__(self, gpus: Sequence[int], mig: Literal["estimate", "whole_gpu"] = "estimate") -> None:
