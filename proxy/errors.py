@@ -79,6 +79,17 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamFailed(GatewayError):
+    """An upstream's error without OpenAI's shape, relayed in it with the upstream's own status (502 if
+    it was not an error status)."""
+
+    type = "upstream_error"
+
+    def __init__(self, message: str, upstream_status: int) -> None:
+        super().__init__(message)
+        self.status = upstream_status if upstream_status >= 400 else 502
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"

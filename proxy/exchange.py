@@ -23,7 +23,14 @@ from starlette.types import Receive
 from wattgate.meter import Status, token_count
 from wattgate.proxy import upstream as up
 from wattgate.proxy.calls import CallWindow
-from wattgate.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamTimeout, UpstreamUnavailable
+from wattgate.proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    UpstreamFailed,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from wattgate.proxy.figures import energy_headers, usage_fields
 from wattgate.proxy.relay import StreamRelay
 from wattgate.proxy.settings import Model, Settings
@@ -192,10 +199,7 @@ class Exchange:
         if isinstance(data, dict) and "error" in data:  # the upstream's own error, relayed unchanged
             return Response(raw, status_code=response.status, media_type="application/json", headers=headers)
         message = raw.decode("utf-8", "replace")[:500] or response.reason or ""
-        err = GatewayError(f"upstream error: {message}")
-        err.status = response.status if response.status >= 400 else 502
-        err.type = "upstream_error"
-        return err.response(headers)
+        return UpstreamFailed(f"upstream error: {message}", response.status).response(headers)
 
 
 def upstream_name(model: Model) -> str:

@@ -35,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from wattgate.meter import Status
 from wattgate.proxy import upstream as up
 from wattgate.proxy.calls import CallWindow
+from wattgate.proxy.errors import error_body
 from wattgate.proxy.figures import usage_fields
 
 _DONE = b"data: [DONE]"
@@ -245,8 +246,7 @@ class StreamRelay(Response):
 
     def _error_event(self, message: str, status: int) -> bytes:
         self.status = Status.ERROR
-        body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": status}}
-        return b"data: " + orjson.dumps(body) + b"\n\n"
+        return b"data: " + orjson.dumps(error_body(message, "upstream_error", code=status)) + b"\n\n"
 
 
 def _data(event: bytes) -> bytes | None:
