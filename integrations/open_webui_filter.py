@@ -149,12 +149,12 @@ class Filter:
         return body
 
     def _show(self, body: dict[str, Any], emit: Emitter | None) -> None:
-        messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
-        replies = [self._latest(f) for m in messages if m.get("role") == "assistant" and (f := figure_in(m.get("usage")))]
-        last = next((m for m in reversed(messages) if m.get("role") == "assistant"), None)
-        if emit is None or last is None or not replies or figure_in(last.get("usage")) is None:
-            return
-        earlier, reply = replies[:-1], replies[-1]
+        messages = body.get("messages") or ()
+        replies = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+        if emit is None or not replies or (own := figure_in(replies[-1].get("usage"))) is None:
+            return  # the reply just given has no figure: nothing to say
+        earlier = [self._latest(f) for m in replies[:-1] if (f := figure_in(m.get("usage")))]
+        reply = self._latest(own)
         task = asyncio.get_running_loop().create_task(self._follow(reply, earlier, emit))
         self._following.add(task)
         task.add_done_callback(self._following.discard)
