@@ -63,6 +63,15 @@ def wait_serving(proc: subprocess.Popen, url: str, log: Path, timeout: float, wh
         time.sleep(0.5)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a real server that ``proc`` started: asked to, then killed if it takes over 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def scenario(body: dict[str, Any]) -> Scenario:
     messages = body.get("messages") or [{}]
     text = messages[0].get("content") if isinstance(messages[0], dict) else None

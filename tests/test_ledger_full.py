@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SERVED, wait_until
+from tests.conftest import SERVED, stop_server, wait_until
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
 from wattgate.proxy.ledger_file import LedgerUnavailable
@@ -125,8 +125,7 @@ def _under_a_file_size_limit(folder: Path, queue_size: int) -> Iterator[Gateway]
             yield Gateway(url, fill=lambda: limit(4096), free=lambda: limit(hard),
                           ledger_log=lambda: [line for line in lines if "wattgate.proxy.ledger:" in line])
         finally:
-            proc.terminate()
-            proc.wait(15)
+            stop_server(proc)
 
 
 @pytest.fixture(params=["tmpfs", "file_size_limit"])

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.litellm
 litellm = pytest.importorskip(
     "litellm", reason="the LiteLLM environment is not installed: python tests/real_litellm/build_env.py")
 
-from tests.conftest import SERVED, settled_records
+from tests.conftest import SERVED, settled_records, stop_server
 from tests.real_litellm import proxy as litellm_proxy
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
@@ -87,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield Stack(started[0][1], started[-1][1], f"{gw.url}/v1", f"{quiet.url}/v1")
         finally:
             for proc, _ in started:
-                litellm_proxy.stop(proc)
+                stop_server(proc)
 
 
 def _chat(proxy: Proxy, model: str, stream: bool, usage: bool = False) -> tuple[httpx.Headers, list[dict[str, Any]]]:

@@ -32,7 +32,7 @@ if importlib.util.find_spec("open_webui") is None:  # not imported: importing it
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
 
 from tests.chromium import CHROMIUM, NO_CHROMIUM, screenshot
-from tests.conftest import SERVED, settled_records, wait_serving
+from tests.conftest import SERVED, settled_records, stop_server, wait_serving
 from tests.opt_in_env import env_dir
 from tests.real_litellm import proxy as litellm_proxy
 from wattgate.meter.sources.simulated import SimulatedGpu
@@ -81,7 +81,7 @@ def _open_webui(home: Path, connections: dict[str, str]) -> tuple[subprocess.Pop
     try:
         wait_serving(proc, f"{url}/health", home / "open-webui.log", START_S, "Open WebUI")
     except BaseException:
-        litellm_proxy.stop(proc)
+        stop_server(proc)
         raise
     return proc, url
 
@@ -121,7 +121,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 yield stack
             finally:
                 for proc in procs:
-                    litellm_proxy.stop(proc)
+                    stop_server(proc)
 
 
 @pytest.fixture

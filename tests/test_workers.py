@@ -242,8 +242,7 @@ def test_a_worker_killed_mid_stream_has_its_call_recorded_and_comes_back(gateway
 
     async def both() -> tuple[str, int]:
         stream = asyncio.create_task(long_stream())
-        await asyncio.sleep(0.3)
-        killed = await kill_its_worker()
+        killed = await kill_its_worker()  # it polls until a worker has the stream open
         return await stream, killed
 
     outcome, killed = asyncio.run(both())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import wait_serving
+from tests.conftest import stop_server, wait_serving
 from wattgate.proxy.serving import free_port
 
 KEY = "sk-wattgate-suite-master-key-0123456789"
@@ -37,14 +37,7 @@ def start(litellm_cli: Path, home: Path, models: dict[str, str], callbacks: list
     try:
         wait_serving(proc, f"{url}/health/liveliness", home / "litellm.log", START_S, "LiteLLM's proxy")
     except BaseException:
-        stop(proc)
+        stop_server(proc)
         raise
     return proc, url
 
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
