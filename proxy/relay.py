@@ -24,7 +24,6 @@ usage chunk.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Any
 
@@ -35,23 +34,23 @@ from starlette.types import Message, Receive, Scope, Send
 from wattgate.meter import Status
 from wattgate.proxy import upstream as up
 from wattgate.proxy.calls import CallWindow
+from wattgate.proxy.chunks import (
+    ERROR_KEY,
+    NO_DATA,
+    USAGE_KEY,
+    has_key,
+    json_object,
+    output_and_finish,
+    sse_data,
+    with_choice_energy,
+)
 from wattgate.proxy.errors import error_body
 from wattgate.proxy.figures import usage_fields
 
 _DONE = b"data: [DONE]"
-# Generated output in a streamed choice: a non-empty string of text (chat and completions) or
-# reasoning (vLLM, SGLang, DeepSeek, Ollama), a non-empty list of tool calls, a function call.
-# The role chunk ("content": "") and the finish chunk ("content": null, "delta": {}) carry none.
-_TEXT_KEYS = ("content", "text", "reasoning_content", "reasoning")
-# (No lookbehind for escaped quotes in these patterns: it makes a search 20x slower; see _key.)
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_ERROR = re.compile(rb'"error"\s*:\s*[{"]')
 # Longest event held while waiting for its blank line: far above any chat chunk (logprobs
 # included), and what keeps an upstream that never sends one from filling the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
-# How the lines of an SSE event start: its data, the spec's other fields, comments.
-_NO_DATA = (b"event:", b"id:", b"retry:", b":")
-_SSE_LINE = (b"data:", *_NO_DATA)
 
 
 class _Unparseable(Exception):
@@ -165,7 +164,7 @@ class StreamRelay(Response):
         energy = await self.window.energy()
         finish = b""
         if self.finish is not None:
-            finish = b"data: " + orjson.dumps(_with_choice_energy(self.finish[0], energy)) + b"\n\n"
+            finish = b"data: " + orjson.dumps(with_choice_energy(self.finish[0], energy)) + b"\n\n"
         last = self.held if self.held is not None else self._synthetic_last()
         if self.energy_in_usage:  # where front ends and routers look: usage, and LiteLLM's provider fields
             last["usage"] = {**(last.get("usage") or {}), **usage_fields(energy)}
@@ -194,22 +193,22 @@ class StreamRelay(Response):
     def _event(self, event: bytes) -> bytes | None:
         """Account one upstream event (without its blank line); return what to forward (None: hold or drop).
         Raises :class:`_Unparseable` for data that is not a JSON object, or bytes that are not an SSE event."""
-        data = _data(event)
+        data = sse_data(event)
         if data is None:
-            if event.startswith(_NO_DATA):
+            if event.startswith(NO_DATA):
                 return event  # comments, keep-alives, an event name without data
             raise _Unparseable
-        obj = _loads(data)
+        obj = json_object(data)
         if obj is None:
             if data.strip() == b"[DONE]":  # once per stream: tried after the parse, which every other event needs
                 return None
             raise _Unparseable
         if self.first is None:
             self.first = obj
-        if b'"error"' in data and _key(_ERROR, data):
+        if b'"error"' in data and has_key(ERROR_KEY, data):
             self.status = Status.ERROR
             return event
-        if b'"usage"' in data and _key(_USAGE, data):
+        if b'"usage"' in data and has_key(USAGE_KEY, data):
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self.window.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
@@ -219,7 +218,7 @@ class StreamRelay(Response):
                 if not self.client_wants_usage:  # continuous usage stats the client did not ask for
                     del obj["usage"]
                     event = b"data: " + orjson.dumps(obj)
-        output, finishes = _output_and_finish(obj)
+        output, finishes = output_and_finish(obj)
         if output:
             self.tokens += 1
         if finishes and self.energy_in_usage:
@@ -247,73 +246,3 @@ class StreamRelay(Response):
     def _error_event(self, message: str, status: int) -> bytes:
         self.status = Status.ERROR
         return b"data: " + orjson.dumps(error_body(message, "upstream_error", code=status)) + b"\n\n"
-
-
-def _data(event: bytes) -> bytes | None:
-    """The data of one SSE event (its ``data:`` lines joined), None when it has none."""
-    if event.startswith(b"data: "):  # the usual shape: one data line
-        if b"\n" not in event:
-            return event[6:]
-    elif not event.startswith(_SSE_LINE):
-        return None
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
-
-
-def _output_and_finish(chunk: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether a stream chunk carries generated output (see _TEXT_KEYS: in a chat choice's ``delta``, or
-    in a completions choice itself), and whether it finishes every chat choice it has (each has a ``delta``
-    and a ``finish_reason``). One pass, as this runs for every chunk relayed."""
-    choices = chunk.get("choices")
-    if not choices or not isinstance(choices, list):
-        return False, False
-    output, finishes = False, True
-    for choice in choices:
-        if not isinstance(choice, dict):
-            finishes = False
-            continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            part = delta
-            if finishes and choice.get("finish_reason") is None:
-                finishes = False
-        else:
-            part, finishes = choice, False
-        if not output:
-            output = _part_has_output(part)
-    return output, finishes
-
-
-def _part_has_output(part: dict[str, Any]) -> bool:
-    for key in _TEXT_KEYS:
-        text = part.get(key)
-        if text and isinstance(text, str):
-            return True
-    calls, call = part.get("tool_calls"), part.get("function_call")
-    return (isinstance(calls, list) and any(isinstance(c, dict) for c in calls)) or isinstance(call, dict)
-
-
-def _with_choice_energy(chunk: dict[str, Any], energy: dict[str, Any]) -> dict[str, Any]:
-    """The finish ``chunk`` with ``energy`` in each choice's ``delta.provider_specific_fields``."""
-    for choice in chunk["choices"]:
-        delta = choice["delta"]
-        fields = delta.get("provider_specific_fields")
-        delta["provider_specific_fields"] = {**(fields if isinstance(fields, dict) else {}), "energy": energy}
-    return chunk
-
-
-def _key(pattern: re.Pattern[bytes], data: bytes) -> bool:
-    """Whether ``pattern`` matches at a key of the JSON in ``data``, not inside a string value,
-    where the same characters have their quotes escaped (``\\"content\\": \\"``)."""
-    match = pattern.search(data)
-    while match is not None and match.start() > 0 and data[match.start() - 1] == 0x5C:  # a backslash
-        match = pattern.search(data, match.start() + 1)
-    return match is not None
-
-
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
