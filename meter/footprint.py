@@ -59,7 +59,7 @@ class Embodied:
 
 @dataclass(frozen=True, slots=True)
 class SiteFactors:
-    """Factors of one site. Defaults and their sources: see README, "Factors"."""
+    """Factors of one site. Defaults and their sources: see docs/factors.md, "Factors"."""
 
     grid_zone: str
     location: GridIntensity  # the zone's annual average (CodeCarbon): what a live provider's figure stands in for

@@ -51,7 +51,7 @@ class Sci(TypedDict):
 
 
 class Energy(TypedDict):
-    """The body's ``energy`` object, as ``GET /v1/energy/{id}`` also returns it (README, "Use it"),
+    """The body's ``energy`` object, as ``GET /v1/energy/{id}`` also returns it (docs/api.md, "The figures in a response"),
     built by :func:`energy_object` from a measurement and by :func:`energy_from_record` from a
     ledger row. The last three are None in rows written before they were kept."""
 
@@ -125,7 +125,7 @@ def usage_fields(energy: Energy) -> dict[str, Any]:
 
 def energy_object(m: Measurement, site: SiteFactors, request_id: str | None = None,
                   location: GridIntensity | None = None, idle_j: float = 0.0) -> Energy:
-    """The body's ``energy`` object (the README, "Use it"); ``request_id`` as the client
+    """The body's ``energy`` object (docs/api.md, "The figures in a response"); ``request_id`` as the client
     knows it, when the meter's window had another name; ``location``: the grid's intensity at the
     request's time (default: the zone's annual average); ``idle_j``: the GPUs' idle energy the request
     carries in the SCI's widest tier (0 when idle energy is already amortized into its joules)."""

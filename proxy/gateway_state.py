@@ -15,9 +15,9 @@ from wattgate.meter import Meter
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.books import Books
 from wattgate.proxy.calls import CallOpener
-from wattgate.proxy.errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from wattgate.proxy.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from wattgate.proxy.exchange import TOO_DEEP
-from wattgate.proxy.keys import load_keys
+from wattgate.proxy.keys import GatewayKeys
 from wattgate.proxy.metrics import TeamView
 from wattgate.proxy.settings import Model, Settings
 from wattgate.proxy.upstream import UpstreamClient
@@ -30,42 +30,32 @@ class GatewayState:
     metered (``calls``: this process's books, or a multi-worker gateway's hub)."""
 
     def __init__(self, settings: Settings, calls: CallOpener, books: Books | None = None,
-                 keys: dict[str, str] | None = None) -> None:
+                 keys: GatewayKeys | None = None) -> None:
         self.settings = settings
         self.calls = calls
         self.books = books  # None in a worker: the hub keeps them
-        auth = settings.gateway.auth
-        self.keys = load_keys(auth) if keys is None else keys  # read once: a file may be given
-        self.metrics_aliases = frozenset(auth.metrics_aliases if auth else ())
+        self.keys = GatewayKeys.from_settings(settings.gateway.auth) if keys is None else keys
         t = settings.gateway.timeouts
         self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections)
 
     @classmethod
     def local(cls, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> GatewayState:
         """A gateway that keeps its own books (one process, or a multi-worker gateway's hub)."""
-        auth = settings.gateway.auth
-        keys = load_keys(auth)
-        teams = sorted(set(keys.values()) - set(auth.metrics_aliases if auth else ()))
-        books = Books(settings, meter, drive, teams)
+        keys = GatewayKeys.from_settings(settings.gateway.auth)
+        books = Books(settings, meter, drive, keys.teams)
         for name, model in settings.models.items():
             if model.api_key_env and not os.environ.get(model.api_key_env):
                 log.warning("model '%s': $%s is not set, so its upstream gets no key", name, model.api_key_env)
         return cls(settings, books, books, keys)
 
     def authenticate(self, request: Request) -> str | None:
-        """The caller's team alias; None when auth is off."""
-        if not self.keys:
-            return None
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        alias = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
-        if alias is None:
-            raise Unauthorized("missing or unknown gateway API key")
-        return alias
+        """The caller's team alias; None when auth is off (:meth:`GatewayKeys.team`)."""
+        return self.keys.team(request.headers.get("authorization", ""))
 
     def metrics_for(self, request: Request, books: Books) -> CollectorRegistry | TeamView:
         """What the caller may scrape: everything, or with keys on, its own team's series only."""
         team = self.authenticate(request)
-        if team is None or team in self.metrics_aliases:
+        if self.keys.sees_every_team(team):
             return books.metrics.registry
         return TeamView(books.metrics.registry, team)
 

@@ -1,10 +1,50 @@
-"""The gateway's keys (``gateway.auth``): ``alias:key`` entries from a variable or a file, each alias a team."""
+"""Who a caller is: the gateway's keys (``gateway.auth``), ``alias:key`` entries from a variable or a file,
+each alias a team, and the aliases that may see every team's metrics."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
+from wattgate.proxy.errors import Unauthorized
 from wattgate.proxy.settings import Auth, ConfigError
+
+
+class GatewayKeys:
+    """The keys a gateway accepts (``{key: alias}``; none: auth is off) and its metrics aliases."""
+
+    def __init__(self, keys: dict[str, str], metrics_aliases: Iterable[str] = ()) -> None:
+        self._keys = keys
+        self.metrics_aliases = frozenset(metrics_aliases)
+
+    @classmethod
+    def from_settings(cls, auth: Auth | None) -> GatewayKeys:
+        """Read once, at start-up (a file may be given); refused as :func:`load_keys` says."""
+        return cls(load_keys(auth), auth.metrics_aliases if auth else ())
+
+    @property
+    def on(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def teams(self) -> list[str]:
+        """The teams the keys name (the metrics aliases are not teams)."""
+        return sorted(set(self._keys.values()) - self.metrics_aliases)
+
+    def team(self, authorization: str) -> str | None:
+        """The team of the caller whose ``Authorization`` header this is; None when auth is off.
+        Raises :class:`Unauthorized` for a missing or unknown key."""
+        if not self._keys:
+            return None
+        scheme, _, key = authorization.partition(" ")
+        alias = self._keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if alias is None:
+            raise Unauthorized("missing or unknown gateway API key")
+        return alias
+
+    def sees_every_team(self, team: str | None) -> bool:
+        """Whether a caller of ``team`` sees every team's figures (auth off, or a metrics alias)."""
+        return team is None or team in self.metrics_aliases
 
 
 def load_keys(auth: Auth | None) -> dict[str, str]:

@@ -81,7 +81,7 @@ def add_book_routes(
         team = gw.authenticate(request)
         rec = books.records.get(record_key(team, request_id))
         found = rec.energy if rec is not None and rec.energy else await books.stored(
-            request_id, team, any_team=not gw.keys)
+            request_id, team, any_team=not gw.keys.on)
         if not found:
             raise NotFound(f"no energy record for request '{request_id}'")
         return JSONResponse(found)

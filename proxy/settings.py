@@ -56,7 +56,7 @@ class HardwareSettings(_Strict):
 
 
 class Site(_Strict):
-    """Where the GPUs are. Defaults and sources: README, "Factors"."""
+    """Where the GPUs are. Defaults and sources: docs/factors.md, "Factors"."""
 
     # CodeCarbon zone key: ISO-3 country (FRA, USA) or provider:region (gcp:europe-west1).
     grid_zone: str = "USA"
@@ -138,7 +138,7 @@ class Model(_Strict):
     upstream: HttpUrl
     gpus: list[int] = Field(default_factory=list)
     api_key_env: str | None = None
-    # Energy of one prompt token relative to one decoded token (see README, "Attribution").
+    # Energy of one prompt token relative to one decoded token (see docs/factors.md).
     prefill_weight: float = Field(default=0.2, ge=0, le=10)
     estimate: EstimateSettings = EstimateSettings()
     # optional: /readyz reports this upstream but stays ready without it (a remote API beside a local
@@ -181,7 +181,7 @@ class Auth(_Strict):
 
 
 class HttpLimits(_Strict):
-    """What a request may take at the HTTP layer before the gateway reads it (README, "Limits")."""
+    """What a request may take at the HTTP layer before the gateway reads it (docs/api.md, "Routes, errors and limits")."""
 
     # Request line and headers together. An OpenAI SDK's request sends about 0.5 KiB; nginx reads up
     # to 4 x 8 KiB, Node.js 16 KiB; 64 KiB leaves room for large cookies and tracing headers.

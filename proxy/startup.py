@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from wattgate.proxy.cli import version
+from wattgate.proxy.keys import GatewayKeys
 from wattgate.proxy.ledger_file import ledger_path
 from wattgate.proxy.settings import Settings
 
@@ -12,7 +13,7 @@ log = logging.getLogger("wattgate")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def log_startup(settings: Settings, keys: dict[str, str], host: str, port: int, workers: int = 1) -> None:
+def log_startup(settings: Settings, keys: GatewayKeys, host: str, port: int, workers: int = 1) -> None:
     """One line saying what the gateway serves and where its figures go (``keys``: the gateway keys read at
     start-up); a warning when it is open to others."""
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
@@ -20,8 +21,8 @@ def log_startup(settings: Settings, keys: dict[str, str], host: str, port: int, 
     gpus = ",".join(map(str, settings.metered_gpus)) or "none"
     log.info("wattgate %s: models %s on %s/v1%s; meter %s (GPUs %s); ledger %s; keys %s%s",
              version(), ", ".join(settings.models), url, f" (chat page {url}/chat)" if settings.gateway.chat_page else "",
-             settings.meter.source, gpus, ledger, f"on ({len(set(keys.values()))} teams)" if keys else "off",
+             settings.meter.source, gpus, ledger, f"on ({len(keys.teams)} teams)" if keys.on else "off",
              f"; {workers} workers" if workers > 1 else "")
-    if not keys and host not in LOOPBACK:
+    if not keys.on and host not in LOOPBACK:
         log.warning("gateway keys are off and the gateway listens on %s: anyone who reaches it can call the "
-                    "models and read every record; set gateway.auth (README, \"Registry\")", host)
+                    "models and read every record; set gateway.auth (docs/configuration.md)", host)

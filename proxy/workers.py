@@ -46,7 +46,7 @@ from wattgate.proxy.gateway_state import GatewayState
 from wattgate.proxy.http_limits import uvicorn_options
 from wattgate.proxy.hub import HubServer, api_path, events_path
 from wattgate.proxy.hub_link import HubLink, add_hub_routes
-from wattgate.proxy.keys import load_keys
+from wattgate.proxy.keys import GatewayKeys
 from wattgate.proxy.ledger_file import connect, ledger_path
 from wattgate.proxy.metering import build_meter
 from wattgate.proxy.registry_file import load_settings
@@ -263,7 +263,7 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     # A wrong file, auth without keys or a ledger that cannot be opened is refused before any process starts.
     settings = load_settings(config)
-    keys = load_keys(settings.gateway.auth)
+    keys = GatewayKeys.from_settings(settings.gateway.auth)
     if settings.ledger.enabled:
         connect(ledger_path(settings.ledger)).close()
     dealt = spread == "even"
