@@ -65,10 +65,10 @@ import yaml
 from bench.overhead import _cpu_s, _cpu_times, _hub_and_workers, _pinned, _wait, _wait_workers
 from tests.load_side import Streamed, split, stream_requests
 from wattgate.proxy import hub_protocol as hp
+from wattgate.proxy.children import run_hub
 from wattgate.proxy.hub import events_path
 from wattgate.proxy.hub_link import FLUSH_S
 from wattgate.proxy.serving import free_port
-from wattgate.proxy.workers import run_hub
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"
 TOKENS = 128

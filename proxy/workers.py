@@ -5,10 +5,10 @@
   restarts any of them that exits, and on SIGINT or SIGTERM stops the workers
   (they finish their calls) and then the hub (it settles what it can and closes
   the ledger).
-- The hub (:func:`run_hub`, :mod:`proxy.hub`) owns the sampler, the meter, the
+- The hub (:func:`~proxy.children.run_hub`, :mod:`proxy.hub`) owns the sampler, the meter, the
   records, the metrics, the ledger and the foreign-load poller, and answers
   ``/metrics``, ``/readyz`` and ``/v1/energy/{id}`` over a Unix socket.
-- Each worker (:func:`run_worker`) relays the calls on the connections the
+- Each worker (:func:`~proxy.children.run_worker`) relays the calls on the connections the
   supervisor deals it in turn (:mod:`proxy.dealer`), or, with ``spread="kernel"``,
   on those the kernel hands the listening socket each worker opens with
   SO_REUSEPORT (by a hash of the client's address, whatever each worker's load),
@@ -25,115 +25,31 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import uvicorn
-
-from wattgate.proxy.app import books_running, new_app
-from wattgate.proxy.dealer import Dealer, DealtServer
-from wattgate.proxy.gateway_state import GatewayState
-from wattgate.proxy.http_limits import uvicorn_options
-from wattgate.proxy.hub import HubServer, api_path, events_path
-from wattgate.proxy.hub_link import HubLink, add_hub_routes
+from wattgate.proxy.children import GRACE_S, listening_socket, run_hub, run_worker
+from wattgate.proxy.dealer import Dealer
+from wattgate.proxy.hub import api_path
 from wattgate.proxy.keys import GatewayKeys
 from wattgate.proxy.ledger_file import connect, ledger_path
-from wattgate.proxy.metering import build_meter
 from wattgate.proxy.registry_file import load_settings
-from wattgate.proxy.routes import add_book_routes, add_call_routes
 from wattgate.proxy.settings import ConfigError
 from wattgate.proxy.startup import log_startup
 
 log = logging.getLogger("wattgate.workers")
 
-GRACE_S = 5  # a stopping worker lets its calls finish this long
 HUB_START_S = 60.0  # the hub must answer within this (NVML start-up included)
 RESTART_WAIT_S = (0.5, 10.0)  # first and longest wait before restarting a process that exited
 FAST_EXIT_S = 10.0  # a process that exits this soon after starting counts towards giving up
 GIVE_UP_AFTER = 5  # fast exits in a row
-
-
-def listening_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
-    """A socket bound to ``host:port``; with ``reuse_port``, one that other processes of this user can
-    bind too (SO_REUSEPORT)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _as_child(log_level: str) -> None:
-    """Set up a child process: its own process group, logging, and an end when its supervisor ends."""
-    os.setpgrp()
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    supervisor = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == supervisor:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)  # graceful: uvicorn finishes what it can
-
-    threading.Thread(target=watch, name="watch-supervisor", daemon=True).start()
-
-
-def run_hub(config: str, runtime_dir: str, log_level: str) -> None:
-    """The hub process: the books, the workers' events, and the routes that read the books."""
-    _as_child(log_level)
-    settings = load_settings(config)
-    meter, drive = build_meter(settings)
-    gw = GatewayState.local(settings, meter, drive)
-    books = gw.books
-    assert books is not None
-    server = HubServer(books)
-
-    @asynccontextmanager
-    async def running() -> AsyncIterator[None]:
-        async with books_running(gw, books), server.serving(events_path(runtime_dir)):
-            yield
-
-    app = new_app(gw, running)
-    add_book_routes(app, gw, books, more_ready=lambda: {"hub_pid": os.getpid(), "workers": server.state()})
-    config_ = uvicorn.Config(app, uds=str(api_path(runtime_dir)), log_level=log_level, access_log=False,
-                             timeout_graceful_shutdown=GRACE_S)
-    uvicorn.Server(config_).run()
-
-
-def run_worker(config: str, host: str, port: int, runtime_dir: str, index: int, log_level: str,
-               channel: socket.socket | None = None) -> None:
-    """A relay worker: the calls on the connections dealt over ``channel`` (None: on its own socket on the
-    shared port); the books at the hub."""
-    _as_child(log_level)
-    settings = load_settings(config)
-    link = HubLink(settings, runtime_dir, index)
-    gw = GatewayState(settings, link)
-    app = new_app(gw, link.running)
-    add_call_routes(app, gw)
-    add_hub_routes(app, link)
-    config_ = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACE_S,
-                             **uvicorn_options(settings.gateway.limits))
-    if channel is not None:
-        DealtServer(config_, channel).run()
-    else:
-        uvicorn.Server(config_).run(sockets=[listening_socket(host, port)])
 
 
 @dataclass
