@@ -67,7 +67,7 @@ from tests.load_side import Streamed, split, stream_requests
 from wattgate.proxy import hub_protocol as hp
 from wattgate.proxy.children import run_hub
 from wattgate.proxy.hub import events_path
-from wattgate.proxy.hub_link import FLUSH_S
+from wattgate.proxy.hub_connection import FLUSH_S
 from wattgate.proxy.serving import free_port
 
 SERVED = "meta-llama/Llama-3.1-8B-Instruct"

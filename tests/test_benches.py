@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,10 @@ def test_the_sampler_and_attribution_benches_run_without_a_gpu() -> None:
 def test_the_placement_and_inline_trace_benches_run() -> None:
     assert "c/a" in _bench("bench.placement")
     assert "p95" in _bench("bench.inline", "--mode", "trace")
+
+
+@pytest.mark.parametrize("bench", sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"))
+def test_every_bench_imports_and_says_how_to_run_it(bench: str) -> None:
+    """A module moved or renamed in the gateway breaks a bench at import (bench.workers did once, unseen
+    until run by hand): each answers --help."""
+    assert "usage" in _bench(f"bench.{bench}", "--help")
