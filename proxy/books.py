@@ -72,30 +72,30 @@ class Books:
         self.site = site_factors(settings)
         self.meter = meter
         self.drive = drive  # simulated GPUs whose load follows the gateway's requests
-        self.metrics = Metrics(settings.models, meter, teams=teams)
+        provider = settings.site.grid_provider
+        grid_provider = provider_from(provider)
+        self.metrics = Metrics(settings.models, meter, teams=teams,
+                               grid_source=None if grid_provider is None else grid_provider.name)
         with_ledger = settings.ledger.enabled
         self.records = Records(min(settings.gateway.recent_records, RECENT_WITH_LEDGER) if with_ledger
                                else settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         self.ledger = (
-            Ledger(ledger_path(settings.ledger), settings.ledger.queue_size, self.metrics.ledger_dropped.inc)
+            Ledger(ledger_path(settings.ledger), settings.ledger.queue_size, self.metrics.count_dropped)
             if settings.ledger.enabled
             else None
         )
-        provider = settings.site.grid_provider
-        self.grid = GridFeed(self.site.location, provider_from(provider), provider.poll_s, provider.max_age_s,
-                             lambda source: self.metrics.grid_errors.labels(source).inc())
-        if self.grid.provider is not None:
-            self.metrics.grid_errors.labels(self.grid.provider.name)
+        self.grid = GridFeed(self.site.location, grid_provider, provider.poll_s, provider.max_age_s,
+                             self.metrics.count_grid_error)
         self._idle_period = IdlePeriod(settings.meter.idle_period_h * 3600)
         self.estimates = Meter(None, on_settled=self.settled)  # windows for when the meter itself fails
-        meter.connect(self.settled, lambda kind: self.metrics.meter_errors.labels(kind).inc())
+        meter.connect(self.settled, self.metrics.count_meter_error)
 
     def start(self) -> None:
         self.meter.start()
 
-    def observe_loop_lag(self, seconds: float) -> None:
-        self.metrics.loop_lag.observe(seconds)
+    def observe_loop_lag(self, seconds: float) -> None:  # a CallOpener: the event loop's lag is counted where the books are
+        self.metrics.observe_loop_lag(seconds)
 
     def stop(self) -> None:
         self.meter.stop()  # settles what it can: those records still reach the ledger
@@ -201,7 +201,7 @@ class Books:
             return self.meter.begin(key, model.gpus, **kwargs)  # type: ignore[arg-type]
         except Exception:  # metering never fails a request: fall back to an estimate
             log.exception("meter failed to open a window")
-            self.metrics.meter_errors.labels(Fault.INTERNAL).inc()
+            self.metrics.count_meter_error(Fault.INTERNAL)
             return self.estimates.begin(key, model.gpus, **kwargs)  # type: ignore[arg-type]
 
     def method_for(self, model: Model) -> Method:

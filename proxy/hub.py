@@ -151,7 +151,7 @@ class HubServer:
         self.books.observe_loop_lag(lag.seconds)
 
     def _lost(self, worker: Worker, lost: hp.Lost, replies: list[bytes]) -> None:
-        self.books.metrics.ledger_dropped.inc(lost.n)
+        self.books.metrics.count_dropped(lost.n)
 
     def _estimated(self, worker: Worker, rec: hp.Estimated, replies: list[bytes]) -> None:
         """A call a worker served while the hub was away: recorded like the hub's own estimates."""
@@ -160,6 +160,6 @@ class HubServer:
         if key is None:  # the hub recorded it already (its connection closed while it ran)
             return
         m: Measurement = replace(hp.measurement_from(rec.measurement), request_id=key)
-        books.metrics.meter_errors.labels(Fault.UNREACHABLE).inc()
+        books.metrics.count_meter_error(Fault.UNREACHABLE)
         books.record(rec.model_name, m, m.status, rec.latency_s)
         books.settled(m)

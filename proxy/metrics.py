@@ -25,7 +25,8 @@ TEAM_PREFIX = "wattgate_team_"  # the per-team series, labelled by team alias
 class Metrics:
     """The gateway's metrics in their own registry; series of known labels start at zero."""
 
-    def __init__(self, models: Iterable[str], meter: Meter, teams: Iterable[str] = ()) -> None:
+    def __init__(self, models: Iterable[str], meter: Meter, teams: Iterable[str] = (),
+                 grid_source: str | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("wattgate_requests", "Requests by model and status", ["model", "status"], registry=r)
@@ -87,8 +88,22 @@ class Metrics:
         # A live grid provider's failed polls (its zone's annual average stands in meanwhile).
         self.grid_errors = Counter("wattgate_grid_errors", "Failed polls of the grid-intensity provider",
                                    ["source"], registry=r)
+        if grid_source is not None:
+            self.grid_errors.labels(grid_source)
         r.register(_GpuCollector(meter))
 
+    def count_meter_error(self, kind: str) -> None:
+        self.meter_errors.labels(kind).inc()
+
+    def count_grid_error(self, source: str) -> None:
+        self.grid_errors.labels(source).inc()
+
+    def count_dropped(self, n: int = 1) -> None:
+        """Settled records not stored (given up by the ledger, or lost by a worker while the hub was away)."""
+        self.ledger_dropped.inc(n)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
 
     def count_call(self, model: str, status: Status, prompt_tokens: int, completion_tokens: int,
                    latency_s: float) -> None:
@@ -112,6 +127,7 @@ class Metrics:
             self.team_energy.labels(team).inc(joules)
             self.team_carbon.labels(team).inc(gco2e)
             self.team_water.labels(team).inc(water_ml / 1000)
+
 
 class TeamView:
     """A registry as one team sees it: the per-team series of other teams left out."""
