@@ -23,12 +23,12 @@ from wattgate.proxy.calls import new_request_id
 from wattgate.proxy.figures import Energy, energy_object
 from wattgate.proxy.grid import GridFeed, provider_from
 from wattgate.proxy.ledger import Ledger
-from wattgate.proxy.ledger_file import ledger_path, to_row
+from wattgate.proxy.ledger_rows import to_row
+from wattgate.proxy.ledger_store import StoreUnavailable, open_store
 from wattgate.proxy.metering import site_factors
 from wattgate.proxy.metrics import Metrics
 from wattgate.proxy.records import Records
-from wattgate.proxy.settings import Model, Settings
-from wattgate.proxy.totals import totals
+from wattgate.proxy.settings import Model, Settings, gateway_id
 
 log = logging.getLogger("wattgate")
 
@@ -69,6 +69,7 @@ class Books:
 
     def __init__(self, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu], teams: list[str]) -> None:
         self.settings = settings
+        self.gateway_id = gateway_id(settings)
         self.site = site_factors(settings)
         self.meter = meter
         self.drive = drive  # simulated GPUs whose load follows the gateway's requests
@@ -81,7 +82,7 @@ class Books:
                                else settings.gateway.recent_records)
         self.in_flight: Counter[str] = Counter()  # gateway requests open per registry model
         self.ledger = (
-            Ledger(ledger_path(settings.ledger), settings.ledger.queue_size, self.metrics.count_dropped)
+            Ledger(open_store(settings.ledger), settings.ledger.queue_size, self.metrics.count_dropped)
             if settings.ledger.enabled
             else None
         )
@@ -115,7 +116,7 @@ class Books:
         else:
             # The API calls a record settled only once it is durable: a crash loses no settled record.
             gpu_joules = {g: round(j, 6) for g, j in m.joules_by_gpu.items() if g >= 0}
-            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules, idle_j)
+            row = to_row(energy, rec.model, rec.team, time.time(), gpu_joules, idle_j, self.gateway_id)
             self.ledger.submit(row, after=lambda stored: self.records.update(
                 m.request_id, energy if stored else {**energy, "settled": False, "stored": False}))
         # Metrics after the record: if they fail, the record is kept all the same.
@@ -157,34 +158,32 @@ class Books:
         already names one of the team's records (a client reusing its ids must not overwrite what was
         metered); the id used and the record's key. Other teams' ids are not looked at: two teams may
         send the same id, and neither learns of the other's."""
-        if client_chose and await self.stored(request_id, team, any_team=False) is not None:
-            request_id = new_request_id()
+        if client_chose:
+            try:
+                if await self.stored(request_id, team, any_team=False) is not None:
+                    request_id = new_request_id()
+            except StoreUnavailable as exc:  # the id is used unchecked: the call must not wait on the database
+                log.warning("ledger: could not check a client's request id against %s: %s", self.ledger and
+                            self.ledger.store.where, exc)
         while (key := self.records.open(request_id, name, team)) is None:
             request_id = new_request_id()
         return request_id, key
 
     async def stored(self, request_id: str, team: str | None, *, any_team: bool) -> Energy | None:
         """The energy object of the ledger's record of ``team``'s ``request_id`` (any team's with
-        ``any_team``), read off the event loop (a commit may hold the database)."""
+        ``any_team``), read off the event loop (a commit may hold the database). With a shared ledger,
+        any gateway's record. Raises :class:`StoreUnavailable` when the database cannot answer now."""
         if self.ledger is None:
             return None
         return await asyncio.to_thread(self.ledger.energy, request_id, team, any_team=any_team)
 
     async def summary(self, by: str, team: str | None, since_s: float | None) -> list[dict[str, Any]]:
         """``wattgate report``'s totals of the ledger by ``by`` (``team``'s records only, when given),
-        read on a connection of its own off the event loop; [] without a ledger."""
-        ledger = self.ledger
-        if ledger is None:
+        read on a connection of its own off the event loop; [] without a ledger. With a shared ledger,
+        the fleet's. Raises :class:`StoreUnavailable` when the database cannot answer now."""
+        if self.ledger is None:
             return []
-
-        def read() -> list[dict[str, Any]]:
-            db = ledger.reader()
-            try:
-                return totals(db, by, since_s, team=team)
-            finally:
-                db.close()
-
-        return await asyncio.to_thread(read)
+        return await asyncio.to_thread(self.ledger.store.totals, by, since_s, team)
 
     def begin(self, key: str, name: str, model: Model, prompt_tokens: int, t: float | None = None) -> RequestWindow:
         self.in_flight[name] += 1

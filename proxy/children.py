@@ -23,6 +23,7 @@ from wattgate.proxy.hub_link import HubLink, add_hub_routes
 from wattgate.proxy.metering import build_meter
 from wattgate.proxy.registry_file import load_settings
 from wattgate.proxy.routes import add_book_routes, add_call_routes
+from wattgate.proxy.settings import serving_on
 
 GRACE_S = 5  # a stopping worker lets its calls finish this long
 
@@ -59,10 +60,13 @@ def _as_child(log_level: str) -> None:
     threading.Thread(target=watch, name="watch-supervisor", daemon=True).start()
 
 
-def run_hub(config: str, runtime_dir: str, log_level: str) -> None:
-    """The hub process: the books, the workers' events, and the routes that read the books."""
+def run_hub(config: str, runtime_dir: str, log_level: str, gateway_id: str | None = None) -> None:
+    """The hub process: the books, the workers' events, and the routes that read the books; its records
+    name the gateway ``gateway_id`` (the supervisor's host and port) unless the registry names it."""
     _as_child(log_level)
     settings = load_settings(config)
+    if gateway_id is not None:
+        settings = serving_on(settings, gateway_id)
     meter, drive = build_meter(settings)
     gw = GatewayState.local(settings, meter, drive)
     books = gw.books

@@ -57,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--spaced-json", action="store_true", help='write JSON with spaces (`"choices": [{`)')
     report = sub.add_parser("report", help="energy, carbon and water totals from the ledger", formatter_class=defaults)
     where = report.add_mutually_exclusive_group()
-    where.add_argument("--config", help="registry file whose ledger.path to read (default: $WATTGATE_DATA_DIR/ledger.db)")
-    where.add_argument("--ledger", help="ledger file to read, e.g. the demo's (it prints where)")
-    report.add_argument("--by", choices=["model", "team", "day", "method"], default="model", help="one row per")
+    where.add_argument("--config", help="registry file whose ledger to read (default: $WATTGATE_DATA_DIR/ledger.db)")
+    where.add_argument("--ledger", help="ledger to read: a file (e.g. the demo's, which it prints) or a fleet's "
+                                        "postgresql://user@host/db (password from PGPASSWORD or PGPASSFILE)")
+    report.add_argument("--by", choices=["model", "team", "day", "method", "gateway"], default="model",
+                        help="one row per")
     report.add_argument("--since", help="only records newer than this, e.g. 7d, 12h")
     report.add_argument(
         "--format",
@@ -115,10 +117,11 @@ def _serve(args: argparse.Namespace) -> int:
     from wattgate.proxy.app import create_app
     from wattgate.proxy.http_limits import uvicorn_options
     from wattgate.proxy.registry_file import load_settings
+    from wattgate.proxy.settings import serving_on
     from wattgate.proxy.startup import log_startup
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(args.config)
+    settings = serving_on(load_settings(args.config), args.port)
     app = create_app(settings)
     log_startup(settings, app.state.gateway.keys, args.host, args.port)
     # One process: the meter, the books and the relay together.
@@ -128,17 +131,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from wattgate.proxy.ledger_file import default_path
+    from wattgate.proxy.ledger_store import ledger_place, open_store, store_for
     from wattgate.proxy.registry_file import load_settings
     from wattgate.proxy.report import run_report
 
-    path = Path(args.ledger) if args.ledger else default_path()
-    if args.config:
-        path = load_settings(args.config).ledger.path or path
     try:
-        print(run_report(path, args.by, args.since, args.format, args.keep, delete=args.yes), end="")
+        if args.config:
+            ledger = load_settings(args.config).ledger  # a database as the gateway reaches it; a file must exist
+            store = open_store(ledger) if ledger.url is not None else store_for(ledger_place(ledger))
+        else:
+            store = store_for(args.ledger or str(default_path()))
+        print(run_report(store, args.by, args.since, args.format, args.keep, delete=args.yes), end="")
     except (FileNotFoundError, ValueError) as exc:
         print(f"wattgate report: {exc}", file=sys.stderr)
         return 2

@@ -1,25 +1,23 @@
-"""The durable per-request ledger: one SQLite row per settled request.
+"""The durable per-request ledger: one row per settled request, in a SQLite file or a PostgreSQL
+database (:mod:`proxy.ledger_store`).
 
-One writer thread drains a bounded queue (settling never waits on the disk);
-WAL mode lets ``wattgate report`` and ``GET /v1/energy/{id}`` read while it
-writes. The file, its schema and the rows: :mod:`proxy.ledger_file`. Prompts and
-keys are never stored; the team is the key's alias.
+One writer thread drains a bounded queue (settling never waits on the database) and writes batches
+of up to 500 rows in one transaction. Prompts and keys are never stored; the team is the key's alias.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from wattgate.proxy.figures import Energy, energy_from_record
-from wattgate.proxy.ledger_file import COLUMNS, connect, from_row
+from wattgate.proxy.ledger_rows import from_row
+from wattgate.proxy.ledger_store import RowsRefused, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +39,15 @@ class Ledger:
     """Asynchronous writer of settled records; ``on_drop`` is called for each record given up.
 
     A record is reported stored (its ``after`` gets True) only once committed. A write the database
-    fails for want of room or access (a full disk, a read-only file) is not the records' fault: they
-    wait and are written again, every 1 s at first and at most every 30 s, as many as the queue holds;
+    fails for want of room or access (a full disk, a read-only file, a database server restarting) is
+    not the records' fault: they wait and are written again, every 1 s at first and at most every 30 s, as many as the queue holds;
     beyond that the oldest are given up, counted, and their ``after`` gets False. A row the database
     refuses for itself (a constraint) is given up at once. The log says when writing fails and when it
     works again, and while it fails, how it stands every minute: not a line per record.
     """
 
-    def __init__(self, path: Path, queue_size: int = 10_000, on_drop: Callable[[], object] | None = None) -> None:
-        self.path = path
-        self.db = connect(path)  # the writer thread's (and close's, once it has stopped)
-        # Reads have a connection of their own: WAL lets them run while the writer holds the database
-        # across a commit of up to 500 rows (a hub's call opening with a client's id waits on a read).
-        self._reads = self.reader()
-        self._reads_lock = threading.Lock()  # one read at a time on it
+    def __init__(self, store: Store, queue_size: int = 10_000, on_drop: Callable[[], object] | None = None) -> None:
+        self.store = store
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
         self._waiting: deque[_Item] = deque()  # rows whose write failed, to be written again (writer thread only)
         self._max_waiting = queue_size
@@ -87,7 +80,7 @@ class Ledger:
 
     def state(self) -> dict[str, Any]:
         """For ``/readyz``: whether writes work, the last error, and the records queued, waiting and given up."""
-        return {"state": "ok" if self.last_error is None else "failing", "path": str(self.path),
+        return {"state": "ok" if self.last_error is None else "failing", self.store.kind: self.store.where,
                 "last_error": self.last_error, "queued": self._queue.qsize(), "waiting": len(self._waiting),
                 "stored": self.stored, "dropped": self.dropped}
 
@@ -99,8 +92,6 @@ class Ledger:
             _run(after, False)
 
     def _write_loop(self) -> None:
-        placeholders = ",".join("?" * len(COLUMNS))
-        sql = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({placeholders})"
         stop = False
         while not stop:
             wait = max(self._retry_at - time.monotonic(), 0.0) if self._waiting else None
@@ -112,10 +103,10 @@ class Ledger:
                 self._wait(batch)
                 continue
             if batch:
-                self._commit(sql, batch)
+                self._commit(batch)
         if self._waiting:
             log.error("ledger: %d records could not be stored in %s before the gateway stopped (%s)",
-                      len(self._waiting), self.path, self.last_error)
+                      len(self._waiting), self.store.where, self.last_error)
             self._give_up(list(self._waiting))
 
     def _take(self, wait: float | None) -> tuple[list[_Item], bool]:
@@ -136,25 +127,25 @@ class Ledger:
                 return batch, False
         return batch, True
 
-    def _commit(self, sql: str, batch: list[_Item]) -> None:
+    def _commit(self, batch: list[_Item]) -> None:
         try:
-            self._write(sql, [row for row, _ in batch])
-        except sqlite3.OperationalError as exc:  # no room, no access, locked: the rows wait for the next try
+            self.store.write([row for row, _ in batch])
+        except StoreUnavailable as exc:  # no room, no access, not reachable: the rows wait for the next try
             self._failed(exc, batch)
             return
-        except sqlite3.Error:
-            self._one_by_one(sql, batch)  # one row the database refuses must not cost the others
+        except RowsRefused:
+            self._one_by_one(batch)  # one row the database refuses must not cost the others
             return
         self._committed(batch)
 
-    def _one_by_one(self, sql: str, batch: list[_Item]) -> None:
+    def _one_by_one(self, batch: list[_Item]) -> None:
         for i, item in enumerate(batch):
             try:
-                self._write(sql, [item[0]])
-            except sqlite3.OperationalError as exc:
+                self.store.write([item[0]])
+            except StoreUnavailable as exc:
                 self._failed(exc, batch[i:])
                 return
-            except sqlite3.Error as exc:
+            except RowsRefused as exc:
                 log.error("ledger: record %s refused by the database, not stored: %s", item[0][0], exc)
                 self._give_up([item])
             else:
@@ -164,21 +155,21 @@ class Ledger:
         self.stored += len(batch)
         if self.last_error is not None:
             log.warning("ledger: writing to %s again (%s before); the records kept meanwhile are stored",
-                        self.path, self.last_error)
+                        self.store.where, self.last_error)
             self.last_error, self._retry_wait = None, RETRY_S[0]
         self._queue_full_said = False
         for _, after in batch:
             _run(after, True)
 
-    def _failed(self, exc: sqlite3.Error, batch: list[_Item]) -> None:
+    def _failed(self, exc: StoreUnavailable, batch: list[_Item]) -> None:
         now = time.monotonic()
         if self.last_error is None:
             log.error("ledger: cannot write to %s: %s; records wait and are written again once it works "
-                      "(at most %d; /readyz shows the ledger's state)", self.path, exc, self._max_waiting)
+                      "(at most %d; /readyz shows the ledger's state)", self.store.where, exc, self._max_waiting)
             self._summary_at = now + SUMMARY_S
         elif now >= self._summary_at:
             log.error("ledger: still cannot write to %s: %s; %d records waiting, %d given up so far",
-                      self.path, exc, len(self._waiting) + len(batch), self.dropped)
+                      self.store.where, exc, len(self._waiting) + len(batch), self.dropped)
             self._summary_at = now + SUMMARY_S
         self.last_error = str(exc)
         self._retry_at = now + self._retry_wait
@@ -191,35 +182,16 @@ class Ledger:
         if (over := len(self._waiting) - self._max_waiting) > 0:
             self._give_up([self._waiting.popleft() for _ in range(over)])
 
-    def _write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` in one transaction; on failure nothing is written and no transaction stays open."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany(sql, rows)
-            self.db.execute("COMMIT")
-        except sqlite3.Error:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
-
     def get(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> dict[str, Any] | None:
-        """The record of ``request_id`` sent by ``team`` (None: without a key), or by any team (the latest)."""
-        where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
-        with self._reads_lock:
-            row = self._reads.execute(
-                f"SELECT {','.join(COLUMNS)} FROM requests WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
-                (request_id, *args),
-            ).fetchone()
+        """The record of ``request_id`` sent by ``team`` (None: without a key), or by any team (the latest).
+        Raises :class:`StoreUnavailable` when the database cannot answer now."""
+        row = self.store.get(request_id, team, any_team)
         return from_row(row) if row else None
 
     def energy(self, request_id: str, team: str | None = None, *, any_team: bool = False) -> Energy | None:
         """:meth:`get`'s record as the energy object (the same keys as a response's)."""
         record = self.get(request_id, team, any_team=any_team)
         return None if record is None else energy_from_record(record)
-
-    def reader(self) -> sqlite3.Connection:
-        """A read-only connection of its own, for long reads that must not hold up the writer (WAL)."""
-        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, then close."""
@@ -229,6 +201,4 @@ class Ledger:
             log.error("ledger: still writing after %g s, %d records queued; those not committed at exit are lost",
                       timeout, self._queue.qsize())
             return
-        self.db.close()
-        with self._reads_lock:
-            self._reads.close()
+        self.store.close()

@@ -1,33 +1,23 @@
-"""The ledger's file: where it lives, its schema (versioned with ``PRAGMA user_version`` and
-migrated at open), and rows to and from the records it holds. The writer is :mod:`proxy.ledger`."""
+"""The ledger in a SQLite file, the default backend (:mod:`proxy.ledger_store`): where the file lives, its
+schema (versioned with ``PRAGMA user_version`` and migrated at open) and :class:`SqliteStore`. WAL mode
+lets ``wattgate report`` and ``GET /v1/energy/{id}`` read while the writer (:mod:`proxy.ledger`) commits."""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import sys
-from datetime import datetime
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wattgate.meter.footprint import GridIntensity
-from wattgate.proxy.figures import Energy, GridObject, grid_object, tiers_wh
-from wattgate.proxy.settings import ConfigError, LedgerSettings
+from wattgate.proxy.ledger_rows import COLUMNS
+from wattgate.proxy.ledger_store import LedgerUnavailable, RowsRefused, StoreUnavailable
+from wattgate.proxy.settings import LedgerSettings
+from wattgate.proxy.totals import totals
 
-COLUMNS = (
-    "request_id", "ts_end", "model", "team", "status", "method", "settled", "prompt_tokens",
-    "completion_tokens", "window_ms", "joules", "wh", "gco2e", "water_ml", "gpus", "components",
-    "pue", "grid_zone", "grid_intensity_g_per_kwh", "ts_start", "gpu_joules",
-    # Location-based carbon (SCI) and the grid figure behind it: a live provider's, or the zone's average.
-    "gco2e_location", "grid_location_g_per_kwh", "grid_source", "grid_signal", "grid_at", "grid_fallback_for",
-    # The hardware's manufacturing share, by the GPU time the request had (SCI's M).
-    "embodied_gco2e", "gpu_seconds",
-    # The SCI (R = one request): its widest tier's facility energy E (kWh) and E x I + M (g); the idle share in it.
-    "idle_joules", "sci_e_kwh", "sci_g",
-    "grid_estimated",  # the provider's isEstimated (NULL: not said)
-    "grid_location_zone",  # the location-based figure's zone (grid_zone says "override" when a site figure was used)
-)
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
     """CREATE TABLE requests (
@@ -71,6 +61,7 @@ MIGRATIONS = (
     "ALTER TABLE requests ADD COLUMN sci_g REAL",
     "ALTER TABLE requests ADD COLUMN grid_estimated INTEGER",
     "ALTER TABLE requests ADD COLUMN grid_location_zone TEXT",
+    "ALTER TABLE requests ADD COLUMN gateway TEXT",
 )
 
 
@@ -118,60 +109,65 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-class LedgerUnavailable(ConfigError):
-    """The ledger's file cannot be opened or created: refused at start-up, naming it."""
+_INSERT = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
+_SELECT = f"SELECT {','.join(COLUMNS)} FROM requests"
 
 
-def to_row(
-    energy: Energy,
-    model: str,
-    team: str | None,
-    ts_end: float,
-    gpu_joules: dict[int, float] | None = None,
-    idle_joules: float = 0.0,
-) -> tuple[Any, ...]:
-    """A ledger row from the body's ``energy`` object (a settled one: it has its grid and SCI); times are
-    Unix seconds; ``idle_joules``: the GPUs' idle energy in its SCI's widest tier."""
-    grids, sci = energy["grid"], energy["sci"]
-    assert grids is not None and sci is not None, "a settled energy object has its grid and SCI"
-    return (
-        energy["request_id"], ts_end, model, team, energy["status"], energy["method"], int(energy["settled"]),
-        energy["prompt_tokens"], energy["completion_tokens"], energy["window_ms"], energy["joules"], energy["wh"],
-        energy["gco2e"], energy["water_ml"], json.dumps(energy["gpus"]), json.dumps(energy["components"]),
-        energy["pue"], energy["grid_zone"], energy["grid_intensity_g_per_kwh"],
-        ts_end - energy["window_ms"] / 1000, json.dumps({str(g): j for g, j in (gpu_joules or {}).items()}),
-        *_grid_values(energy["gco2e_location"], grids["location"]), energy["embodied_gco2e"], energy["gpu_seconds"],
-        round(idle_joules, 6), sci["e_kwh"], sci["sci_g"],
-        None if grids["location"]["estimated"] is None else int(grids["location"]["estimated"]),
-        grids["location"]["zone"],
-    )
+class SqliteStore:
+    """One gateway's ledger in a SQLite file (:class:`~proxy.ledger_store.Store`)."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where, self.kind = str(path), "path"
+        self.db = connect(path)  # the writer thread's (and close's)
+        # Reads have a connection of their own: WAL lets them run while the writer holds the database
+        # across a commit of up to 500 rows (a hub's call opening with a client's id waits on a read).
+        self._reads = self._reader()
+        self._reads_lock = threading.Lock()  # one read at a time on it
 
-def _grid_values(gco2e_location: float | None, grid: GridObject) -> tuple[Any, ...]:
-    at = None if grid["at"] is None else datetime.fromisoformat(grid["at"]).timestamp()
-    return gco2e_location, grid["g_per_kwh"], grid["source"], grid["signal"], at, grid["fallback_for"]
+    def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(_INSERT, rows)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            # No room, no access, locked: not the rows' fault. Anything else (a constraint) is theirs.
+            raise (StoreUnavailable if isinstance(exc, sqlite3.OperationalError) else RowsRefused)(str(exc)) from exc
 
+    def get(self, request_id: str, team: str | None, any_team: bool) -> tuple[Any, ...] | None:
+        where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
+        with self._reads_lock:
+            return self._reads.execute(f"{_SELECT} WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
+                                       (request_id, *args)).fetchone()  # type: ignore[no-any-return]
 
-def from_row(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
-    """A record: the row's columns, with the ``grid`` and ``sci`` objects of the body's ``energy``
-    rebuilt from them (rows written before they existed have none); ``energy_from_record`` makes it
-    the energy object ``GET /v1/energy/{id}`` returns."""
-    rec = dict(zip(COLUMNS, row))
-    rec["settled"] = bool(rec["settled"])
-    rec["gpus"] = json.loads(rec["gpus"])
-    rec["components"] = json.loads(rec["components"])
-    rec["gpu_joules"] = json.loads(rec["gpu_joules"])
-    if rec["grid_source"] is not None:
-        market = rec["grid_zone"] == "override"
-        # Rows written before the location's zone was kept: the zone column is it, unless it says "override".
-        zone = rec["grid_location_zone"] or (None if market else rec["grid_zone"])
-        estimated = None if rec["grid_estimated"] is None else bool(rec["grid_estimated"])
-        location = GridIntensity(rec["grid_location_g_per_kwh"], rec["grid_source"], rec["grid_signal"], zone,
-                                 rec["grid_at"], rec["grid_fallback_for"], estimated)
-        rec["grid"] = {"location": grid_object(location), "market": grid_object(
-            GridIntensity(rec["grid_intensity_g_per_kwh"], "override", "contractual", zone)) if market else None}
-    if rec["sci_g"] is not None:
-        tiers = tiers_wh(rec["components"].get("gpu", 0.0), rec["joules"], rec["idle_joules"], rec["pue"])
-        rec["sci"] = {"e_kwh": rec["sci_e_kwh"], "i_g_per_kwh": rec["grid_location_g_per_kwh"],
-                      "m_g": rec["embodied_gco2e"], "sci_g": rec["sci_g"], "tiers_wh": tiers}
-    return rec
+    def totals(self, by: str, since_s: float | None, team: str | None, progress: bool = False) -> list[dict[str, Any]]:
+        db = self._reader()  # a long read of its own, not holding up the others
+        try:
+            return totals(db, by, since_s, progress, team)
+        finally:
+            db.close()
+
+    def rows(self, since_s: float | None) -> list[tuple[Any, ...]]:
+        where, args = ("WHERE ts_end >= ?", [time.time() - since_s]) if since_s is not None else ("", [])
+        db = self._reader()
+        try:
+            return db.execute(f"{_SELECT} {where} ORDER BY ts_end", args).fetchall()
+        finally:
+            db.close()
+
+    def prune(self, keep_s: float, delete: bool) -> int:
+        cutoff = (time.time() - keep_s,)
+        if not delete:
+            return int(self.db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < ?", cutoff).fetchone()[0])
+        return self.db.execute("DELETE FROM requests WHERE ts_end < ?", cutoff).rowcount
+
+    def close(self) -> None:
+        self.db.close()
+        with self._reads_lock:
+            self._reads.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """A read-only connection of its own (WAL: it never holds up the writer)."""
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)

@@ -1,4 +1,4 @@
-"""``wattgate report``: totals from the ledger, per model, team or day."""
+"""``wattgate report``: totals from the ledger, per model, team, day, method or gateway."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import csv
 import io
 import json
 import shutil
-import sqlite3
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from wattgate.proxy.equivalents import equivalents
-from wattgate.proxy.ledger_file import connect
-from wattgate.proxy.totals import parse_duration, totals
+from wattgate.proxy.ledger_rows import COLUMNS, from_row
+from wattgate.proxy.ledger_store import Store
+from wattgate.proxy.totals import parse_duration
 
 #: The table's short headers (the JSON and CSV keep the full names).
 _HEADERS = {"completion_tokens": "tokens out", "wh": "Wh", "gco2e": "gCO2e", "gco2e_location": "gCO2e loc.",
@@ -71,14 +69,9 @@ def render(rows: list[dict[str, Any]], by: str, fmt: str) -> str:
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
-def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> str:
+def export(store: Store, fmt: str, since_s: float | None = None) -> str:
     """Every record (oldest first) as CSV or JSON Lines, for ESG tooling."""
-    from wattgate.proxy.ledger_file import COLUMNS, from_row
-
-    where, args = "", []
-    if since_s is not None:
-        where, args = "WHERE ts_end >= ?", [time.time() - since_s]
-    rows = [from_row(r) for r in db.execute(f"SELECT {','.join(COLUMNS)} FROM requests {where} ORDER BY ts_end", args)]
+    rows = [from_row(r) for r in store.rows(since_s)]
     if fmt == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in rows)
     buf = io.StringIO()
@@ -90,30 +83,19 @@ def export(db: sqlite3.Connection, fmt: str, since_s: float | None = None) -> st
     return buf.getvalue()
 
 
-def prune(db: sqlite3.Connection, keep_s: float, delete: bool = True) -> int:
-    """Delete (or with ``delete`` False, only count) records older than ``keep_s`` seconds; return how many."""
-    if not delete:
-        return db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < ?", (time.time() - keep_s,)).fetchone()[0]
-    cur = db.execute("DELETE FROM requests WHERE ts_end < ?", (time.time() - keep_s,))
-    return cur.rowcount
-
-
 def run_report(
-    path: Path, by: str, since: str | None, fmt: str, keep: str | None = None, delete: bool = False
+    store: Store, by: str, since: str | None, fmt: str, keep: str | None = None, delete: bool = False
 ) -> str:
-    """The ``wattgate report`` command's output; ``keep`` first deletes older records, with ``delete``
-    (else says how many it would)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no ledger at {path}")
-    db = connect(path)
+    """The ``wattgate report`` command's output from ``store`` (closed after); ``keep`` first deletes older
+    records, with ``delete`` (else says how many it would)."""
     try:
         if keep:  # on stderr: the output may be CSV or JSON
-            n = prune(db, parse_duration(keep), delete)
+            n = store.prune(parse_duration(keep), delete)
             print(f"pruned {n} records older than {keep}" if delete else
                   f"{n} records are older than {keep}; nothing deleted: add --yes to delete them", file=sys.stderr)
         since_s = parse_duration(since) if since else None
         if fmt in ("jsonl", "export-csv"):
-            return export(db, "jsonl" if fmt == "jsonl" else "csv", since_s)
-        return render(totals(db, by, since_s, progress=True), by, fmt)
+            return export(store, "jsonl" if fmt == "jsonl" else "csv", since_s)
+        return render(store.totals(by, since_s, None, progress=True), by, fmt)
     finally:
-        db.close()
+        store.close()

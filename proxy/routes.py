@@ -5,6 +5,7 @@ multi-worker gateway adds the first to its workers and the second to its hub."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +16,16 @@ from starlette.responses import JSONResponse, Response
 
 from wattgate.proxy.books import Books
 from wattgate.proxy.calls import request_id_from
-from wattgate.proxy.errors import InvalidRequest, NotFound
+from wattgate.proxy.errors import InvalidRequest, NotFound, ServiceUnavailable
 from wattgate.proxy.exchange import Exchange, parse
 from wattgate.proxy.gateway_state import GatewayState
+from wattgate.proxy.ledger_store import StoreUnavailable
 from wattgate.proxy.page import add_page_routes
 from wattgate.proxy.readiness import ask_upstreams, ready_response
 from wattgate.proxy.records import record_key
 from wattgate.proxy.totals import GROUPS, parse_duration
+
+log = logging.getLogger("wattgate")
 
 #: What ``GET /v1/energy`` totals by: no ``team`` (a caller sees its own team's records only).
 SUMMARY_GROUPS = tuple(g for g in GROUPS if g != "team")
@@ -80,8 +84,12 @@ def add_book_routes(
     async def energy(request_id: str, request: Request) -> Response:
         team = gw.authenticate(request)
         rec = books.records.get(record_key(team, request_id))
-        found = rec.energy if rec is not None and rec.energy else await books.stored(
-            request_id, team, any_team=not gw.keys.on)
+        found = rec.energy if rec is not None and rec.energy else None
+        if not found:  # older, or written by another gateway on a shared ledger
+            try:
+                found = await books.stored(request_id, team, any_team=not gw.keys.on)
+            except StoreUnavailable as exc:
+                raise _ledger_away(exc) from None
         if not found:
             raise NotFound(f"no energy record for request '{request_id}'")
         return JSONResponse(found)
@@ -95,7 +103,10 @@ def add_book_routes(
             since_s = parse_duration(since) if since else None
         except ValueError as e:
             raise InvalidRequest(str(e), param="since") from None
-        rows = await books.summary(by, team, since_s)
+        try:
+            rows = await books.summary(by, team, since_s)
+        except StoreUnavailable as exc:
+            raise _ledger_away(exc) from None
         return JSONResponse({"object": "list", "by": by, "since": since, "data": rows})
 
     @app.get("/metrics")
@@ -108,3 +119,10 @@ def add_book_routes(
         ledger = books.ledger.state() if books.ledger is not None else {"state": "off"}
         more = {"grid": books.grid.state(), "ledger": ledger, **(more_ready() if more_ready else {})}
         return ready_response(gw, await ask_upstreams(gw), books.meter.state(), more)
+
+
+def _ledger_away(exc: StoreUnavailable) -> ServiceUnavailable:
+    """A read the ledger could not answer: logged with its cause (it may name the database's host), a 503
+    without it."""
+    log.warning("ledger: a read failed: %s", exc)
+    return ServiceUnavailable("the ledger cannot answer now; try again shortly")

@@ -4,6 +4,7 @@ file, with each error's line: :mod:`proxy.registry_file`; the gateway's keys: :m
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -196,6 +197,9 @@ class HttpLimits(_Strict):
 
 
 class GatewaySettings(_Strict):
+    # Names this gateway in the records it writes (a fleet's gateways share one ledger): default, the
+    # host's name and the port it serves (``wattgate serve``), or the host's name alone.
+    id: str | None = Field(default=None, min_length=1, max_length=200)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     limits: HttpLimits = HttpLimits()
     timeouts: Timeouts = Timeouts()
@@ -217,7 +221,24 @@ class GatewaySettings(_Strict):
 class LedgerSettings(_Strict):
     enabled: bool = True
     path: Path | None = None  # default: $WATTGATE_DATA_DIR/ledger.db
+    # A PostgreSQL ledger that many gateways share (``postgresql://user@host:port/db``) instead of the file;
+    # its password from the variable ``password_env`` names, or libpq's own PGPASSWORD / PGPASSFILE.
+    url: str | None = None
+    password_env: str | None = None
     queue_size: int = Field(default=10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> LedgerSettings:
+        if self.url is not None:
+            if self.path is not None:
+                raise ValueError("give ledger.path (a file) or ledger.url (PostgreSQL), not both")
+            if not self.url.startswith(("postgresql://", "postgres://")):
+                raise ValueError("ledger.url must be a postgresql:// URL")
+            if ":" in self.url.split("://", 1)[1].split("@", 1)[0] and "@" in self.url:
+                raise ValueError("ledger.url must not hold a password: name its variable in ledger.password_env")
+        elif self.password_env is not None:
+            raise ValueError("ledger.password_env is for ledger.url")
+        return self
 
 
 class Settings(_Strict):
@@ -247,6 +268,20 @@ class Settings(_Strict):
     @property
     def metered_gpus(self) -> list[int]:
         return sorted({g for m in self.models.values() for g in m.gpus})
+
+
+def gateway_id(settings: Settings) -> str:
+    """What names this gateway in its records: ``gateway.id``, else the host's name."""
+    return settings.gateway.id or socket.gethostname()
+
+
+def serving_on(settings: Settings, port: int | str) -> Settings:
+    """``settings`` of a gateway serving ``port``: unless the registry names it, it is ``host:port``
+    (several gateways on one node may share a ledger); ``port`` may be the whole id already."""
+    if settings.gateway.id is not None:
+        return settings
+    name = port if isinstance(port, str) else f"{socket.gethostname()}:{port}"
+    return settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"id": name})})
 
 
 class ConfigError(ValueError):

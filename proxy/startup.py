@@ -6,8 +6,8 @@ import logging
 
 from wattgate.proxy.cli import version
 from wattgate.proxy.keys import GatewayKeys
-from wattgate.proxy.ledger_file import ledger_path
-from wattgate.proxy.settings import Settings
+from wattgate.proxy.ledger_store import ledger_place
+from wattgate.proxy.settings import Settings, gateway_id
 
 log = logging.getLogger("wattgate")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -17,7 +17,7 @@ def log_startup(settings: Settings, keys: GatewayKeys, host: str, port: int, wor
     """One line saying what the gateway serves and where its figures go (``keys``: the gateway keys read at
     start-up); a warning when it is open to others."""
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    ledger = ledger_path(settings.ledger) if settings.ledger.enabled else "off"
+    ledger = f"{ledger_place(settings.ledger)} as {gateway_id(settings)}" if settings.ledger.enabled else "off"
     gpus = ",".join(map(str, settings.metered_gpus)) or "none"
     log.info("wattgate %s: models %s on %s/v1%s; meter %s (GPUs %s); ledger %s; keys %s%s",
              version(), ", ".join(settings.models), url, f" (chat page {url}/chat)" if settings.gateway.chat_page else "",

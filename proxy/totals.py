@@ -1,18 +1,37 @@
-"""The ledger's totals by model, team, day or method: what ``wattgate report`` prints and
-``GET /v1/energy`` returns."""
+"""The ledger's totals by model, team, day, method or gateway: what ``wattgate report`` prints and
+``GET /v1/energy`` returns, in SQL that SQLite and PostgreSQL both run but for a few expressions
+(:class:`Dialect`)."""
 
 from __future__ import annotations
 
 import itertools
 import re
-import sqlite3
 import time
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from wattgate.meter import Method
 from wattgate.meter.footprint import J_PER_WH
 
-GROUPS = {"model": "model", "team": "COALESCE(team, '-')", "day": "date(ts_end, 'unixepoch')", "method": "method"}
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the backends' SQL."""
+
+    param: str  # the driver's placeholder
+    day: str  # the UTC day ts_end falls on, as YYYY-MM-DD
+    gpu_joules: str  # a record's GPU energy, from its components JSON
+
+
+SQLITE = Dialect("?", "date(ts_end, 'unixepoch')", "json_extract(components, '$.gpu')")
+POSTGRES = Dialect("%s", "to_char(to_timestamp(ts_end) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                   "CAST(CAST(components AS jsonb)->>'gpu' AS DOUBLE PRECISION)")
+GROUPS = ("model", "team", "day", "method", "gateway")
+
+
+def _group(by: str, dialect: Dialect) -> str:
+    return {"team": "COALESCE(team, '-')", "gateway": "COALESCE(gateway, '-')", "day": dialect.day}.get(by, by)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -33,21 +52,39 @@ _SUMS = ("requests", "prompt_tokens", "completion_tokens", "joules", "wh", "gco2
 METHODS = Method.published()  # how a figure was obtained; other sources count apart
 
 
-def _sums(db: sqlite3.Connection, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:
+def _total(expr: str) -> str:
+    return f"COALESCE(SUM({expr}), 0)"
+
+
+def _count(condition: str) -> str:
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+def _sums(db: Any, dialect: Dialect, by: str, where: str, args: list[Any]) -> dict[Any, list[float]]:
     """Per group: the sums of ``_SUMS``, then the number of records of each of ``METHODS`` and of others."""
-    per_method = ", ".join(f"SUM(method = '{m}')" for m in METHODS)
+    per_method = ", ".join(_count(f"method = '{m}'") for m in METHODS)
+    others = _count("method NOT IN ({})".format(", ".join(f"'{m}'" for m in METHODS)))
+    with_sci = "sci_g IS NOT NULL"
     rows = db.execute(
-        f"""SELECT {GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
-                   SUM(wh), SUM(gco2e), SUM(water_ml), SUM(CASE WHEN method = '{Method.NVML}' THEN joules ELSE 0 END),
-                   TOTAL(gco2e_location), TOTAL(embodied_gco2e), TOTAL(gpu_seconds),
-                   COUNT(sci_g), TOTAL(CASE WHEN sci_g IS NOT NULL THEN joules END),
-                   TOTAL(CASE WHEN sci_g IS NOT NULL THEN json_extract(components, '$.gpu') END),
-                   TOTAL(idle_joules), TOTAL(sci_e_kwh), TOTAL(sci_g), TOTAL(CASE WHEN sci_g IS NOT NULL THEN embodied_gco2e END),
-                   {per_method}, SUM(method NOT IN ({", ".join(f"'{m}'" for m in METHODS)}))
+        f"""SELECT {_group(by, dialect)} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(joules),
+                   SUM(wh), SUM(gco2e), SUM(water_ml), {_total(f"CASE WHEN method = '{Method.NVML}' THEN joules END")},
+                   {_total("gco2e_location")}, {_total("embodied_gco2e")}, {_total("gpu_seconds")},
+                   COUNT(sci_g), {_total(f"CASE WHEN {with_sci} THEN joules END")},
+                   {_total(f"CASE WHEN {with_sci} THEN {dialect.gpu_joules} END")},
+                   {_total("idle_joules")}, {_total("sci_e_kwh")}, {_total("sci_g")},
+                   {_total(f"CASE WHEN {with_sci} THEN embodied_gco2e END")},
+                   {per_method}, {others}
             FROM requests {where} GROUP BY k""",
         args,
     ).fetchall()
-    return {k: list(v) for k, *v in rows}
+    return {k: [_number(x) for x in v] for k, *v in rows}
+
+
+def _number(x: Any) -> Any:
+    """PostgreSQL sums integers as NUMERIC (a Decimal): an int again, as SQLite gives it."""
+    if isinstance(x, Decimal):
+        return int(x) if x == x.to_integral_value() else float(x)
+    return x
 
 
 def _methods(counts: list[float]) -> str:
@@ -57,21 +94,22 @@ def _methods(counts: list[float]) -> str:
 
 
 def totals(
-    db: sqlite3.Connection, by: str = "model", since_s: float | None = None, progress: bool = False,
-    team: str | None = None,
+    db: Any, by: str = "model", since_s: float | None = None, progress: bool = False, team: str | None = None,
+    dialect: Dialect = SQLITE,
 ) -> list[dict[str, Any]]:
     """One row per group: sums of the settled records (``team``'s only, when given), Wh per 1000 queries,
-    measured share of energy."""
+    measured share of energy. ``db``: a DB-API connection with ``execute`` (sqlite3's, psycopg's)."""
+    p = dialect.param
     where, args = "WHERE settled = 1", list[Any]()
     if since_s is not None:
-        where += " AND ts_end >= ?"
+        where += f" AND ts_end >= {p}"
         args.append(time.time() - since_s)
     if team is not None:
-        where += " AND team = ?"
+        where += f" AND team = {p}"
         args.append(team)
     n, lo, hi = db.execute(f"SELECT COUNT(*), MIN(ts_end), MAX(ts_end) FROM requests {where}", args).fetchone()
     if not progress or n < PROGRESS_ROWS:
-        sums = _sums(db, by, where, args)
+        sums = _sums(db, dialect, by, where, args)
     else:
         from rich.console import Console
         from rich.progress import Progress
@@ -82,7 +120,7 @@ def totals(
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"summing {n} records", total=slices)
             for a, b in itertools.pairwise(edges):
-                for k, v in _sums(db, by, where + " AND ts_end >= ? AND ts_end < ?", [*args, a, b]).items():
+                for k, v in _sums(db, dialect, by, f"{where} AND ts_end >= {p} AND ts_end < {p}", [*args, a, b]).items():
                     sums[k] = [x + y for x, y in zip(sums.get(k, [0] * len(v)), v)]
                 bar.advance(task)
     out = []

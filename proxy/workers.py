@@ -39,9 +39,9 @@ from wattgate.proxy.children import GRACE_S, listening_socket, run_hub, run_work
 from wattgate.proxy.dealer import Dealer
 from wattgate.proxy.hub import api_path
 from wattgate.proxy.keys import GatewayKeys
-from wattgate.proxy.ledger_file import connect, ledger_path
+from wattgate.proxy.ledger_store import open_store
 from wattgate.proxy.registry_file import load_settings
-from wattgate.proxy.settings import ConfigError
+from wattgate.proxy.settings import ConfigError, gateway_id, serving_on
 from wattgate.proxy.startup import log_startup
 
 log = logging.getLogger("wattgate.workers")
@@ -100,11 +100,11 @@ class Supervisor:
     """Starts the hub and the workers, keeps them running, stops them in order."""
 
     def __init__(self, config: str, host: str, port: int, workers: int, log_level: str,
-                 dealer: Dealer | None = None) -> None:
+                 dealer: Dealer | None = None, gateway_id: str | None = None) -> None:
         self.runtime_dir = tempfile.mkdtemp(prefix="wattgate-")
         self.ctx = multiprocessing.get_context("spawn")
         self.dealer = dealer
-        self.hub = Child("wattgate-hub", run_hub, lambda: (config, self.runtime_dir, log_level))
+        self.hub = Child("wattgate-hub", run_hub, lambda: (config, self.runtime_dir, log_level, gateway_id))
 
         def worker_args(i: int) -> tuple[Any, ...]:
             channel = dealer.channel(i) if dealer is not None else None  # a new one at each (re)start
@@ -181,7 +181,7 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
     settings = load_settings(config)
     keys = GatewayKeys.from_settings(settings.gateway.auth)
     if settings.ledger.enabled:
-        connect(ledger_path(settings.ledger)).close()
+        open_store(settings.ledger).close()
     dealt = spread == "even"
     try:
         # Spread by the kernel: held, never listened on, so that the port is ours, or a clear error now.
@@ -192,6 +192,8 @@ def serve_workers(config: str, host: str, port: int, workers: int, log_level: st
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     with sock:
         port = sock.getsockname()[1]
+        settings = serving_on(settings, port)
         log_startup(settings, keys, host, port, workers)
         log.info("wattgate: %d workers (connections spread %s), one hub", workers, "in turn" if dealt else "by the kernel")
-        return Supervisor(config, host, port, workers, log_level, Dealer(sock) if dealt else None).run()
+        return Supervisor(config, host, port, workers, log_level, Dealer(sock) if dealt else None,
+                          gateway_id(settings)).run()

@@ -249,8 +249,9 @@ def test_a_changing_intensity_reaches_each_requests_headers_and_ledger_row(provi
                 seen[r.headers["x-request-id"]] = value
             settled_records(gw.url, list(seen))
     from wattgate.proxy.ledger import Ledger
+    from wattgate.proxy.ledger_file import SqliteStore
 
-    stored = Ledger(ledger)
+    stored = Ledger(SqliteStore(ledger))
     try:
         for rid, value in seen.items():
             row = stored.get(rid)

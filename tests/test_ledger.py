@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import SERVED
 from wattgate.proxy.cli import main
 from wattgate.proxy.ledger import Ledger
-from wattgate.proxy.ledger_file import MIGRATIONS, connect, to_row
+from wattgate.proxy.ledger_file import MIGRATIONS, SqliteStore, connect
+from wattgate.proxy.ledger_rows import to_row
 from wattgate.proxy.serving import ServerThread
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream
@@ -37,7 +38,7 @@ def energy(rid: str, joules: float, method: str = "nvml", completion: int = 10, 
 
 def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
     path = tmp_path / "l.db"
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
 
     def writer(w: int) -> None:
         for i in range(200):
@@ -49,10 +50,10 @@ def test_concurrent_writes_all_land_and_survive_restart(tmp_path):
     for t in threads:
         t.join()
     ledger.close()
-    reopened = Ledger(path)
-    assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1600
+    reopened = Ledger(SqliteStore(path))
+    assert reopened.store.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1600
     assert reopened.get("w3-17")["joules"] == 1.0 and reopened.get("nope") is None
-    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert reopened.store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     reopened.close()
 
 
@@ -72,7 +73,7 @@ def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
                 " 0.2, '[0]', '{\"gpu\": 3.0}', 1.2, 'override', 20.0)")
     old.commit()
     old.close()
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     rec = ledger.get("r1")
     assert rec["joules"] == 3.0 and rec["gpu_joules"] == {} and rec["ts_start"] is None
     # The zone's average was location-based: carried over. An override's zone figure was never kept: unknown.
@@ -80,7 +81,7 @@ def test_old_ledger_is_migrated_and_keeps_its_records(tmp_path):
     assert ledger.get("r0")["gco2e_location"] is None and ledger.get("r0")["gco2e"] == 0.05
     ledger.submit(to_row(energy("r2", 2.0), "m", None, 10.0, {0: 2.0}))
     ledger.close()
-    reopened = Ledger(path)
+    reopened = Ledger(SqliteStore(path))
     rec2 = reopened.get("r2")
     reopened.close()
     assert rec2["gpu_joules"] == {"0": 2.0} and rec2["ts_start"] == pytest.approx(9.9)
@@ -97,15 +98,15 @@ def test_a_request_id_is_unique_within_a_team_only(tmp_path):
     old.execute("PRAGMA user_version=4")
     old.commit()
     old.close()
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     ledger.submit(to_row(energy("same", 1.0), "m", "team-a", 10.0))
     ledger.submit(to_row(energy("same", 2.0), "m", "team-b", 11.0))
     ledger.submit(to_row(energy("same", 3.0), "m", None, 12.0))
     ledger.submit(to_row(energy("same", 4.0), "m", "team-b", 13.0))  # the same team's id again: replaced
     ledger.close()
-    reopened = Ledger(path)
+    reopened = Ledger(SqliteStore(path))
     try:
-        assert reopened.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 3
+        assert reopened.store.db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 3
         assert reopened.get("same", "team-a")["joules"] == 1.0
         assert reopened.get("same", "team-b")["joules"] == 4.0
         assert reopened.get("same")["joules"] == 3.0 and reopened.get("same", "team-c") is None
@@ -129,7 +130,7 @@ def held(path):
 
 def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
     drops = []
-    ledger = Ledger(tmp_path / "l.db", queue_size=2, on_drop=lambda: drops.append(1))
+    ledger = Ledger(SqliteStore(tmp_path / "l.db"), queue_size=2, on_drop=lambda: drops.append(1))
     with held(tmp_path / "l.db"):
         results = [ledger.submit(to_row(energy(f"r{i}", 1.0), "m", None, time.time())) for i in range(20)]
     assert not all(results) and len(drops) == results.count(False) == ledger.dropped
@@ -139,14 +140,14 @@ def test_full_queue_serves_on_and_counts_the_drop(tmp_path):
 def test_closing_under_a_stuck_writer_says_so_and_leaves_it_to_finish(tmp_path, caplog):
     """A writer that outlasts close's wait (a slow disk) is not pulled from under: the database stays
     open for it, and what it was committing lands."""
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = Ledger(SqliteStore(tmp_path / "l.db"))
     release = threading.Event()
     ledger.submit(to_row(energy("slow", 1.0), "m", None, time.time()), after=lambda stored: release.wait())  # runs on the writer
     ledger.close(timeout=0.2)
     assert "ledger: still writing after 0.2 s" in caplog.text
     release.set()
     ledger._thread.join(5)
-    reopened = Ledger(tmp_path / "l.db")
+    reopened = Ledger(SqliteStore(tmp_path / "l.db"))
     try:
         assert reopened.get("slow")["joules"] == 1.0
     finally:
@@ -156,7 +157,7 @@ def test_closing_under_a_stuck_writer_says_so_and_leaves_it_to_finish(tmp_path, 
 def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
     """A bad row (here a model of None) must not drop its batch nor leave a transaction open for good."""
     drops = []
-    ledger = Ledger(tmp_path / "l.db", on_drop=lambda: drops.append(1))
+    ledger = Ledger(SqliteStore(tmp_path / "l.db"), on_drop=lambda: drops.append(1))
     done = []
     with held(tmp_path / "l.db"):  # the rows queue up behind the writer and are committed together
         for i in range(5):
@@ -164,8 +165,8 @@ def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
             ledger.submit(to_row(energy(f"r{i}", 1.0), model, None, time.time()), after=done.append)
     ledger.submit(to_row(energy("later", 1.0), "m", None, time.time()))
     ledger.close()
-    reopened = Ledger(tmp_path / "l.db")
-    ids = {r[0] for r in reopened.db.execute("SELECT request_id FROM requests")}
+    reopened = Ledger(SqliteStore(tmp_path / "l.db"))
+    ids = {r[0] for r in reopened.store.db.execute("SELECT request_id FROM requests")}
     reopened.close()
     assert ids == {"r0", "r1", "r3", "r4", "later"} and len(drops) == 1
     assert done == [True, True, False, True, True]  # the refused row is reported not stored
@@ -173,7 +174,7 @@ def test_a_row_the_database_refuses_costs_only_itself(tmp_path):
 
 def test_report_arithmetic(tmp_path):
     path = tmp_path / "l.db"
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     day = 86400 * 20000.0
     rows = [("a", "m1", "t1", 36.0, "nvml", day), ("b", "m1", "t2", 72.0, "estimate", day),
             ("c", "m2", "t1", 3.6, "nvml", day + 86400)]
@@ -293,7 +294,7 @@ def test_kill_9_under_load_loses_no_settled_record(tmp_path):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
     assert seen, "no record settled before the kill"
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     for rid, joules in seen.items():
         stored = ledger.get(rid)
         assert stored is not None and stored["settled"] and stored["joules"] == joules
@@ -302,7 +303,7 @@ def test_kill_9_under_load_loses_no_settled_record(tmp_path):
 
 def test_export_and_retention(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WATTGATE_DATA_DIR", str(tmp_path))
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = Ledger(SqliteStore(tmp_path / "ledger.db"))
     now = time.time()
     ledger.submit(to_row(energy("old", 1.0), "m", "t", now - 100 * 86400))
     ledger.submit(to_row(energy("new", 2.0), "m", "t", now))
@@ -326,7 +327,7 @@ def test_export_and_retention(tmp_path, capsys, monkeypatch):
 def test_large_ledger_is_summed_in_slices_to_the_same_totals(tmp_path, monkeypatch):
     from wattgate.proxy import totals as sums
 
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = Ledger(SqliteStore(tmp_path / "l.db"))
     for i in range(300):
         ledger.submit(to_row(energy(f"r{i}", 1.0 + i % 7, "nvml" if i % 3 else "estimate"), f"m{i % 4}", None,
                              1_700_000_000.0 + i * 37.0))
@@ -408,7 +409,7 @@ def test_a_read_never_waits_for_the_writer(tmp_path):
     database, as a long batch does), ``get`` still answers: a hub's call that opens with a client's
     own id waits on that read, and the worker's other events behind it."""
     path = tmp_path / "ledger.db"
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     ledger.submit(to_row(energy("before", 1.0), "m", None, time.time()))
     wait_for = time.monotonic() + 5
     while ledger.get("before") is None and time.monotonic() < wait_for:
@@ -422,6 +423,6 @@ def test_a_read_never_waits_for_the_writer(tmp_path):
         assert answered.wait(1.0), "a read waited for the writer's commit"
         assert ledger.get("during") is None  # not committed yet
     ledger.close()
-    again = Ledger(path)
+    again = Ledger(SqliteStore(path))
     assert again.get("during")["joules"] == 2.0  # written once the lock was free
     again.close()

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import SERVED, stop_server, wait_until
 from wattgate.meter.sources.simulated import SimulatedGpu
 from wattgate.proxy.app import create_app
-from wattgate.proxy.ledger_file import LedgerUnavailable
+from wattgate.proxy.ledger_store import LedgerUnavailable
 from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 from wattgate.proxy.simulated_upstream import SimulatedUpstream

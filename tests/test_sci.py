@@ -15,7 +15,8 @@ from wattgate.meter import Measurement, Method
 from wattgate.meter.footprint import GridIntensity, SiteFactors
 from wattgate.proxy.figures import ENERGY_KEYS, Energy, energy_object
 from wattgate.proxy.ledger import Ledger
-from wattgate.proxy.ledger_file import connect, to_row
+from wattgate.proxy.ledger_file import SqliteStore, connect
+from wattgate.proxy.ledger_rows import to_row
 from wattgate.proxy.totals import totals
 
 
@@ -49,7 +50,7 @@ records = st.lists(st.tuples(st.floats(0, 5000), st.floats(0, 500), st.floats(0,
 @given(records)
 def test_report_totals_are_the_sums_of_the_records(tmp_path_factory, rows):
     path = tmp_path_factory.mktemp("sci") / "l.db"
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     energies = []
     for i, (gpu_j, host_j, idle_j, gpu_s, pue, intensity, model) in enumerate(rows):
         e = energy_object(measurement(gpu_j, host_j, gpu_s, f"r{i}"), site(pue, intensity), idle_j=idle_j)
@@ -97,10 +98,10 @@ def test_each_record_through_the_gateway_carries_its_sci(stack):
 def read_back(path: Path, energy: Energy, idle_j: float = 0.0) -> Energy:
     """``energy``'s record as the ledger gives it back (``GET /v1/energy/{id}`` once it left memory),
     once written and the ledger reopened."""
-    ledger = Ledger(path)
+    ledger = Ledger(SqliteStore(path))
     ledger.submit(to_row(energy, "m", None, time.time(), idle_joules=idle_j))
     ledger.close()
-    again = Ledger(path)
+    again = Ledger(SqliteStore(path))
     try:
         rec = again.energy(energy["request_id"])
     finally:
