@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,7 +31,20 @@ needs_prometheus = pytest.mark.skipif(
 
 
 def dashboard_queries() -> list[str]:
-    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    """The dashboard's queries as Grafana sends them with every gateway selected."""
+    return [t["expr"].replace("$gateway", ".*") for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+
+
+def test_every_dashboard_query_follows_the_gateway_variable():
+    """A fleet's gateways are Prometheus instances: each series the dashboard reads is filtered by the
+    gateway picker (all by default) and summed across the ones picked."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variable = dashboard["templating"]["list"][0]
+    assert variable["name"] == "gateway" and variable["includeAll"] and variable["allValue"] == ".*"
+    for p in dashboard["panels"]:
+        for t in p["targets"]:
+            names = re.findall(r"\bwattgate_[a-z_]+", t["expr"])
+            assert names and t["expr"].count('{instance=~"$gateway"}') == len(names), t["expr"]
 
 
 @needs_prometheus
@@ -139,22 +154,49 @@ def test_compose_file_is_consistent(name):
             if source.startswith("./"):
                 assert (ROOT / source).exists(), f"{svc_name} mounts missing {source}"
                 if target == "/etc/wattgate/models_registry.yaml":
-                    assert load_settings(ROOT / source).models
+                    settings = load_settings(ROOT / source)
+                    assert settings.models
+                    if settings.ledger.url:  # the shared ledger is a service of the same file
+                        assert urlsplit(settings.ledger.url).hostname in services
+                        assert settings.ledger.password_env in svc.get("environment", {})
     assert services["wattgate"]["ports"] == ["8080:8080"]
 
 
 K8S = ROOT / "deploy" / "k8s" / "wattgate.yaml"
+K8S_FLEET = ROOT / "deploy" / "k8s" / "wattgate-fleet.yaml"
 
 
-def k8s_objects() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(K8S.read_text()) if doc}
+def k8s_objects(path: Path = K8S) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(path.read_text()) if doc}
 
 
-def test_k8s_manifests_pass_the_kubernetes_schemas():
+@pytest.mark.parametrize("path", [K8S, K8S_FLEET], ids=lambda p: p.name)
+def test_k8s_manifests_pass_the_kubernetes_schemas(path):
     import kubernetes_validate
 
-    for obj in k8s_objects().values():
+    for obj in k8s_objects(path).values():
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_fleet_manifest_shares_one_ledger_and_one_set_of_keys(tmp_path):
+    """Every replica's registry names the same PostgreSQL ledger, and its password and the gateway keys
+    come from one Secret that holds them; no volume of its own; the Service reaches every replica."""
+    objs = k8s_objects(K8S_FLEET)
+    pod = objs["Deployment"]["spec"]["template"]
+    gw = {c["name"]: c for c in pod["spec"]["containers"]}["wattgate"]
+    (tmp_path / "models_registry.yaml").write_text(objs["ConfigMap"]["data"]["models_registry.yaml"])
+    settings = load_settings(tmp_path / "models_registry.yaml")
+    assert settings.ledger.url and settings.ledger.url.startswith("postgresql://") and settings.gateway.id is None
+    secret = objs["Secret"]
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in gw["env"] if "valueFrom" in e}
+    for variable in (settings.ledger.password_env, settings.gateway.auth.keys_env):
+        ref = from_secret[variable]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    keys = dict(item.split(":")[::-1] for item in secret["stringData"]["gateway-keys"].split(","))
+    assert set(settings.gateway.auth.metrics_aliases) <= set(keys.values())
+    assert "PersistentVolumeClaim" not in objs and all("persistentVolumeClaim" not in v for v in pod["spec"]["volumes"])
+    assert objs["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert objs["Deployment"]["spec"]["replicas"] > 1
 
 
 def test_k8s_manifests_are_consistent(tmp_path):
