@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import SERVED
+from tests.conftest import SERVED, wait_until
 from wattgate.proxy.cli import main
 from wattgate.proxy.ledger import Ledger
 from wattgate.proxy.ledger_file import MIGRATIONS, SqliteStore, connect
@@ -426,3 +426,24 @@ def test_a_read_never_waits_for_the_writer(tmp_path):
     again = Ledger(SqliteStore(path))
     assert again.get("during")["joules"] == 2.0  # written once the lock was free
     again.close()
+
+
+def test_a_ledger_of_the_previous_shape_gets_the_gateway_column_and_keeps_its_rows(tmp_path):
+    """Issue 33's migration: rows written before records named their gateway report under '-'."""
+    path = tmp_path / "before-fleet.db"
+    previous = Ledger(SqliteStore(path))
+    previous.submit(to_row(energy("old", 1.0), "m", None, time.time()))
+    previous.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE requests DROP COLUMN gateway")
+    db.execute(f"PRAGMA user_version={len(MIGRATIONS) - 1}")
+    db.commit()
+    db.close()
+    ledger = Ledger(SqliteStore(path))
+    try:
+        assert ledger.get("old")["gateway"] is None
+        ledger.submit(to_row(energy("new", 2.0), "m", None, time.time(), gateway="gw-1"))
+        wait_until(lambda: ledger.get("new") is not None, what="the new record stored")
+        assert {r["gateway"]: r["requests"] for r in ledger.store.totals("gateway", None, None)} == {"-": 1, "gw-1": 1}
+    finally:
+        ledger.close()
