@@ -199,6 +199,19 @@ def test_the_fleet_manifest_shares_one_ledger_and_one_set_of_keys(tmp_path):
     assert objs["Deployment"]["spec"]["replicas"] > 1
 
 
+def test_prometheus_finds_every_gateway_of_the_fleet():
+    """deploy/prometheus/fleet.yml keeps the fleet's pods by their label and port and names each target by
+    its pod, with the scrape key from a file. (Structural: Debian's promtool is built without Kubernetes
+    discovery, so it cannot check this file.)"""
+    job = yaml.safe_load((ROOT / "deploy/prometheus/fleet.yml").read_text())["scrape_configs"][0]
+    pod = k8s_objects(K8S_FLEET)["Deployment"]["spec"]["template"]
+    gw = {c["name"]: c for c in pod["spec"]["containers"]}["wattgate"]
+    keep = {r["source_labels"][0]: r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+    assert keep["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == pod["metadata"]["labels"]["app.kubernetes.io/name"]
+    assert keep["__meta_kubernetes_pod_container_port_name"] == gw["ports"][0]["name"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}] and "credentials_file" in job["authorization"]
+
+
 def test_k8s_manifests_are_consistent(tmp_path):
     """The pod, its registry and its service fit together: paths, ports, probes, labels."""
     objs = k8s_objects()
