@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 NVML_SUCCESS = 0
 NVML_ERROR_NOT_SUPPORTED = 3
@@ -33,6 +34,9 @@ class FakeGpu:
     mig: bool = False
     open_error: str | None = None  # an NVMLError message nvmlDeviceGetHandleByIndex raises for this GPU
     fail: str | None = None  # an NVMLError message every read raises, once set (a GPU lost, say)
+    # Readings that follow a workload instead of a steady power: an object with ``counter_mj(now)`` and
+    # ``instant_power_mw(now)`` (tests/truth_rig.py's LockstepGpu).
+    follows: Any = None
 
 
 @dataclass
@@ -63,6 +67,8 @@ class FakeNvml:
                 raise NVMLError(g.fail)
             if not g.has_counter:
                 raise NVMLError("Not Supported")
+            if g.follows is not None:
+                return int(g.follows.counter_mj(time.monotonic()))
             return 1_000_000 + int((time.monotonic() - g.since) * g.power_mw)  # mW x s = mJ
 
         def fields(h: int, ids: list[int]) -> list[SimpleNamespace]:
@@ -70,8 +76,10 @@ class FakeNvml:
             if gpu(h).fail:
                 raise NVMLError(gpu(h).fail)
             ok = gpu(h).has_instant_power
+            follows = gpu(h).follows
+            power = int(follows.instant_power_mw(time.monotonic())) if follows is not None else gpu(h).power_mw
             return [SimpleNamespace(nvmlReturn=NVML_SUCCESS if ok else NVML_ERROR_NOT_SUPPORTED,
-                                    value=SimpleNamespace(uiVal=gpu(h).power_mw if ok else 0))]
+                                    value=SimpleNamespace(uiVal=power if ok else 0))]
 
         def averaged_power(h: int) -> int:
             if gpu(h).fail:

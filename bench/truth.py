@@ -1,0 +1,148 @@
+"""The split judged against a truth the gateway cannot see (issue 34): the gateway on its NVML source in front
+of tests/truth_rig.py's lockstep upstream, whose stand-in GPU draws power by what the upstream runs. Each
+request's settled and inline joules against its equal share of the energy of the steps it ran in.
+
+Usage::
+
+    python -m bench.truth                    # 5, 10 and 20 ms per token, 10 waves each
+    python -m bench.truth --step-ms 5 --waves 20 --seed 3
+
+Waves of 1, 8, 1, 16, 2, 1, 4, 12, 1, 6 concurrent requests start together, half streamed, half plain,
+each sized for a window class (< 0.1 s, 0.1-0.6 s, 0.6-2 s, > 2 s) at the step time; an idle pause
+separates the waves. Printed per window class and per kind (stream, plain): p50, p95 and worst of
+|figure - truth| / truth, for the settled and the inline figure, and the class's aggregate bias
+(sum of settled / sum of truth - 1). The gateway, the upstream and the client share this process (and
+its GIL): the gateway sees token times as a loaded host would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import orjson
+
+from tests.fake_nvml import FakeGpu, FakeNvml
+from tests.truth_rig import GpuModel, LockstepGpu, LockstepUpstream
+from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
+
+WAVES = (1, 8, 1, 16, 2, 1, 4, 12, 1, 6)
+CLASSES = ((0.0, 0.1, "< 0.1 s"), (0.1, 0.6, "0.1-0.6 s"), (0.6, 2.0, "0.6-2 s"), (2.0, float("inf"), "> 2 s"))
+TARGET_S = (0.05, 0.3, 1.2, 3.0)  # one window per class, varied by +-30 %
+
+
+@dataclass
+class Result:
+    rid: str
+    stream: bool
+    window_s: float
+    inline_j: float
+    settled_j: float = 0.0
+    truth_j: float = 0.0
+
+
+async def _one(client: httpx.AsyncClient, rid: str, stream: bool, tokens: int) -> Result:
+    body = {"model": "truth", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
+            "stream": stream}
+    headers = {"x-request-id": rid}
+    if not stream:
+        r = await client.post("/v1/chat/completions", json=body, headers=headers)
+        energy = r.json()["energy"]
+    else:
+        energy = {}
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"energy"' in line:
+                    chunk = orjson.loads(line[6:])
+                    energy = chunk.get("energy") or energy
+    return Result(rid, stream, energy["window_ms"] / 1000, energy["joules"])
+
+
+async def _waves(url: str, step_s: float, waves: int, rng: random.Random) -> list[Result]:
+    results: list[Result] = []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        for w in range(waves):
+            size = WAVES[w % len(WAVES)]
+            calls = []
+            for i in range(size):  # every class, streamed and plain in turn
+                seconds = TARGET_S[(w + i) % len(TARGET_S)] * rng.uniform(0.7, 1.3)
+                stream = (w + i // len(TARGET_S) + i) % 2 == 0
+                calls.append(_one(client, f"truth-{uuid.uuid4().hex[:12]}", stream, max(int(seconds / step_s), 1)))
+            results += await asyncio.gather(*calls)
+            await asyncio.sleep(0.5)  # idle between waves
+        for r in results:  # the settled figures
+            deadline = time.monotonic() + 60
+            while True:
+                e = (await client.get(f"/v1/energy/{r.rid}")).json()
+                if e.get("settled"):
+                    r.settled_j = e["joules"]
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{r.rid} did not settle")
+                await asyncio.sleep(0.2)
+    return results
+
+
+def _quantiles(errors: list[float]) -> str:
+    if not errors:
+        return "   -"
+    s = sorted(errors)
+    p = lambda q: s[min(int(q * len(s)), len(s) - 1)]
+    return f"p50 {p(0.5) * 100:5.1f}%  p95 {p(0.95) * 100:5.1f}%  worst {s[-1] * 100:5.1f}%"
+
+
+def report(results: list[Result]) -> list[str]:
+    lines = []
+    for lo, hi, name in CLASSES:
+        for kind in ("stream", "plain", "both"):
+            rows = [r for r in results if lo <= r.window_s < hi and (kind == "both" or r.stream == (kind == "stream"))]
+            if not rows:
+                continue
+            settled = [abs(r.settled_j - r.truth_j) / r.truth_j for r in rows]
+            inline = [abs(r.inline_j - r.truth_j) / r.truth_j for r in rows]
+            bias = sum(r.settled_j for r in rows) / sum(r.truth_j for r in rows) - 1
+            lines.append(f"  {name:>9} {kind:6} n={len(rows):3}  settled {_quantiles(settled)}  "
+                         f"inline {_quantiles(inline)}  bias {bias * 100:+5.1f}%")
+    return lines
+
+
+def run(step_ms: float, waves: int, seed: int) -> list[Result]:
+    gpu = LockstepGpu(GpuModel(), time.monotonic())
+    sys.modules["pynvml"] = FakeNvml([FakeGpu(follows=gpu)]).module()  # NVML's seam: the driver module
+    from wattgate.proxy.app import create_app
+
+    upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model")
+    with ServerThread(upstream.app) as up:
+        settings = Settings(meter=MeterSettings(source="nvml", foreign_poll_ms=0), ledger=LedgerSettings(enabled=False),
+                            models={"truth": Model(served_name="truth-model", upstream=f"{up.url}/v1", gpus=[0])})
+        with ServerThread(create_app(settings)) as gw:
+            results = asyncio.run(_waves(gw.url, step_ms / 1000, waves, random.Random(seed)))
+    for r in results:
+        r.truth_j = upstream.truth[r.rid]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--step-ms", type=float, nargs="+", default=[5.0, 10.0, 20.0], help="time per token")
+    parser.add_argument("--waves", type=int, default=len(WAVES))
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    for step_ms in args.step_ms:
+        results = run(step_ms, args.waves, args.seed)
+        print(f"{step_ms:g} ms per token, {len(results)} requests in {args.waves} waves "
+              "(|figure - truth| / truth; bias: sum settled / sum truth - 1):")
+        print("\n".join(report(results)))
+        total = sum(r.settled_j for r in results) / sum(r.truth_j for r in results) - 1
+        print(f"  all settled against all truth: {total * 100:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""tests/truth_rig.py, the truth bench.truth judges the split against, checked on its own: its GPU's
+readings are what a driver's would be (the counter steps at its phase, power reports late), and its
+truth shares out exactly the energy of the steps that had sequences running, equally among them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.truth_rig import GpuModel, LockstepGpu, LockstepUpstream
+from wattgate.proxy.serving import ServerThread
+
+
+def test_the_gpu_reads_like_a_driver_its_counter_in_steps_and_its_power_late():
+    model = GpuModel(idle_w=100.0, counter_step_s=0.1, counter_phase_s=0.03, power_lag_s=0.06)
+    gpu = LockstepGpu(model, 0.0)
+    gpu.segment(1.0, 4)  # 100 W until 1 s, then 4 sequences
+    busy = model.watts(4)
+    assert gpu.energy_j(1.5) == pytest.approx(100.0 + busy * 0.5)
+    assert gpu.counter_mj(1.55) == gpu.counter_mj(1.6299) == pytest.approx(1e9 + (100.0 + busy * 0.53) * 1000)
+    assert gpu.counter_mj(1.631) > gpu.counter_mj(1.6299)  # the next step, at the phase
+    assert gpu.instant_power_mw(1.05) == 100_000 and gpu.instant_power_mw(1.07) == pytest.approx(busy * 1000)
+    assert model.watts(2) - model.watts(1) > model.watts(9) - model.watts(8) > 0  # concave
+
+
+def test_truth_shares_out_the_busy_energy_equally_among_those_running():
+    gpu = LockstepGpu(GpuModel(), 0.0)
+    upstream = LockstepUpstream(gpu, step_s=0.005)
+
+    async def calls(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+            same = [client.post("/v1/chat/completions", json={**body, "stream": i % 2 == 0},
+                                headers={"x-request-id": f"same-{i}"}) for i in range(4)]
+            longer = client.post("/v1/chat/completions", json={**body, "max_tokens": 80},
+                                 headers={"x-request-id": "longer"})
+            await asyncio.gather(*same, longer)
+
+    with ServerThread(upstream.app) as up:
+        asyncio.run(calls(up.url))
+    truth = upstream.truth
+    same = [truth[f"same-{i}"] for i in range(4)]
+    assert max(same) == pytest.approx(min(same), rel=0.02)  # admitted at most a step apart, streamed or not
+    assert truth["longer"] > max(same)
+    # Every busy segment's energy went to those running in it, nothing more: the sum of the truths is
+    # the GPU's energy less its idle segments.
+    assert sum(truth.values()) == pytest.approx(gpu.busy_energy_j(), rel=1e-9)

@@ -1,0 +1,163 @@
+"""A truth rig for the split (issue 34): an upstream that runs its sequences in lockstep decode steps, and
+a stand-in GPU whose power follows only what that upstream runs, read by the gateway through its NVML
+source (tests/fake_nvml.py) as a driver would be read.
+
+Nothing of the meter's work model is in it: the GPU draws ``GpuModel.watts(n)``, concave in the number
+``n`` of sequences running (no per-token work, no prefill weight), its energy counter steps every
+``counter_step_s`` at a phase, and its instantaneous power is reported ``power_lag_s`` late. Each step,
+every running sequence makes one token. A request's truth is its equal share of each moment's energy
+among the sequences running then. The upstream tells the gateway nothing a vLLM would not: it streams
+tokens as they are made and answers plain calls at their end, with usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    idle_w: float = 75.0
+    peak_w: float = 700.0
+    half_at: float = 4.0  # sequences at which the power above idle is half of peak's: concave in n
+    counter_step_s: float = 0.1
+    counter_phase_s: float = 0.037
+    power_lag_s: float = 0.06
+
+    def watts(self, running: int) -> float:
+        return self.idle_w + (self.peak_w - self.idle_w) * running / (running + self.half_at)
+
+
+class LockstepGpu:
+    """The GPU's power as the upstream's steps make it: piecewise constant, a segment per step."""
+
+    def __init__(self, model: GpuModel, t0: float) -> None:
+        self.model = model
+        self._t, self._e, self._p = [t0], [0.0], [model.idle_w]  # segment starts, energy before each, its power
+        self._lock = threading.Lock()
+
+    def segment(self, t: float, running: int) -> None:
+        """From ``t`` on, ``running`` sequences run."""
+        with self._lock:
+            self._e.append(self._e[-1] + self._p[-1] * (t - self._t[-1]))
+            self._t.append(t)
+            self._p.append(self.model.watts(running) if running else self.model.idle_w)
+
+    def energy_j(self, t: float) -> float:
+        with self._lock:
+            i = max(bisect.bisect_right(self._t, t) - 1, 0)
+            return self._e[i] + self._p[i] * max(t - self._t[i], 0.0)
+
+    def busy_energy_j(self) -> float:
+        """The energy of the ended segments that had sequences running (the truths share out exactly this)."""
+        with self._lock:
+            return sum(p * (b - a) for a, b, p in zip(self._t, self._t[1:], self._p, strict=False)
+                       if p != self.model.idle_w)
+
+    def power_w(self, t: float) -> float:
+        with self._lock:
+            return self._p[max(bisect.bisect_right(self._t, t) - 1, 0)]
+
+    # What NVML answers (tests/fake_nvml.py's FakeGpu.follows)
+    def counter_mj(self, now: float) -> float:
+        m = self.model
+        last_step = m.counter_phase_s + math.floor((now - m.counter_phase_s) / m.counter_step_s) * m.counter_step_s
+        return 1e9 + self.energy_j(last_step) * 1000
+
+    def instant_power_mw(self, now: float) -> float:
+        return self.power_w(now - self.model.power_lag_s) * 1000
+
+
+@dataclass
+class _Sequence:
+    rid: str
+    prompt_tokens: int
+    max_tokens: int
+    made: int = 0
+    tokens: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
+
+
+class LockstepUpstream:
+    """An OpenAI-compatible upstream (``/v1/chat/completions``, ``/v1/models``) whose scheduler steps every
+    ``step_s``; its ASGI app is :attr:`app`. ``truth`` holds each request's joules by the request id the
+    gateway sent (``x-request-id``), complete once its response has ended."""
+
+    def __init__(self, gpu: LockstepGpu, step_s: float = 0.005, served_name: str = "truth-model") -> None:
+        self.gpu, self.step_s, self.served_name = gpu, step_s, served_name
+        self.truth: dict[str, float] = {}
+        self._running: list[_Sequence] = []
+        self._waiting: list[_Sequence] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                                     Route("/v1/models", self._models)], lifespan=self._lifespan)
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        self._ticker = asyncio.create_task(self._tick())
+        yield
+        self._ticker.cancel()
+
+    async def _tick(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(max(last + self.step_s - time.monotonic(), 0.0))
+            now = time.monotonic()
+            running = self._running
+            if running:  # the segment that just ended, shared equally among those that ran in it
+                share = self.gpu.model.watts(len(running)) * (now - last) / len(running)
+                for seq in running:
+                    self.truth[seq.rid] = self.truth.get(seq.rid, 0.0) + share
+                    seq.made += 1
+                    seq.tokens.put_nowait(seq.made)
+                    if seq.made >= seq.max_tokens:
+                        seq.tokens.put_nowait(None)
+            self._running = [s for s in running if s.made < s.max_tokens] + self._waiting
+            self._waiting = []
+            self.gpu.segment(now, len(self._running))
+            last = now
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.served_name, "object": "model"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", [])) + 4
+        seq = _Sequence(request.headers.get("x-request-id", ""), prompt, int(body.get("max_tokens") or 16))
+        self._waiting.append(seq)
+        usage = {"prompt_tokens": prompt, "completion_tokens": seq.max_tokens,
+                 "total_tokens": prompt + seq.max_tokens}
+        base = {"id": f"cmpl-{seq.rid}", "created": int(time.time()), "model": self.served_name}
+        if not body.get("stream"):
+            while await seq.tokens.get() is not None:
+                pass
+            message = {"role": "assistant", "content": " tok" * seq.max_tokens}
+            return JSONResponse({**base, "object": "chat.completion", "usage": usage,
+                                 "choices": [{"index": 0, "message": message, "finish_reason": "length"}]})
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[bytes]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+            while await seq.tokens.get() is not None:
+                delta = {"index": 0, "delta": {"content": " tok"}, "finish_reason": None}
+                yield b"data: " + orjson.dumps({**chunk, "choices": [delta]}) + b"\n\n"
+            finish = {"index": 0, "delta": {}, "finish_reason": "length"}
+            yield b"data: " + orjson.dumps({**chunk, "choices": [finish]}) + b"\n\n"
+            if with_usage:
+                yield b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
