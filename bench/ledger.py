@@ -40,7 +40,7 @@ from typing import Any
 from tests.postgres import cluster
 from wattgate.proxy.ledger import Ledger
 from wattgate.proxy.ledger_file import SqliteStore
-from wattgate.proxy.ledger_postgres import _INSERT, PostgresStore
+from wattgate.proxy.ledger_postgres import UPSERT, PostgresStore
 from wattgate.proxy.ledger_rows import to_row
 
 
@@ -95,7 +95,7 @@ def _psycopg_raw(url: str, rows: list[tuple[Any, ...]]) -> tuple[float, float]:
         t0, cpu0 = time.perf_counter(), _cpu_s()
         for i in range(0, len(rows), 500):
             with db.transaction(), db.cursor() as cur:
-                cur.executemany(_INSERT, rows[i:i + 500])
+                cur.executemany(UPSERT, rows[i:i + 500])
         return len(rows) / (time.perf_counter() - t0), (_cpu_s() - cpu0) / len(rows) * 1e6
 
 
@@ -104,8 +104,8 @@ def _asyncpg_raw(url: str, rows: list[tuple[Any, ...]]) -> tuple[float, float] |
         import asyncpg
     except ImportError:
         return None
-    n = _INSERT.count("%s")
-    sql = _INSERT
+    n = UPSERT.count("%s")
+    sql = UPSERT
     for i in range(1, n + 1):  # asyncpg's placeholders are $1, $2, ...
         sql = sql.replace("%s", f"${i}", 1)
 

@@ -163,8 +163,7 @@ class Books:
                 if await self.stored(request_id, team, any_team=False) is not None:
                     request_id = new_request_id()
             except StoreUnavailable as exc:  # the id is used unchecked: the call must not wait on the database
-                log.warning("ledger: could not check a client's request id against %s: %s", self.ledger and
-                            self.ledger.store.where, exc)
+                log.warning("ledger: a client's request id went unchecked (the ledger could not answer: %s)", exc)
         while (key := self.records.open(request_id, name, team)) is None:
             request_id = new_request_id()
         return request_id, key

@@ -49,7 +49,7 @@ MIGRATIONS = (
     "CREATE INDEX requests_model_ts_end ON requests (model, ts_end)",
     "CREATE INDEX requests_gateway_ts_end ON requests (gateway, ts_end)",
 )
-_INSERT = (f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join(['%s'] * len(COLUMNS))}) "
+UPSERT = (f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join(['%s'] * len(COLUMNS))}) "
            f"ON CONFLICT ({_KEY}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS))
 _SELECT = f"SELECT {','.join(COLUMNS)} FROM requests"
 # What the server says when it is away or full (class 08 connection, 53 resources, 57 operator
@@ -89,7 +89,7 @@ class PostgresStore:
             if self._writer is None or self._writer.closed:
                 self._writer = self._connect()
             with self._writer.transaction(), self._writer.cursor() as cur:
-                cur.executemany(_INSERT, rows)
+                cur.executemany(UPSERT, rows)
         except psycopg.Error as exc:
             if _transient(exc):
                 self._drop_writer()
@@ -103,17 +103,17 @@ class PostgresStore:
                               (request_id, *args)).fetchone()
 
     def totals(self, by: str, since_s: float | None, team: str | None, progress: bool = False) -> list[dict[str, Any]]:
-        with self._long_read() as db:
+        with self._own_connection() as db:
             return totals(db, by, since_s, progress, team, dialect=POSTGRES)
 
     def rows(self, since_s: float | None) -> list[tuple[Any, ...]]:
         where, args = ("WHERE ts_end >= %s", [time.time() - since_s]) if since_s is not None else ("", [])
-        with self._long_read() as db:
+        with self._own_connection() as db:
             return db.execute(f"{_SELECT} {where} ORDER BY ts_end", args).fetchall()
 
     def prune(self, keep_s: float, delete: bool) -> int:
         cutoff = (time.time() - keep_s,)
-        with self._long_read() as db:
+        with self._own_connection() as db:
             if not delete:
                 return int(db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < %s", cutoff).fetchone()[0])
             return db.execute("DELETE FROM requests WHERE ts_end < %s", cutoff).rowcount
@@ -149,8 +149,8 @@ class PostgresStore:
                 raise StoreUnavailable(_reason(exc)) from exc
 
     @contextmanager
-    def _long_read(self) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of its own for a report, which may take minutes over a fleet's records."""
+    def _own_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of its own for a report (which may take minutes over a fleet's records) or a prune."""
         try:
             with self._connect() as db:
                 yield db

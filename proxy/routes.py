@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,8 +122,15 @@ def add_book_routes(
         return ready_response(gw, await ask_upstreams(gw), books.meter.state(), more)
 
 
+_READ_FAILURE_LOG_S = 60.0  # polls keep coming while a shared ledger is away: a line a minute, not one each
+_read_failure_logged = -_READ_FAILURE_LOG_S
+
+
 def _ledger_away(exc: StoreUnavailable) -> ServiceUnavailable:
-    """A read the ledger could not answer: logged with its cause (it may name the database's host), a 503
-    without it."""
-    log.warning("ledger: a read failed: %s", exc)
+    """A read the ledger could not answer: logged with its cause (it may name the database's host), at
+    most once a minute; a 503 without it."""
+    global _read_failure_logged
+    if (now := time.monotonic()) - _read_failure_logged >= _READ_FAILURE_LOG_S:
+        _read_failure_logged = now
+        log.warning("ledger: reads fail (%s); GET /v1/energy answers 503 meanwhile", exc)
     return ServiceUnavailable("the ledger cannot answer now; try again shortly")
