@@ -113,14 +113,15 @@ def report(results: list[Result]) -> list[str]:
     return lines
 
 
-def run(step_ms: float, waves: int, seed: int) -> list[Result]:
+def run(step_ms: float, waves: int, seed: int, interval_ms: int = 50) -> list[Result]:
     gpu = LockstepGpu(GpuModel(), time.monotonic())
     sys.modules["pynvml"] = FakeNvml([FakeGpu(follows=gpu)]).module()  # NVML's seam: the driver module
     from wattgate.proxy.app import create_app
 
     upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model")
     with ServerThread(upstream.app) as up:
-        settings = Settings(meter=MeterSettings(source="nvml", foreign_poll_ms=0), ledger=LedgerSettings(enabled=False),
+        meter = MeterSettings(source="nvml", foreign_poll_ms=0, interval_ms=interval_ms)
+        settings = Settings(meter=meter, ledger=LedgerSettings(enabled=False),
                             models={"truth": Model(served_name="truth-model", upstream=f"{up.url}/v1", gpus=[0])})
         with ServerThread(create_app(settings)) as gw:
             results = asyncio.run(_waves(gw.url, step_ms / 1000, waves, random.Random(seed)))
@@ -134,10 +135,11 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, nargs="+", default=[5.0, 10.0, 20.0], help="time per token")
     parser.add_argument("--waves", type=int, default=len(WAVES))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--interval-ms", type=int, default=50, help="the meter's power poll (meter.interval_ms)")
     args = parser.parse_args()
     for step_ms in args.step_ms:
-        results = run(step_ms, args.waves, args.seed)
-        print(f"{step_ms:g} ms per token, {len(results)} requests in {args.waves} waves "
+        results = run(step_ms, args.waves, args.seed, args.interval_ms)
+        print(f"{step_ms:g} ms per token, power polled every {args.interval_ms} ms, {len(results)} requests in {args.waves} waves "
               "(|figure - truth| / truth; bias: sum settled / sum truth - 1):")
         print("\n".join(report(results)))
         total = sum(r.settled_j for r in results) / sum(r.truth_j for r in results) - 1
