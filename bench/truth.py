@@ -67,7 +67,10 @@ async def _one(client: httpx.AsyncClient, rid: str, stream: bool, tokens: int) -
 
 async def _waves(url: str, step_s: float, waves: int, rng: random.Random) -> list[Result]:
     results: list[Result] = []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    # Idle connections are let go before uvicorn's 5 s keep-alive ends them: a connection reused just as
+    # the server closes it fails the request (one such httpx.ReadError was seen mid-wave).
+    limits = httpx.Limits(keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         for w in range(waves):
             size = WAVES[w % len(WAVES)]
             calls = []
