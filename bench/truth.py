@@ -11,28 +11,37 @@ Waves of 1, 8, 1, 16, 2, 1, 4, 12, 1, 6 concurrent requests start together, half
 each sized for a window class (< 0.1 s, 0.1-0.6 s, 0.6-2 s, > 2 s) at the step time; an idle pause
 separates the waves. Printed per window class and per kind (stream, plain): p50, p95 and worst of
 |figure - truth| / truth, for the settled and the inline figure, and the class's aggregate bias
-(sum of settled / sum of truth - 1). The gateway, the upstream and the client share this process (and
-its GIL): the gateway sees token times as a loaded host would.
+(sum of settled / sum of truth - 1). By default the gateway, the upstream and the client share this
+process (and its GIL): the gateway sees token times as a loaded host would. With ``--workers N`` the
+gateway is ``wattgate serve --workers N`` in processes of its own, reading the GPU the upstream writes
+through a file (so ``--workers 1`` is one gateway process, away from the upstream and the client).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import orjson
 
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.truth_rig import GpuModel, LockstepGpu, LockstepUpstream
-from wattgate.proxy.serving import ServerThread
+from wattgate.proxy.serving import ServerThread, free_port
 from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 WAVES = (1, 8, 1, 16, 2, 1, 4, 12, 1, 6)
 CLASSES = ((0.0, 0.1, "< 0.1 s"), (0.1, 0.6, "0.1-0.6 s"), (0.6, 2.0, "0.6-2 s"), (2.0, float("inf"), "> 2 s"))
 TARGET_S = (0.05, 0.3, 1.2, 3.0)  # one window per class, varied by +-30 %
@@ -116,21 +125,61 @@ def report(results: list[Result]) -> list[str]:
     return lines
 
 
-def run(step_ms: float, waves: int, seed: int, interval_ms: int = 50) -> list[Result]:
-    gpu = LockstepGpu(GpuModel(), time.monotonic())
-    sys.modules["pynvml"] = FakeNvml([FakeGpu(follows=gpu)]).module()  # NVML's seam: the driver module
-    from wattgate.proxy.app import create_app
-
-    upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model")
-    with ServerThread(upstream.app) as up:
-        meter = MeterSettings(source="nvml", foreign_poll_ms=0, interval_ms=interval_ms)
-        settings = Settings(meter=meter, ledger=LedgerSettings(enabled=False),
-                            models={"truth": Model(served_name="truth-model", upstream=f"{up.url}/v1", gpus=[0])})
-        with ServerThread(create_app(settings)) as gw:
-            results = asyncio.run(_waves(gw.url, step_ms / 1000, waves, random.Random(seed)))
+def run(step_ms: float, waves: int, seed: int, interval_ms: int = 50, workers: int = 0) -> list[Result]:
+    """One run; ``workers``: 0 for the gateway in this process, else ``wattgate serve --workers N`` in
+    processes of its own, reading the GPU through a file the upstream writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        gpu = LockstepGpu(GpuModel(), time.monotonic(), Path(tmp) / "gpu.f64" if workers else None)
+        upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model")
+        with ServerThread(upstream.app) as up:
+            meter = MeterSettings(source="nvml", foreign_poll_ms=0, interval_ms=interval_ms)
+            settings = Settings(meter=meter, ledger=LedgerSettings(enabled=False),
+                                models={"truth": Model(served_name="truth-model", upstream=f"{up.url}/v1", gpus=[0])})
+            with _gateway(settings, gpu, workers, Path(tmp)) as url:
+                results = asyncio.run(_waves(url, step_ms / 1000, waves, random.Random(seed)))
     for r in results:
         r.truth_j = upstream.truth[r.rid]
     return results
+
+
+@contextmanager
+def _gateway(settings: Settings, gpu: LockstepGpu, workers: int, tmp: Path) -> Iterator[str]:
+    if not workers:
+        sys.modules["pynvml"] = FakeNvml([FakeGpu(follows=gpu)]).module()  # NVML's seam: the driver module
+        from wattgate.proxy.app import create_app
+
+        with ServerThread(create_app(settings)) as gw:
+            yield gw.url
+        return
+    # The stand-in driver on the gateway's path, reading the GPU the upstream writes (tests/test_workers.py
+    # puts tests/fake_nvml.py there the same way).
+    (tmp / "pynvml.py").write_text(
+        "from pathlib import Path\nfrom tests.fake_nvml import FakeGpu, FakeNvml\n"
+        "from tests.truth_rig import GpuModel, LockstepGpu\n"
+        f"gpu = LockstepGpu.reading(Path({str(tmp / 'gpu.f64')!r}), GpuModel())\n"
+        "globals().update(vars(FakeNvml([FakeGpu(follows=gpu)]).module()))\n")
+    registry = tmp / "registry.yaml"
+    registry.write_text(settings.model_dump_json(exclude_unset=True))  # JSON is YAML
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(tmp), str(ROOT)))}
+    proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(registry),
+                             "--port", str(port), "--workers", str(workers), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").json().get("meter", {}).get("method") == "nvml":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the gateway did not start")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def main() -> None:
@@ -139,10 +188,14 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=len(WAVES))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--interval-ms", type=int, default=50, help="the meter's power poll (meter.interval_ms)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="0: the gateway in this process; N: `wattgate serve --workers N` in its own processes")
     args = parser.parse_args()
+    where = "in this process" if not args.workers else f"serve --workers {args.workers}"
     for step_ms in args.step_ms:
-        results = run(step_ms, args.waves, args.seed, args.interval_ms)
-        print(f"{step_ms:g} ms per token, power polled every {args.interval_ms} ms, {len(results)} requests in {args.waves} waves "
+        results = run(step_ms, args.waves, args.seed, args.interval_ms, args.workers)
+        print(f"{step_ms:g} ms per token, gateway {where}, power polled every {args.interval_ms} ms, "
+              f"{len(results)} requests in {args.waves} waves "
               "(|figure - truth| / truth; bias: sum settled / sum truth - 1):")
         print("\n".join(report(results)))
         total = sum(r.settled_j for r in results) / sum(r.truth_j for r in results) - 1

@@ -13,15 +13,16 @@ tokens as they are made and answers plain calls at their end, with usage.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import math
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -43,34 +44,58 @@ class GpuModel:
 
 
 class LockstepGpu:
-    """The GPU's power as the upstream's steps make it: piecewise constant, a segment per step."""
+    """The GPU's power as the upstream's steps make it: piecewise constant, a segment per step.
 
-    def __init__(self, model: GpuModel, t0: float) -> None:
+    The segments live in a flat array of ``(start, energy before it, power)``, after a count: in memory,
+    or in a file (``path``) that a gateway in processes of its own reads through :meth:`reading` (one
+    writer, the upstream; the count is written after its segment)."""
+
+    CAPACITY = 1_000_000  # segments: 83 min at a step every 5 ms
+
+    def __init__(self, model: GpuModel, t0: float, path: Path | None = None) -> None:
         self.model = model
-        self._t, self._e, self._p = [t0], [0.0], [model.idle_w]  # segment starts, energy before each, its power
+        shape = (1 + 3 * self.CAPACITY,)
+        self._a = np.zeros(shape) if path is None else np.memmap(path, dtype=np.float64, mode="w+", shape=shape)
+        self._a[1:4] = (t0, 0.0, model.idle_w)
+        self._a[0] = 1
         self._lock = threading.Lock()
+
+    @classmethod
+    def reading(cls, path: Path, model: GpuModel) -> LockstepGpu:
+        """Another process's view of the GPU whose segments ``path`` holds (read only)."""
+        gpu = cls.__new__(cls)
+        gpu.model, gpu._lock = model, threading.Lock()
+        gpu._a = np.memmap(path, dtype=np.float64, mode="r", shape=(1 + 3 * cls.CAPACITY,))
+        return gpu
+
+    def _segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = int(self._a[0])
+        seg = self._a[1:1 + 3 * n]
+        return seg[0::3], seg[1::3], seg[2::3]
 
     def segment(self, t: float, running: int) -> None:
         """From ``t`` on, ``running`` sequences run."""
         with self._lock:
-            self._e.append(self._e[-1] + self._p[-1] * (t - self._t[-1]))
-            self._t.append(t)
-            self._p.append(self.model.watts(running) if running else self.model.idle_w)
+            n = int(self._a[0])
+            t0, e0, p0 = self._a[1 + 3 * (n - 1):1 + 3 * n]
+            power = self.model.watts(running) if running else self.model.idle_w
+            self._a[1 + 3 * n:4 + 3 * n] = (t, e0 + p0 * (t - t0), power)
+            self._a[0] = n + 1
 
     def energy_j(self, t: float) -> float:
-        with self._lock:
-            i = max(bisect.bisect_right(self._t, t) - 1, 0)
-            return self._e[i] + self._p[i] * max(t - self._t[i], 0.0)
+        starts, energies, powers = self._segments()
+        i = max(int(np.searchsorted(starts, t, side="right")) - 1, 0)
+        return float(energies[i] + powers[i] * max(t - starts[i], 0.0))
 
     def busy_energy_j(self) -> float:
         """The energy of the ended segments that had sequences running (the truths share out exactly this)."""
-        with self._lock:
-            return sum(p * (b - a) for a, b, p in zip(self._t, self._t[1:], self._p, strict=False)
-                       if p != self.model.idle_w)
+        starts, _, powers = self._segments()
+        busy = powers[:-1] != self.model.idle_w
+        return float(np.sum((np.diff(starts) * powers[:-1])[busy]))
 
     def power_w(self, t: float) -> float:
-        with self._lock:
-            return self._p[max(bisect.bisect_right(self._t, t) - 1, 0)]
+        starts, _, powers = self._segments()
+        return float(powers[max(int(np.searchsorted(starts, t, side="right")) - 1, 0)])
 
     # What NVML answers (tests/fake_nvml.py's FakeGpu.follows)
     def counter_mj(self, now: float) -> float:
@@ -99,6 +124,7 @@ class LockstepUpstream:
     def __init__(self, gpu: LockstepGpu, step_s: float = 0.005, served_name: str = "truth-model") -> None:
         self.gpu, self.step_s, self.served_name = gpu, step_s, served_name
         self.truth: dict[str, float] = {}
+        self.admitted: dict[str, float] = {}  # when each request joined the running batch
         self._running: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -126,6 +152,8 @@ class LockstepUpstream:
                     if seq.made >= seq.max_tokens:
                         seq.tokens.put_nowait(None)
             self._running = [s for s in running if s.made < s.max_tokens] + self._waiting
+            for seq in self._waiting:
+                self.admitted[seq.rid] = now
             self._waiting = []
             self.gpu.segment(now, len(self._running))
             last = now
