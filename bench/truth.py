@@ -74,19 +74,34 @@ async def _one(client: httpx.AsyncClient, rid: str, stream: bool, tokens: int) -
     return Result(rid, stream, energy["window_ms"] / 1000, energy["joules"])
 
 
-async def _waves(url: str, step_s: float, waves: int, rng: random.Random) -> list[Result]:
+Plan = list[list[tuple[bool, int]]]  # waves of (streamed, tokens), each wave's requests started together
+
+
+def mixed_plan(step_s: float, waves: int, rng: random.Random) -> Plan:
+    """WAVES' sizes, every window class, streamed and plain in turn."""
+    plan = []
+    for w in range(waves):
+        wave = []
+        for i in range(WAVES[w % len(WAVES)]):
+            seconds = TARGET_S[(w + i) % len(TARGET_S)] * rng.uniform(0.7, 1.3)
+            wave.append(((w + i // len(TARGET_S) + i) % 2 == 0, max(int(seconds / step_s), 1)))
+        plan.append(wave)
+    return plan
+
+
+def symmetry_plan(rounds: int) -> Plan:
+    """The issue's check of streams against plain calls: 8 x 40 tokens started together, 4 of each."""
+    return [[(i % 2 == 0, 40) for i in range(8)] for _ in range(rounds)]
+
+
+async def _waves(url: str, plan: Plan) -> list[Result]:
     results: list[Result] = []
     # Idle connections are let go before uvicorn's 5 s keep-alive ends them: a connection reused just as
     # the server closes it fails the request (one such httpx.ReadError was seen mid-wave).
     limits = httpx.Limits(keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        for w in range(waves):
-            size = WAVES[w % len(WAVES)]
-            calls = []
-            for i in range(size):  # every class, streamed and plain in turn
-                seconds = TARGET_S[(w + i) % len(TARGET_S)] * rng.uniform(0.7, 1.3)
-                stream = (w + i // len(TARGET_S) + i) % 2 == 0
-                calls.append(_one(client, f"truth-{uuid.uuid4().hex[:12]}", stream, max(int(seconds / step_s), 1)))
+        for wave in plan:
+            calls = [_one(client, f"truth-{uuid.uuid4().hex[:12]}", stream, tokens) for stream, tokens in wave]
             results += await asyncio.gather(*calls)
             await asyncio.sleep(0.5)  # idle between waves
         for r in results:  # the settled figures
@@ -125,7 +140,7 @@ def report(results: list[Result]) -> list[str]:
     return lines
 
 
-def run(step_ms: float, waves: int, seed: int, interval_ms: int = 50, workers: int = 0) -> list[Result]:
+def run(step_ms: float, plan: Plan, interval_ms: int = 50, workers: int = 0) -> list[Result]:
     """One run; ``workers``: 0 for the gateway in this process, else ``wattgate serve --workers N`` in
     processes of its own, reading the GPU through a file the upstream writes."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +151,7 @@ def run(step_ms: float, waves: int, seed: int, interval_ms: int = 50, workers: i
             settings = Settings(meter=meter, ledger=LedgerSettings(enabled=False),
                                 models={"truth": Model(served_name="truth-model", upstream=f"{up.url}/v1", gpus=[0])})
             with _gateway(settings, gpu, workers, Path(tmp)) as url:
-                results = asyncio.run(_waves(url, step_ms / 1000, waves, random.Random(seed)))
+                results = asyncio.run(_waves(url, plan))
     for r in results:
         r.truth_j = upstream.truth[r.rid]
     return results
@@ -182,6 +197,25 @@ def _gateway(settings: Settings, gpu: LockstepGpu, workers: int, tmp: Path) -> I
         proc.wait(30)
 
 
+def symmetry(results: list[Result], per_round: int = 8) -> list[str]:
+    """Streams against plain calls of the same work, round by round: how far apart their settled means
+    are, and each kind against its truth."""
+    lines, apart = [], []
+    for i in range(0, len(results), per_round):
+        rows = results[i:i + per_round]
+        mean = {kind: sum(r.settled_j for r in rows if r.stream == kind) / sum(1 for r in rows if r.stream == kind)
+                for kind in (True, False)}
+        truth = {kind: sum(r.truth_j for r in rows if r.stream == kind) / sum(1 for r in rows if r.stream == kind)
+                 for kind in (True, False)}
+        apart.append(mean[True] / mean[False] - 1)
+        lines.append(f"  round {i // per_round + 1}: streams {apart[-1] * 100:+5.1f}% against plain calls "
+                     f"(streams {(mean[True] / truth[True] - 1) * 100:+5.1f}%, plain {(mean[False] / truth[False] - 1) * 100:+5.1f}% "
+                     "against truth)")
+    worst = max(apart, key=abs)
+    lines.append(f"  worst round {worst * 100:+.1f}%, mean {sum(apart) / len(apart) * 100:+.1f}%")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--step-ms", type=float, nargs="+", default=[5.0, 10.0, 20.0], help="time per token")
@@ -190,10 +224,18 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=50, help="the meter's power poll (meter.interval_ms)")
     parser.add_argument("--workers", type=int, default=0,
                         help="0: the gateway in this process; N: `wattgate serve --workers N` in its own processes")
+    parser.add_argument("--symmetry", type=int, default=0, metavar="ROUNDS",
+                        help="instead of the mixed waves: ROUNDS of 8 x 40 tokens started together, 4 streamed, 4 plain")
     args = parser.parse_args()
     where = "in this process" if not args.workers else f"serve --workers {args.workers}"
     for step_ms in args.step_ms:
-        results = run(step_ms, args.waves, args.seed, args.interval_ms, args.workers)
+        plan = symmetry_plan(args.symmetry) if args.symmetry else mixed_plan(step_ms / 1000, args.waves,
+                                                                             random.Random(args.seed))
+        results = run(step_ms, plan, args.interval_ms, args.workers)
+        if args.symmetry:
+            print(f"{step_ms:g} ms per token, gateway {where}: streams against plain calls of the same work")
+            print("\n".join(symmetry(results)))
+            continue
         print(f"{step_ms:g} ms per token, gateway {where}, power polled every {args.interval_ms} ms, "
               f"{len(results)} requests in {args.waves} waves "
               "(|figure - truth| / truth; bias: sum settled / sum truth - 1):")
