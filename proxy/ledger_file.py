@@ -8,15 +8,14 @@ import os
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wattgate.proxy.ledger_rows import COLUMNS
+from wattgate.proxy.ledger_rows import COLUMNS, by_id, older_than, since
 from wattgate.proxy.ledger_store import LedgerUnavailable, RowsRefused, StoreUnavailable
 from wattgate.proxy.settings import LedgerSettings
-from wattgate.proxy.totals import totals
+from wattgate.proxy.totals import SQLITE, totals
 
 _BEFORE_GRID = COLUMNS[:21]  # the columns when the table was rebuilt per team (a migration copies just those)
 MIGRATIONS = (
@@ -110,7 +109,6 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 _INSERT = f"INSERT OR REPLACE INTO requests ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})"
-_SELECT = f"SELECT {','.join(COLUMNS)} FROM requests"
 
 
 class SqliteStore:
@@ -137,10 +135,8 @@ class SqliteStore:
             raise (StoreUnavailable if isinstance(exc, sqlite3.OperationalError) else RowsRefused)(str(exc)) from exc
 
     def get(self, request_id: str, team: str | None, any_team: bool) -> tuple[Any, ...] | None:
-        where, args = ("", ()) if any_team else ("AND ifnull(team, '') = ?", (team or "",))
         with self._reads_lock:
-            return self._reads.execute(f"{_SELECT} WHERE request_id = ? {where} ORDER BY ts_end DESC LIMIT 1",
-                                       (request_id, *args)).fetchone()  # type: ignore[no-any-return]
+            return self._reads.execute(*by_id(SQLITE, request_id, team, any_team)).fetchone()  # type: ignore[no-any-return]
 
     def totals(self, by: str, since_s: float | None, team: str | None, progress: bool = False) -> list[dict[str, Any]]:
         db = self._reader()  # a long read of its own, not holding up the others
@@ -150,18 +146,15 @@ class SqliteStore:
             db.close()
 
     def rows(self, since_s: float | None) -> list[tuple[Any, ...]]:
-        where, args = ("WHERE ts_end >= ?", [time.time() - since_s]) if since_s is not None else ("", [])
         db = self._reader()
         try:
-            return db.execute(f"{_SELECT} {where} ORDER BY ts_end", args).fetchall()
+            return db.execute(*since(SQLITE, since_s)).fetchall()
         finally:
             db.close()
 
     def prune(self, keep_s: float, delete: bool) -> int:
-        cutoff = (time.time() - keep_s,)
-        if not delete:
-            return int(self.db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < ?", cutoff).fetchone()[0])
-        return self.db.execute("DELETE FROM requests WHERE ts_end < ?", cutoff).rowcount
+        cur = self.db.execute(*older_than(SQLITE, keep_s, delete))
+        return cur.rowcount if delete else int(cur.fetchone()[0])
 
     def close(self) -> None:
         self.db.close()

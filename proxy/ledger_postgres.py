@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from wattgate.proxy.ledger_rows import COLUMNS
+from wattgate.proxy.ledger_rows import COLUMNS, by_id, older_than, since
 from wattgate.proxy.ledger_store import LedgerUnavailable, RowsRefused, StoreUnavailable
 from wattgate.proxy.totals import POSTGRES, totals
 
@@ -51,7 +50,6 @@ MIGRATIONS = (
 )
 UPSERT = (f"INSERT INTO requests ({','.join(COLUMNS)}) VALUES ({','.join(['%s'] * len(COLUMNS))}) "
            f"ON CONFLICT ({_KEY}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS))
-_SELECT = f"SELECT {','.join(COLUMNS)} FROM requests"
 # What the server says when it is away or full (class 08 connection, 53 resources, 57 operator
 # intervention such as a restart, 40 a serialisation failure): the rows wait. Others are the rows' own.
 _TRANSIENT = ("08", "53", "57", "40", "55")
@@ -97,26 +95,21 @@ class PostgresStore:
             raise RowsRefused(_reason(exc)) from exc
 
     def get(self, request_id: str, team: str | None, any_team: bool) -> tuple[Any, ...] | None:
-        where, args = ("", ()) if any_team else ("AND COALESCE(team, '') = %s", (team or "",))
         with self._reading() as db:
-            return db.execute(f"{_SELECT} WHERE request_id = %s {where} ORDER BY ts_end DESC LIMIT 1",
-                              (request_id, *args)).fetchone()
+            return db.execute(*by_id(POSTGRES, request_id, team, any_team)).fetchone()
 
     def totals(self, by: str, since_s: float | None, team: str | None, progress: bool = False) -> list[dict[str, Any]]:
         with self._own_connection() as db:
             return totals(db, by, since_s, progress, team, dialect=POSTGRES)
 
     def rows(self, since_s: float | None) -> list[tuple[Any, ...]]:
-        where, args = ("WHERE ts_end >= %s", [time.time() - since_s]) if since_s is not None else ("", [])
         with self._own_connection() as db:
-            return db.execute(f"{_SELECT} {where} ORDER BY ts_end", args).fetchall()
+            return db.execute(*since(POSTGRES, since_s)).fetchall()
 
     def prune(self, keep_s: float, delete: bool) -> int:
-        cutoff = (time.time() - keep_s,)
         with self._own_connection() as db:
-            if not delete:
-                return int(db.execute("SELECT COUNT(*) FROM requests WHERE ts_end < %s", cutoff).fetchone()[0])
-            return db.execute("DELETE FROM requests WHERE ts_end < %s", cutoff).rowcount
+            cur = db.execute(*older_than(POSTGRES, keep_s, delete))
+            return cur.rowcount if delete else int(cur.fetchone()[0])
 
     def close(self) -> None:
         self._drop_writer()

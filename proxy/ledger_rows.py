@@ -1,14 +1,17 @@
-"""A ledger row: its columns, one record's row from its energy object, and the record read back from one.
-The same for every backend (:mod:`proxy.ledger_store`)."""
+"""A ledger row: its columns, one record's row from its energy object, the record read back from one, and
+the queries that read and prune rows. The same for every backend (:mod:`proxy.ledger_store`), but for
+its :class:`~proxy.totals.Dialect`."""
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from typing import Any
 
 from wattgate.meter.footprint import GridIntensity
 from wattgate.proxy.figures import Energy, GridObject, grid_object, tiers_wh
+from wattgate.proxy.totals import Dialect
 
 COLUMNS = (
     "request_id", "ts_end", "model", "team", "status", "method", "settled", "prompt_tokens",
@@ -81,3 +84,26 @@ def from_row(row: tuple[Any, ...]) -> dict[str, Any]:
         rec["sci"] = {"e_kwh": rec["sci_e_kwh"], "i_g_per_kwh": rec["grid_location_g_per_kwh"],
                       "m_g": rec["embodied_gco2e"], "sci_g": rec["sci_g"], "tiers_wh": tiers}
     return rec
+
+
+_SELECT = f"SELECT {','.join(COLUMNS)} FROM requests"
+Query = tuple[str, tuple[Any, ...]]
+
+
+def by_id(d: Dialect, request_id: str, team: str | None, any_team: bool) -> Query:
+    """The row of ``team``'s ``request_id`` (any team's, the latest, with ``any_team``)."""
+    where, args = ("", ()) if any_team else (f"AND {d.team_key} = {d.param}", (team or "",))
+    return f"{_SELECT} WHERE request_id = {d.param} {where} ORDER BY ts_end DESC LIMIT 1", (request_id, *args)
+
+
+def since(d: Dialect, since_s: float | None) -> Query:
+    """Every row (those of the last ``since_s`` seconds), oldest first."""
+    if since_s is None:
+        return f"{_SELECT} ORDER BY ts_end", ()
+    return f"{_SELECT} WHERE ts_end >= {d.param} ORDER BY ts_end", (time.time() - since_s,)
+
+
+def older_than(d: Dialect, keep_s: float, delete: bool) -> Query:
+    """Delete (``delete``) or count the rows older than ``keep_s`` seconds."""
+    what = "DELETE FROM requests" if delete else "SELECT COUNT(*) FROM requests"
+    return f"{what} WHERE ts_end < {d.param}", (time.time() - keep_s,)

@@ -22,11 +22,12 @@ class Dialect:
     param: str  # the driver's placeholder
     day: str  # the UTC day ts_end falls on, as YYYY-MM-DD
     gpu_joules: str  # a record's GPU energy, from its components JSON
+    team_key: str  # the team as the unique index spells it (the planner uses the index only so)
 
 
-SQLITE = Dialect("?", "date(ts_end, 'unixepoch')", "json_extract(components, '$.gpu')")
+SQLITE = Dialect("?", "date(ts_end, 'unixepoch')", "json_extract(components, '$.gpu')", "ifnull(team, '')")
 POSTGRES = Dialect("%s", "to_char(to_timestamp(ts_end) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-                   "CAST(CAST(components AS jsonb)->>'gpu' AS DOUBLE PRECISION)")
+                   "CAST(CAST(components AS jsonb)->>'gpu' AS DOUBLE PRECISION)", "COALESCE(team, '')")
 GROUPS = ("model", "team", "day", "method", "gateway")
 
 
