@@ -22,7 +22,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import SERVED, settled_records, stop_server, wait_until
+from tests.conftest import SERVED, settled_records, stop_server, wait_serving, wait_until
 from tests.postgres import Cluster, cluster
 from tests.test_ledger import energy  # the made-up settled figures the SQLite tests use
 from wattgate.meter.sources.simulated import SimulatedGpu
@@ -160,11 +160,13 @@ def test_a_gateway_killed_keeps_the_records_it_committed(db_url, upstream, tmp_p
     registry.write_text(f"meter: {{source: simulated, settle_lag_ms: 100}}\nledger: {{url: '{db_url}'}}\n"
                         f"models: {{llama: {{served_name: {SERVED}, upstream: '{upstream}', gpus: [0]}}}}\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(registry),
-                             "--port", str(port), "--log-level", "warning"])
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "wattgate.proxy.cli", "serve", "--config", str(registry),
+                                 "--port", str(port), "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url), 30, what="the gateway serving")
+        wait_serving(proc, f"{url}/healthz", log, 30, "the gateway")
         ids = [_call(url, "none") for _ in range(5)]
         settled_records(url, ids)
         os.kill(proc.pid, signal.SIGKILL)
@@ -173,13 +175,6 @@ def test_a_gateway_killed_keeps_the_records_it_committed(db_url, upstream, tmp_p
         stop_server(proc)
     rows = _rows(db_url)
     assert sorted(r[0] for r in rows) == sorted(ids) and {r[2] for r in rows} == {f"{os.uname().nodename}:{port}"}
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz").status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_gateways_starting_together_make_the_schema_once(db_url):
