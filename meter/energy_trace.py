@@ -13,7 +13,11 @@ anywhere:
   steps (*anchored* mode): the counter fixes how much, power fixes when (spread
   evenly over a step, the energy drawn after a request's end would blend into
   its last moments). Power read since the counter's last step waits in
-  ``pending`` until the next step rescales it.
+  ``pending`` until the next step rescales it. A step is stored once power
+  read after it covers it (``held`` until then): a sensor that reports late
+  has not yet seen the step's last moments when the counter is read, and
+  holding the latest power on over them put a burst's first energy in the idle
+  before it (``bench/RESULTS.md``, "A counter step waits for the power that covers it").
 - A GPU without a counter gets its power integrated (trapezoids).
 - Where the GPU turned busy or idle between two readings (``mark``), power is
   taken to step there rather than change evenly.
@@ -54,6 +58,9 @@ class EnergyTrace:
         # Times the GPU went from idle to busy or back, as its user saw it (see ``mark``).
         self.marks: deque[float] = deque(maxlen=MAX_MARKS)
         self.steps = CounterSteps()  # when the counter steps, once learnt
+        # Anchored mode: the counter's latest step, until power read since covers it (see the module's docstring):
+        # (stamp, cumulative J, the powers read beside it, whether it joins the sensors' agreement).
+        self.held: tuple[float, float, tuple[float | None, float | None], bool] | None = None
         # Held while ``samples`` grows (the sampler's thread) and while it is walked (a request's thread):
         # a deque walked in Python while another thread appends raises RuntimeError.
         self._lock = threading.Lock()
@@ -68,6 +75,9 @@ class EnergyTrace:
         if at > t0:
             avg = (power_w + (prev_power if prev_power is not None else power_w)) / 2
             self.pending.extend(_placed(t0, c0, at, c0 + avg * (at - t0), prev_power, power_w, self._mark_in(t0, at)))
+        if self.held is not None and at >= self.held[0]:
+            with self._lock:
+                self._release()
         if len(self.pending) > (self.samples.maxlen or 0):  # a counter that stopped stepping
             del self.pending[1 : len(self.pending) // 2]  # keep the anchor and the newer half
 
@@ -119,8 +129,19 @@ class EnergyTrace:
             self.offset += self.last_raw - raw + gap
             self.steps.forget()
         self.last_raw = raw
+        self._release()  # a step still held: power has not reached it in a whole counter interval
         stamp = self._stamp(now, prev_read, every_poll)
+        if anchored and power_w is not None and self.pending and self.pending[-1][0] < stamp:
+            self.held = (stamp, raw + self.offset, powers, not reset)
+            return
         self._store(stamp, raw + self.offset, powers, anchored=anchored, agrees=not reset)
+
+    def _release(self) -> None:
+        """Store the step ``held``, if any, with the power read so far."""
+        if self.held is not None:
+            stamp, energy, powers, agrees = self.held
+            self.held = None
+            self._store(stamp, energy, powers, anchored=True, agrees=agrees)
 
     def _stamp(self, now: float, prev_read: float | None, every_poll: bool) -> float:
         """Where the counter stepped to the value read at ``now``."""

@@ -7,8 +7,8 @@ over the time to its first token (see :mod:`meter.attribution`).
 A request whose tokens the gateway does not see (a plain response, whose tokens
 come only at its end; a stream before its first token) is modelled the same way
 by the live split behind provisional figures and by the settled one: its
-prompt's work up to ``prefill_until`` (its start plus the GPU's recent time to
-first token when it began), then an average head's share (rate unknown) up to its
+prompt's and first token's work up to ``prefill_until`` (its start plus the GPU's
+recent time to first token when it began), then an average head's share (rate unknown) up to its
 end. Each of its decode steps costs the GPU about what anyone else's does, and
 how its tokens fell in time is not known, so the same guess serves both passes
 and they agree (before, the settled pass placed its tokens evenly after a first
@@ -26,6 +26,12 @@ from typing import Protocol
 import numpy as np
 
 from wattgate.meter.attribution import activity_spans
+
+#: The work of a request's first token, made at the end of its prefill. A stream's first span holds its
+#: prompt and its first token; a request seen without tokens holds the same up to ``prefill_until``. With
+#: the prompt alone there, plain calls came out 1-3 % under streams of the same work against a truth
+#: the gateway cannot see (``bench/RESULTS.md``, "Streams and plain calls: the first token").
+FIRST_TOKEN = 1.0
 
 Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -84,8 +90,9 @@ def _prefill_then_heads(spans: Spans, reqs: Sequence[Work], unseen: list[int], p
     for k in unseen:
         tail, req = first_tail + k, reqs[k]
         until = req.prefill_until
-        if until is not None and until > req.start and prefill[k] > 0:
-            extra.append((k, req.start, min(until, end[tail]), prefill[k] / (until - req.start)))
+        if until is not None and until > req.start:
+            work = prefill[k] + FIRST_TOKEN  # the first token ends the prefill, as a stream's first span does
+            extra.append((k, req.start, min(until, end[tail]), work / (until - req.start)))
             start[tail] = min(max(start[tail], until), end[tail])
         rate[tail] = math.nan
     if not extra:

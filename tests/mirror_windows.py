@@ -2,7 +2,7 @@
 
 Windows a from 0 to 3 s, b from 1 to 4 s, c from 2 to 5 s, one token each per 50 ms; the GPU
 draws 690 W while any of them runs and 90 W otherwise. a and c are mirror images, so c/a should
-be 1 (and b/a 8/11). Used by tests/test_meter.py and ``python -m bench.placement`` (bench may
+be 1 (and b/a 8/11). Also one lone window on the same GPU (``lone_window``). Used by tests/test_meter.py and ``python -m bench.placement`` (bench may
 import it; tests never import bench).
 """
 
@@ -66,3 +66,33 @@ def mirror_windows(counter_every_s: float | None, phase: float, offset: float, p
         sampler.poll()
         meter.advance()
     return settled
+
+
+def lone_window(duration: float, offset: float, power_late: float, phase: float = 0.047,
+                t0: float = 10.0) -> Measurement:
+    """The settled measurement of one window of ``duration`` s alone on the scripted GPU, starting ``offset``
+    s after ``t0``; the meter is told the power sensor's delay and polls at its own pace (its polls sweep
+    against the counter's steps to learn their phase, as the sampler's thread does)."""
+    start, end = t0 + offset, t0 + offset + duration
+    trace = scripted_gpu(start, end, phase, power_late, 0.0, until=t0 + 4)
+    clock = [0.0]
+    settled: dict[str, Measurement] = {}
+    meter = Meter(TraceSource({0: trace}, lambda: clock[0]), [0], interval_s=TICK_S, clock=lambda: clock[0],
+                  settle_lag_s=0.5, power_lag_s=power_late, on_settled=lambda m: settled.__setitem__(m.request_id, m))
+    sampler = meter.sampler
+    assert sampler is not None  # a trace source always has one
+    window: RequestWindow | None = None
+    ended = False
+    next_poll = TICK_S
+    while "r" not in settled and clock[0] < t0 + 3:
+        clock[0] = round(clock[0] + 0.001, 6)
+        if window is None and clock[0] >= start:
+            window = meter.begin("r", [0], t=start)
+        if window is not None and clock[0] >= end and not ended:
+            window.end(t=end)
+            ended = True
+        if clock[0] >= next_poll:
+            sampler.poll()
+            meter.advance()
+            next_poll += sampler.next_delay()
+    return settled["r"]

@@ -198,8 +198,8 @@ def test_vectorised_spans_match_spans(trace, acts, open_flags):
 
 
 def test_a_request_seen_without_tokens_prefills_then_takes_an_average_head():
-    """meter.work: a plain response, or a stream before its first token, is its prompt's work up to
-    ``prefill_until``, then rate unknown (an average head); one with no tokens at all (embeddings)
+    """meter.work: a plain response, or a stream before its first token, is its prompt's and first
+    token's work up to ``prefill_until`` (as a stream's first span is), then rate unknown (an average head); one with no tokens at all (embeddings)
     keeps its prompt's work over its whole window."""
     from wattgate.meter.window import Request
     from wattgate.meter.work import spans_since
@@ -212,9 +212,9 @@ def test_a_request_seen_without_tokens_prefills_then_takes_an_average_head():
     got = sorted((int(k), float(s), float(e), None if math.isnan(r) else round(float(r), 6))
                  for k, s, e, r in zip(key_idx, start, end, rate) if e > s)
     assert got == [
-        (0, 1.0, 1.1, 200.0),  # 100 prompt tokens x 0.2 over 0.1 s
+        (0, 1.0, 1.1, 210.0),  # 100 prompt tokens x 0.2 and the first token over 0.1 s
         (0, 1.1, 3.0, None),
-        (1, 1.5, 1.6, 200.0),
+        (1, 1.5, 1.6, 210.0),
         (1, 1.6, math.inf, None),
         (2, 1.5, math.inf, None),
         (3, 1.0, 2.0, 20.0),
