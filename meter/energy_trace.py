@@ -19,8 +19,9 @@ anywhere:
   holding the latest power on over them put a burst's first energy in the idle
   before it (``bench/RESULTS.md``, "A counter step waits for the power that covers it").
 - A GPU without a counter gets its power integrated (trapezoids).
-- Where the GPU turned busy or idle between two readings (``mark``), power is
-  taken to step there rather than change evenly.
+- Where the number of requests running changed between two readings (``load``),
+  power is taken to hold at each load's level rather than change evenly
+  (:mod:`meter.power_by_load`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from collections.abc import Callable
 from operator import itemgetter
 
 from wattgate.meter.counter_steps import CounterSteps
+from wattgate.meter.power_by_load import PowerByLoad, placed
 
 AGREEMENT_INTERVALS = 20  # counter intervals over which power is compared with the counter
 TRUSTED_INTERVALS = 5  # of those, how many before the agreement scales provisional figures
-MAX_MARKS = 64  # activity changes kept per GPU, waiting for the poll that covers them
+MAX_LOAD_CHANGES = 4096  # per GPU, waiting for the poll that covers them
 
 
 class EnergyTrace:
@@ -55,8 +57,11 @@ class EnergyTrace:
         self.pending: list[tuple[float, float]] = []
         # Anchored mode: (counter joules, integrated-power joules) of recent counter intervals.
         self.agreement: deque[tuple[float, float]] = deque(maxlen=AGREEMENT_INTERVALS)
-        # Times the GPU went from idle to busy or back, as its user saw it (see ``mark``).
-        self.marks: deque[float] = deque(maxlen=MAX_MARKS)
+        # Changes of the number of requests running, as the GPU's user saw them (see ``load``): (time,
+        # running from then on), and how many ran before the first of them.
+        self.loads: deque[tuple[float, int]] = deque(maxlen=MAX_LOAD_CHANGES)
+        self.load_before = 0
+        self.levels = PowerByLoad()
         self.steps = CounterSteps()  # when the counter steps, once learnt
         # Anchored mode: the counter's latest step, until power read since covers it (see the module's docstring):
         # (stamp, cumulative J, the powers read beside it, whether it joins the sensors' agreement).
@@ -73,8 +78,7 @@ class EnergyTrace:
             return
         t0, c0 = self.pending[-1]
         if at > t0:
-            avg = (power_w + (prev_power if prev_power is not None else power_w)) / 2
-            self.pending.extend(_placed(t0, c0, at, c0 + avg * (at - t0), prev_power, power_w, self._mark_in(t0, at)))
+            self.pending.extend(self._placed(t0, c0, at, prev_power, power_w))
         if self.held is not None and at >= self.held[0]:
             with self._lock:
                 self._release()
@@ -91,8 +95,7 @@ class EnergyTrace:
             self.samples.append((now, 0.0))
             return
         t0, e0 = self.samples[-1]
-        avg = (power_w + (prev_power if prev_power is not None else power_w)) / 2
-        self.samples.extend(_placed(t0, e0, now, e0 + avg * (now - t0), prev_power, power_w, self._mark_in(t0, now)))
+        self.samples.extend(self._placed(t0, e0, now, prev_power, power_w))
 
     def reanchor(self, at: float | None) -> None:
         """From ``at`` on, power places the energy of the next counter step (the counter is read sparsely now)."""
@@ -180,22 +183,34 @@ class EnergyTrace:
             self.pending = [(stamp, 0.0)]
         else:
             self.pending = []
-            if self.continuous and power_w is not None:  # exact totals: power places a marked step
-                self.samples.extend(_placed(t_a, e_a, stamp, e_new, prev_power, power_w, self._mark_in(t_a, stamp)))
+            if self.continuous and power_w is not None and prev_power is not None:  # exact totals: power places them
+                load0, changes = self._loads_in(t_a, stamp)
+                self.samples.extend(placed(t_a, e_a, stamp, prev_power, power_w, load0, changes, self.levels, e1=e_new))
                 return
         self.samples.append((stamp, e_new))
 
-    def mark(self, t: float) -> None:
-        """The GPU went from idle to busy, or back, at ``t`` (see :meth:`Sampler.mark`)."""
-        self.marks.append(t)
+    def load(self, t: float, running: int) -> None:
+        """From ``t`` on, ``running`` requests run on the GPU (see :meth:`Sampler.load`)."""
+        self.loads.append((t, running))
 
-    def _mark_in(self, t0: float, t1: float) -> float | None:
-        """The one mark inside ``(t0, t1)``, if exactly one."""
-        marks = list(self.marks)  # a copy: the caller's thread appends
-        while self.marks and self.marks[0] <= t0:
-            self.marks.popleft()
-        inside = [m for m in marks if t0 < m < t1]
-        return inside[0] if len(inside) == 1 else None
+    def _loads_in(self, t0: float, t1: float) -> tuple[int, list[tuple[float, int]]]:
+        """The load at ``t0`` and its changes inside ``(t0, t1)``, in time order; those up to ``t0`` are let go."""
+        changes = sorted(self.loads)  # a copy: the caller's thread appends
+        while self.loads and self.loads[0][0] <= t0:
+            self.load_before = self.loads.popleft()[1]
+        load0 = self.load_before
+        for t, n in changes:
+            if t <= t0:
+                load0 = n
+        return load0, [(t, n) for t, n in changes if t0 < t < t1]
+
+    def _placed(self, t0: float, e0: float, t1: float, p0: float | None, p1: float) -> list[tuple[float, float]]:
+        """Points of cumulative energy from ``(t0, e0)`` to ``t1``, where power ``p1`` is read (``p0`` at ``t0``):
+        placed by the load between them, which also teaches the GPU's levels (see :mod:`meter.power_by_load`)."""
+        load0, changes = self._loads_in(t0, t1)
+        if not changes:
+            self.levels.observe(load0, p1)  # the same load since the reading before
+        return placed(t0, e0, t1, p1 if p0 is None else p0, p1, load0, changes, self.levels)
 
     # -- the curve out -----------------------------------------------------------
 
@@ -241,19 +256,6 @@ class EnergyTrace:
         pairs = list(self.agreement)  # a copy: the sampler thread appends
         power_j = sum(p for _, p in pairs)
         return sum(c for c, _ in pairs) / power_j if power_j > 0 else None
-
-
-def _placed(
-    t0: float, e0: float, t1: float, e1: float, p0: float | None, p1: float | None, step: float | None
-) -> list[tuple[float, float]]:
-    """Points of cumulative energy from ``(t0, e0)`` to ``(t1, e1)``: with a ``step`` between them,
-    power ``p0`` holds up to it and ``p1`` from it on, their energies scaled to ``e1 - e0``."""
-    if step is None or p0 is None or p1 is None:
-        return [(t1, e1)]
-    before, after = p0 * (step - t0), p1 * (t1 - step)
-    if before + after <= 0:
-        return [(t1, e1)]
-    return [(step, e0 + (e1 - e0) * before / (before + after)), (t1, e1)]
 
 
 _time = itemgetter(0)  # a point's time

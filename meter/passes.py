@@ -75,10 +75,9 @@ class MeteredGpus:
                 st.live.forget(req.request_id)
 
     def _busy(self, g: int, st: GpuAccount, change: int, t: float) -> None:
-        """Count a request in or out; tell the sampler when the GPU turns busy or idle."""
+        """Count a request in or out, and tell the sampler."""
         st.running += change
-        if st.running == (1 if change > 0 else 0):
-            self.sampler.mark(g, t)
+        self.sampler.load(g, t, st.running)
 
     def first_token(self, req: Request, t: float) -> None:
         """Keep each GPU's recent time to first token (TTFT): how long a request seen without tokens prefills."""

@@ -140,17 +140,16 @@ class Sampler:
         """Time between two counter reads of one GPU."""
         return self.counters.period_s
 
-    def mark(self, gpu: int, t: float) -> None:
-        """Note that GPU ``gpu`` went from idle to busy, or back, at ``t`` (its user knows: a first
-        request began, or the last one ended).
+    def load(self, gpu: int, t: float, running: int) -> None:
+        """Note that from ``t`` on ``running`` requests run on GPU ``gpu`` (its user knows: one began or ended).
 
         Between two readings power is otherwise taken to change evenly, which moves energy from a
-        busy stretch into the idle one beside it (with 50 ms polls, 3-5 % of short requests'
-        energy). Where one mark falls between two readings, the power before it is taken to hold
-        up to it and the power after it from it on; with several, evenly as before.
+        busy stretch into the idle one beside it (with 50 ms polls, 3-5 % of short requests' energy),
+        and from a burst onto a request that began alone just before it. Where the load changed
+        between two readings, power holds at each load's level (:mod:`meter.power_by_load`).
         """
         if gpu in self._gpu:
-            self._gpu[gpu].trace.mark(t)
+            self._gpu[gpu].trace.load(t, running)
 
     def samples_since(self, gpu: int, t: float | None) -> list[tuple[float, float]]:
         """Buffered samples from the last one at or before ``t`` on (all when ``t`` is None)."""
