@@ -36,7 +36,7 @@ class GatewayState:
         self.books = books  # None in a worker: the hub keeps them
         self.keys = GatewayKeys.from_settings(settings.gateway.auth) if keys is None else keys
         t = settings.gateway.timeouts
-        self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections)
+        self.client = UpstreamClient(t.connect_s, t.read_s, settings.gateway.max_connections, t.keepalive_s)
 
     @classmethod
     def local(cls, settings: Settings, meter: Meter, drive: dict[int, SimulatedGpu]) -> GatewayState:

@@ -162,6 +162,10 @@ class Timeouts(_Strict):
     connect_s: float = Field(default=5.0, gt=0)
     # Longest wait for the upstream's next byte (first token included) before 504.
     read_s: float = Field(default=300.0, gt=0)
+    # Longest a pooled upstream connection waits idle for its next request. Below vLLM's (and uvicorn's)
+    # 5 s keep-alive, so the gateway lets a connection go before the server closes it: a request sent on
+    # one the server is closing fails with no answer, and aiohttp's 15 s default left that race open.
+    keepalive_s: float = Field(default=4.0, gt=0)
 
 
 class Auth(_Strict):

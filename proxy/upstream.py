@@ -42,18 +42,21 @@ class UpstreamClient:
     """The session; opened inside the event loop (``open``) and closed at shutdown.
 
     Timeouts follow the registry: ``connect_s`` bounds getting a connection,
-    ``read_s`` the wait for each next byte, the first token included.
+    ``read_s`` the wait for each next byte, the first token included; ``keepalive_s`` how long
+    a pooled connection may wait idle for its next request.
     """
 
-    def __init__(self, connect_s: float, read_s: float, max_connections: int) -> None:
+    def __init__(self, connect_s: float, read_s: float, max_connections: int, keepalive_s: float) -> None:
         self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s, sock_read=read_s)
+        self.keepalive_s = keepalive_s
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[URL, dict[str, Any]] = {}
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                           keepalive_timeout=self.keepalive_s),
             timeout=self.timeout,
             # One session serves every caller: a cookie an upstream sets for one must not go to the next.
             cookie_jar=aiohttp.DummyCookieJar(),

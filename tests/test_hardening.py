@@ -52,6 +52,61 @@ class DyingUpstream:
                 conn.recv(65536)
 
 
+class ExpiringUpstream:
+    """Keeps each connection open after answering, but drops a request that comes on one left idle for
+    ``expire_s`` without a word, as a server whose keep-alive ran out closes the socket before reading it
+    (vLLM's uvicorn after 5 s)."""
+
+    ANSWER = orjson.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": SERVED,
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                           "choices": [{"index": 0, "finish_reason": "length",
+                                        "message": {"role": "assistant", "content": "hi"}}]})
+
+    def __init__(self, expire_s: float) -> None:
+        self.expire_s = expire_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        answered_at = None
+        with conn, conn.makefile("rb") as requests:
+            while head := b"".join(iter(requests.readline, b"\r\n")):
+                length = int(next((v for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:] if b":" in h)
+                                   if k.strip().lower() == b"content-length"), b"0"))
+                requests.read(length)
+                if answered_at is not None and time.monotonic() - answered_at >= self.expire_s:
+                    return  # expired: closed unanswered
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER))
+                answered_at = time.monotonic()
+
+
+def test_an_idle_upstream_connection_is_let_go_before_the_upstreams_keep_alive_ends_it():
+    """A pooled connection kept idle longer than the upstream keeps it alive is closed by the upstream as
+    the next request goes out on it: that request fails unanswered (aiohttp's default keeps connections
+    15 s, vLLM 5 s). ``timeouts.keepalive_s`` lets it go first, so the next request gets a new one."""
+    upstream = ExpiringUpstream(expire_s=0.4)
+    settings = Settings(meter=MeterSettings(source="simulated"), ledger=LedgerSettings(enabled=False),
+                        gateway=GatewaySettings(timeouts=Timeouts(keepalive_s=0.2)),
+                        models={"llama": Model(served_name=SERVED, upstream=upstream.url, gpus=[0])})
+    body = {"model": "llama", "messages": MSG, "max_tokens": 1}
+    with ServerThread(create_app(settings)) as gw:
+        for _ in range(2):
+            r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 200, r.text
+            time.sleep(0.6)
+    upstream.sock.close()
+
+
 @dataclass
 class Hardened:
     url: str
