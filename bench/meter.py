@@ -1,7 +1,8 @@
-"""Meter benchmark: sampler CPU share, attribution cost per request, buffer memory.
+"""Meter benchmark: sampler CPU share, attribution cost per request, CPU per poll, buffer memory.
 
     python -m bench.meter            # NVML when a GPU is visible, else a source with NVML-like call cost
     python -m bench.meter --only attribution --repeat 5
+    python -m bench.meter --only poll   # the meter's own CPU per poll, the load changing between polls
 
 Not a test: figures go to bench/RESULTS.md by hand, with the machine they came from.
 """
@@ -135,6 +136,25 @@ def attribution_cost(concurrent: int, seconds: float = 6.0) -> tuple[dict[str, f
     return {k: v / n for k, v in spent.items()}, len(settled)
 
 
+def poll_cost(changes: int, polls: int = 20_000) -> float:
+    """Seconds of the sampler's own work per poll (a scripted source: no driver's cost in it), with the
+    load on its GPU changing ``changes`` times between two polls, as a busy GPU's requests start and end."""
+    clock_t = [0.0]
+    clock = lambda: clock_t[0]
+    trace = [(k * 0.1, 1000.0 + k * 40.0, 300.0 + 100.0 * (k % 4)) for k in range(polls // 2 + 10)]
+    sampler = Sampler(TraceSource({0: trace}, clock), [0], interval_s=0.05)
+    spent = 0.0
+    for k in range(polls):
+        now = k * 0.05
+        for c in range(changes):
+            sampler.load(0, now + 0.05 * c / changes, 1 + (k + c) % 8)
+        clock_t[0] = now + 0.05
+        t = time.perf_counter()
+        sampler.poll()
+        spent += time.perf_counter() - t
+    return spent / polls
+
+
 def buffer_bytes(horizon_s: float = 900.0, interval_s: float = 0.05) -> int:
     tracemalloc.start()
     sampler = Sampler(CostlySource(), [0], interval_s=interval_s, horizon_s=horizon_s)
@@ -152,7 +172,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="per sampler figure (auto mode reads the counter every few seconds: keep it long)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per attribution figure")
-    parser.add_argument("--only", choices=("sampler", "attribution", "buffer"), help="one part of the benchmark")
+    parser.add_argument("--only", choices=("sampler", "attribution", "poll", "buffer"), help="one part of the benchmark")
     args = parser.parse_args()
     if args.only in (None, "sampler"):
         real = visible_gpu_count() > 0
@@ -172,6 +192,11 @@ def main() -> None:
             detail = ", ".join(f"{k} {v * 1e6:.1f}" for k, v in parts.items())
             print(f"meter, {c:>4} concurrent ({n} requests): {totals[len(runs) // 2] * 1e6:.1f} us per request "
                   f"(runs {totals[0] * 1e6:.1f}-{totals[-1] * 1e6:.1f}); median run: {detail}")
+    if args.only in (None, "poll"):
+        for changes in (0, 10):
+            costs = sorted(poll_cost(changes) for _ in range(args.repeat))
+            print(f"meter CPU per poll, {changes} load changes between polls: {costs[len(costs) // 2] * 1e6:.1f} us "
+                  f"(runs {costs[0] * 1e6:.1f}-{costs[-1] * 1e6:.1f})")
     if args.only in (None, "buffer"):
         print(f"sample buffer, one GPU, 900 s at 50 ms: {buffer_bytes() / 1e6:.2f} MB")
 
