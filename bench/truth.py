@@ -6,14 +6,17 @@ Usage::
 
     python -m bench.truth                    # 5, 10 and 20 ms per token, 10 waves each
     python -m bench.truth --step-ms 5 --waves 20 --seed 3
+    python -m bench.truth --prefill-per-step 100   # prompts of 8-1024 words, prefilled by the rig's GPU
 
 Waves of 1, 8, 1, 16, 2, 1, 4, 12, 1, 6 concurrent requests start together, half streamed, half plain,
 each sized for a window class (< 0.1 s, 0.1-0.6 s, 0.6-2 s, > 2 s) at the step time; an idle pause
 separates the waves. Printed per window class and per kind (stream, plain): p50, p95 and worst of
 |figure - truth| / truth, for the settled and the inline figure, and the class's aggregate bias
-(sum of settled / sum of truth - 1). By default the gateway, the upstream and the client share this
-process; with ``--workers N`` the gateway is ``wattgate serve --workers N`` in processes of its own
-(tests/truth_runs.py).
+(sum of settled / sum of truth - 1). Prompts are one word and cost the rig's GPU nothing, unless
+``--prefill-per-step N``: then they are 8-1024 words (log-uniform) and the rig prefills N prompt
+tokens in a decode step's time, at its prefill power. By default the gateway, the upstream and the
+client share this process; with ``--workers N`` the gateway is ``wattgate serve --workers N`` in
+processes of its own (tests/truth_runs.py).
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ CLASSES = ((0.0, 0.1, "< 0.1 s"), (0.1, 0.6, "0.1-0.6 s"), (0.6, 2.0, "0.6-2 s")
 TARGET_S = (0.05, 0.3, 1.2, 3.0)  # one window per class, varied by +-30 %
 
 
-def mixed_plan(step_s: float, waves: int, rng: random.Random) -> Plan:
-    """WAVES' sizes, every window class, streamed and plain in turn."""
+def mixed_plan(step_s: float, waves: int, rng: random.Random, prompts: bool = False) -> Plan:
+    """WAVES' sizes, every window class, streamed and plain in turn; ``prompts``: of 8-1024 words, else one."""
     plan = []
     for w in range(waves):
         wave = []
         for i in range(WAVES[w % len(WAVES)]):
             seconds = TARGET_S[(w + i) % len(TARGET_S)] * rng.uniform(0.7, 1.3)
-            wave.append(((w + i // len(TARGET_S) + i) % 2 == 0, max(int(seconds / step_s), 1)))
+            words = round(8 * 2 ** rng.uniform(0, 7)) if prompts else 1
+            wave.append(((w + i // len(TARGET_S) + i) % 2 == 0, max(int(seconds / step_s), 1), words))
         plan.append(wave)
     return plan
 
@@ -88,17 +92,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="0: the gateway in this process; N: `wattgate serve --workers N` in its own processes")
     parser.add_argument("--prefill-weight", type=float, default=None,
-                        help="the model's prefill_weight (default: the registry's); the rig's prompts cost its GPU nothing")
+                        help="the model's prefill_weight (default: the registry's)")
+    parser.add_argument("--prefill-per-step", type=float, default=0.0, metavar="N",
+                        help="prompts of 8-1024 words, the rig prefilling N prompt tokens per decode step's time")
     parser.add_argument("--symmetry", type=int, default=0, metavar="ROUNDS",
                         help="instead of the mixed waves: ROUNDS of 8 x 40 tokens started together, 4 streamed, 4 plain")
     args = parser.parse_args()
     where = "in this process" if not args.workers else f"serve --workers {args.workers}"
     if args.prefill_weight is not None:
         where += f", prefill_weight {args.prefill_weight:g}"
+    if args.prefill_per_step:
+        where += f", prompts prefilled {args.prefill_per_step:g} tokens per step"
     for step_ms in args.step_ms:
-        plan = symmetry_plan(args.symmetry) if args.symmetry else mixed_plan(step_ms / 1000, args.waves,
-                                                                             random.Random(args.seed))
-        results = run(step_ms, plan, args.interval_ms, args.workers, args.prefill_weight)
+        plan = symmetry_plan(args.symmetry) if args.symmetry else mixed_plan(
+            step_ms / 1000, args.waves, random.Random(args.seed), prompts=args.prefill_per_step > 0)
+        results = run(step_ms, plan, args.interval_ms, args.workers, args.prefill_weight, args.prefill_per_step)
         if args.symmetry:
             print(f"{step_ms:g} ms per token, gateway {where}: streams against plain calls of the same work")
             print("\n".join(symmetry(results)))

@@ -10,7 +10,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.truth_rig import GpuModel, LockstepGpu, LockstepUpstream
+from tests.truth_rig import GpuModel, LockstepGpu, LockstepUpstream, _Sequence
 from tests.truth_runs import against_truth, run, symmetry_plan
 from wattgate.proxy.serving import ServerThread
 
@@ -27,9 +27,10 @@ def test_the_gpu_reads_like_a_driver_its_counter_in_steps_and_its_power_late():
     assert model.watts(2) - model.watts(1) > model.watts(9) - model.watts(8) > 0  # concave
 
 
-def test_truth_shares_out_the_busy_energy_equally_among_those_running():
+@pytest.mark.parametrize("prefill_tokens_per_step", [0.0, 50.0], ids=["prompts free", "prompts prefilled"])
+def test_truth_shares_out_the_busy_energy_equally_among_those_running(prefill_tokens_per_step):
     gpu = LockstepGpu(GpuModel(), 0.0)
-    upstream = LockstepUpstream(gpu, step_s=0.02)
+    upstream = LockstepUpstream(gpu, step_s=0.02, prefill_tokens_per_step=prefill_tokens_per_step)
 
     async def calls(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -39,6 +40,8 @@ def test_truth_shares_out_the_busy_energy_equally_among_those_running():
             longer = client.post("/v1/chat/completions", json={**body, "max_tokens": 40},
                                  headers={"x-request-id": "longer"})
             await asyncio.gather(*same, longer)
+            long_prompt = {"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 5}
+            await client.post("/v1/chat/completions", json=long_prompt, headers={"x-request-id": "long-prompt"})
 
     with ServerThread(upstream.app) as up:
         asyncio.run(calls(up.url))
@@ -50,9 +53,21 @@ def test_truth_shares_out_the_busy_energy_equally_among_those_running():
     for group in by_step.values():
         assert max(group) == pytest.approx(min(group), rel=1e-12)
     assert truth["longer"] > max(truth[f"same-{i}"] for i in range(4))
-    # Every busy segment's energy went to those running in it, nothing more: the sum of the truths is
-    # the GPU's energy less its idle segments.
+    # Every busy segment's energy (the prefills' too) went to those running in it, nothing more: the sum
+    # of the truths is the GPU's energy less its idle segments.
     assert sum(truth.values()) == pytest.approx(gpu.busy_energy_j(), rel=1e-9)
+
+
+def test_a_prefill_is_charged_to_the_sequences_it_prefilled_by_prompt_tokens():
+    model = GpuModel()
+    upstream = LockstepUpstream(LockstepGpu(model, 0.0), step_s=0.02, prefill_tokens_per_step=50.0)
+    old, new, newer = (_Sequence(rid, prompt, 10) for rid, prompt in (("old", 5), ("new", 30), ("newer", 10)))
+    upstream._share([old, new, newer], [new, newer], prefill_s=0.008, step_s=0.028)
+    decode = model.watts(3) * 0.02 / 3
+    assert upstream.truth["old"] == pytest.approx(decode)
+    assert upstream.truth["new"] == pytest.approx(decode + model.prefill_w * 0.008 * 30 / 40)
+    assert upstream.truth["newer"] == pytest.approx(decode + model.prefill_w * 0.008 * 10 / 40)
+    assert old.made == new.made == newer.made == 1
 
 
 @pytest.mark.parametrize("workers", [1, 2])

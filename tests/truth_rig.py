@@ -6,8 +6,11 @@ Nothing of the meter's work model is in it: the GPU draws ``GpuModel.watts(n)``,
 ``n`` of sequences running (no per-token work, no prefill weight), its energy counter steps every
 ``counter_step_s`` at a phase, and its instantaneous power is reported ``power_lag_s`` late. Each step,
 every running sequence makes one token. A request's truth is its equal share of each moment's energy
-among the sequences running then. The upstream tells the gateway nothing a vLLM would not: it streams
-tokens as they are made and answers plain calls at their end, with usage.
+among the sequences running then. With ``prefill_tokens_per_step``, a step that admits new sequences
+first prefills their prompts, for as long as that many prompt tokens per decode step's time, at
+``GpuModel.prefill_w`` (compute-bound); that energy is the new sequences', by prompt tokens, as the
+cost their prompts added. The upstream tells the gateway nothing a vLLM would not: it streams tokens as
+they are made and answers plain calls at their end, with usage.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from starlette.routing import Route
 class GpuModel:
     idle_w: float = 75.0
     peak_w: float = 700.0
+    prefill_w: float = 700.0  # while prompts are prefilled: compute-bound, near the board's limit
     half_at: float = 4.0  # sequences at which the power above idle is half of peak's: concave in n
     counter_step_s: float = 0.1
     counter_phase_s: float = 0.037
@@ -73,12 +77,12 @@ class LockstepGpu:
         seg = self._a[1:1 + 3 * n]
         return seg[0::3], seg[1::3], seg[2::3]
 
-    def segment(self, t: float, running: int) -> None:
-        """From ``t`` on, ``running`` sequences run."""
+    def segment(self, t: float, running: int, prefill: bool = False) -> None:
+        """From ``t`` on, ``running`` sequences run (``prefill``: their new ones' prompts are prefilled)."""
         with self._lock:
             n = int(self._a[0])
             t0, e0, p0 = self._a[1 + 3 * (n - 1):1 + 3 * n]
-            power = self.model.watts(running) if running else self.model.idle_w
+            power = self.model.prefill_w if prefill else self.model.watts(running) if running else self.model.idle_w
             self._a[1 + 3 * n:4 + 3 * n] = (t, e0 + p0 * (t - t0), power)
             self._a[0] = n + 1
 
@@ -121,8 +125,11 @@ class LockstepUpstream:
     ``step_s``; its ASGI app is :attr:`app`. ``truth`` holds each request's joules by the request id the
     gateway sent (``x-request-id``), complete once its response has ended."""
 
-    def __init__(self, gpu: LockstepGpu, step_s: float = 0.005, served_name: str = "truth-model") -> None:
+    def __init__(self, gpu: LockstepGpu, step_s: float = 0.005, served_name: str = "truth-model",
+                 prefill_tokens_per_step: float = 0.0) -> None:
         self.gpu, self.step_s, self.served_name = gpu, step_s, served_name
+        # Prompt tokens prefilled in one decode step's time (0: prompts cost nothing).
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.truth: dict[str, float] = {}
         self.admitted: dict[str, float] = {}  # when each request joined the running batch
         self._running: list[_Sequence] = []
@@ -138,25 +145,37 @@ class LockstepUpstream:
         self._ticker.cancel()
 
     async def _tick(self) -> None:
-        last = time.monotonic()
+        last, prefilled, prefill_s = time.monotonic(), [], 0.0
         while True:
-            await asyncio.sleep(max(last + self.step_s - time.monotonic(), 0.0))
+            await asyncio.sleep(max(last + prefill_s + self.step_s - time.monotonic(), 0.0))
             now = time.monotonic()
-            running = self._running
-            if running:  # the segment that just ended, shared equally among those that ran in it
-                share = self.gpu.model.watts(len(running)) * (now - last) / len(running)
-                for seq in running:
-                    self.truth[seq.rid] = self.truth.get(seq.rid, 0.0) + share
-                    seq.made += 1
-                    seq.tokens.put_nowait(seq.made)
-                    if seq.made >= seq.max_tokens:
-                        seq.tokens.put_nowait(None)
-            self._running = [s for s in running if s.made < s.max_tokens] + self._waiting
-            for seq in self._waiting:
+            self._share(self._running, prefilled, prefill_s, now - last)
+            self._running = [s for s in self._running if s.made < s.max_tokens] + self._waiting
+            prefilled, self._waiting = self._waiting, []
+            prompts = sum(s.prompt_tokens for s in prefilled)
+            prefill_s = prompts / self.prefill_tokens_per_step * self.step_s if self.prefill_tokens_per_step else 0.0
+            for seq in prefilled:
                 self.admitted[seq.rid] = now
-            self._waiting = []
-            self.gpu.segment(now, len(self._running))
+            if prefill_s:
+                self.gpu.segment(now, len(self._running), prefill=True)
+            self.gpu.segment(now + prefill_s, len(self._running))
             last = now
+
+    def _share(self, running: list[_Sequence], prefilled: list[_Sequence], prefill_s: float, step_s: float) -> None:
+        """The step that just ended: its prefill's energy to the sequences it prefilled, by prompt tokens, the
+        rest equally among those that ran in it; each of them makes a token."""
+        if not running:
+            return
+        prompts = sum(s.prompt_tokens for s in prefilled)
+        for seq in prefilled:
+            self.truth[seq.rid] = self.truth.get(seq.rid, 0.0) + self.gpu.model.prefill_w * prefill_s * seq.prompt_tokens / prompts
+        share = self.gpu.model.watts(len(running)) * (step_s - prefill_s) / len(running)
+        for seq in running:
+            self.truth[seq.rid] = self.truth.get(seq.rid, 0.0) + share
+            seq.made += 1
+            seq.tokens.put_nowait(seq.made)
+            if seq.made >= seq.max_tokens:
+                seq.tokens.put_nowait(None)
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.served_name, "object": "model"}]})

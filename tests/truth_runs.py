@@ -32,12 +32,13 @@ from wattgate.proxy.settings import LedgerSettings, MeterSettings, Model, Settin
 
 ROOT = Path(__file__).resolve().parents[1]
 
-Plan = list[list[tuple[bool, int]]]  # waves of (streamed, tokens), each wave's requests started together
+# Waves of (streamed, tokens, prompt words), each wave's requests started together.
+Plan = list[list[tuple[bool, int, int]]]
 
 
 def symmetry_plan(rounds: int) -> Plan:
     """Issue 34's check of streams against plain calls: 8 x 40 tokens started together, 4 of each."""
-    return [[(i % 2 == 0, 40) for i in range(8)] for _ in range(rounds)]
+    return [[(i % 2 == 0, 40, 1) for i in range(8)] for _ in range(rounds)]
 
 
 @dataclass
@@ -50,9 +51,9 @@ class Result:
     truth_j: float = 0.0
 
 
-async def _one(client: httpx.AsyncClient, rid: str, stream: bool, tokens: int) -> Result:
-    body = {"model": "truth", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
-            "stream": stream}
+async def _one(client: httpx.AsyncClient, rid: str, stream: bool, tokens: int, words: int) -> Result:
+    body = {"model": "truth", "messages": [{"role": "user", "content": " ".join(["hi"] * words)}],
+            "max_tokens": tokens, "stream": stream}
     headers = {"x-request-id": rid}
     if not stream:
         r = await client.post("/v1/chat/completions", json=body, headers=headers)
@@ -74,7 +75,7 @@ async def waves(url: str, plan: Plan) -> list[Result]:
     limits = httpx.Limits(keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         for wave in plan:
-            calls = [_one(client, f"truth-{uuid.uuid4().hex[:12]}", stream, tokens) for stream, tokens in wave]
+            calls = [_one(client, f"truth-{uuid.uuid4().hex[:12]}", *request) for request in wave]
             results += await asyncio.gather(*calls)
             await asyncio.sleep(0.5)  # idle between waves
         for r in results:  # the settled figures
@@ -91,13 +92,15 @@ async def waves(url: str, plan: Plan) -> list[Result]:
 
 
 def run(step_ms: float, plan: Plan, interval_ms: int = 50, workers: int = 0,
-        prefill_weight: float | None = None) -> list[Result]:
+        prefill_weight: float | None = None, prefill_tokens_per_step: float = 0.0) -> list[Result]:
     """One run; ``workers``: 0 for the gateway in this process, else ``wattgate serve --workers N`` in
     processes of its own, reading the GPU through a file the upstream writes; ``prefill_weight``: the
-    model's in the registry (None: the registry's default)."""
+    model's in the registry (None: the registry's default); ``prefill_tokens_per_step``: the rig's
+    (tests/truth_rig.py; 0: prompts cost its GPU nothing)."""
     with tempfile.TemporaryDirectory() as tmp:
         gpu = LockstepGpu(GpuModel(), time.monotonic(), Path(tmp) / "gpu.f64" if workers else None)
-        upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model")
+        upstream = LockstepUpstream(gpu, step_ms / 1000, served_name="truth-model",
+                                    prefill_tokens_per_step=prefill_tokens_per_step)
         with ServerThread(upstream.app) as up:
             meter = MeterSettings(source="nvml", foreign_poll_ms=0, interval_ms=interval_ms)
             weight = {} if prefill_weight is None else {"prefill_weight": prefill_weight}
