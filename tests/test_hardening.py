@@ -34,36 +34,11 @@ ROUTES = {
 }
 
 
-class DyingUpstream:
-    """Accepts a connection, reads the request, and closes it without a word."""
+class SocketUpstream:
+    """An upstream on a bare socket, for behaviour no HTTP server library would show: each connection
+    accepted is served by ``_serve`` in a thread of its own."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-
-
-class ExpiringUpstream:
-    """Keeps each connection open after answering, but drops a request that comes on one left idle for
-    ``expire_s`` without a word, as a server whose keep-alive ran out closes the socket before reading it
-    (vLLM's uvicorn after 5 s)."""
-
-    ANSWER = orjson.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": SERVED,
-                           "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-                           "choices": [{"index": 0, "finish_reason": "length",
-                                        "message": {"role": "assistant", "content": "hi"}}]})
-
-    def __init__(self, expire_s: float) -> None:
-        self.expire_s = expire_s
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -75,6 +50,32 @@ class ExpiringUpstream:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class DyingUpstream(SocketUpstream):
+    """Accepts a connection, reads the request, and closes it without a word."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+
+
+class ExpiringUpstream(SocketUpstream):
+    """Keeps each connection open after answering, but drops a request that comes on one left idle for
+    ``expire_s`` without a word, as a server whose keep-alive ran out closes the socket before reading it
+    (vLLM's uvicorn after 5 s)."""
+
+    ANSWER = orjson.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": SERVED,
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                           "choices": [{"index": 0, "finish_reason": "length",
+                                        "message": {"role": "assistant", "content": "hi"}}]})
+
+    def __init__(self, expire_s: float) -> None:
+        self.expire_s = expire_s
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         answered_at = None
