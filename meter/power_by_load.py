@@ -43,7 +43,8 @@ class PowerByLoad:
                 return watts
         if (learnt := self._watts.get(running)) is not None:
             return learnt
-        i = bisect.bisect_left(self._loads, running)  # the nearest levels known below and above, ends first
+        # The nearest levels known below and above: learnt ones, or an end's reading where it is nearer.
+        i = bisect.bisect_left(self._loads, running)
         lo = (self._loads[i - 1], self._watts[self._loads[i - 1]]) if i > 0 else None
         hi = (self._loads[i], self._watts[self._loads[i]]) if i < len(self._loads) else None
         for load, watts in ends:
