@@ -11,8 +11,13 @@ over ``(t_{k-1}, t_k]``; the prompt's prefill work goes to the span before the
 first token. The energy of each slice of time is split among the requests active
 in it in proportion to their work rate. Requests whose next token has not been
 seen yet (rate unknown) and work that did not come through the gateway
-(*foreign* sequences, e.g. seen in vLLM's own metrics) each take one average
-head's share, so they neither steal from nor hand energy to the others.
+(*foreign* sequences, e.g. seen in vLLM's own metrics) are taken to decode as the
+requests decoding beside them do on average (spans after a first token: *decode*
+spans), or where none is, each take one average head's share, so they neither
+steal from nor hand energy to the others. Not a head's share where some decode:
+beside a long prompt's prefill a head's share is a share of that prefill, which
+a sequence decoding then does not cost (``bench/RESULTS.md``, "Requests of
+unknown rate beside a prefill").
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ class Activity:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Constant work rate over ``[start, end)``; ``rate`` None means not yet known."""
+    """Constant work rate over ``[start, end)``; ``rate`` None means not yet known; ``decode``: the work of
+    tokens after a request's first (not its prefill, not the time after its last token)."""
 
     start: float
     end: float
     rate: float | None
+    decode: bool = False
 
 
 @dataclass(slots=True)
@@ -78,7 +85,7 @@ def spans(activity: Activity) -> list[Span]:
         pending += n
         if t - prev < MIN_SPAN_S:  # same instant as the previous event: merge into the next span
             continue
-        out.append(Span(prev, t, pending / (t - prev)))
+        out.append(Span(prev, t, pending / (t - prev), decode=bool(out)))
         pending = 0.0
         prev = t
     if activity.end is None:
@@ -89,7 +96,7 @@ def spans(activity: Activity) -> list[Span]:
     else:  # the end is within MIN_SPAN_S of the last token: stretch the last span to it
         last = out.pop()
         work = (last.rate or 0.0) * (last.end - last.start) + pending
-        out.append(Span(last.start, activity.end, work / (activity.end - last.start)))
+        out.append(Span(last.start, activity.end, work / (activity.end - last.start), last.decode))
     return out
 
 
@@ -123,14 +130,14 @@ def split_energy(
     """
     keys = list(participants)
     flat = [
-        (k, sp.start, sp.end, math.nan if sp.rate is None else sp.rate)
+        (k, sp.start, sp.end, math.nan if sp.rate is None else sp.rate, sp.decode)
         for k, key in enumerate(keys)
         for sp in participants[key]
     ]
-    arr = np.array(flat, dtype=float).reshape(-1, 4)
+    arr = np.array(flat, dtype=float).reshape(-1, 5)
     split = split_arrays(
         samples, arr[:, 0].astype(np.intp), arr[:, 1], arr[:, 2], arr[:, 3], len(keys), a, b,
-        foreign=foreign, carry=carry, amortize=amortize,
+        decode=arr[:, 4] > 0.5, foreign=foreign, carry=carry, amortize=amortize,
     )
     return Split(
         dict(zip(keys, split.shares.values())), split.idle, split.unattributed, split.carry, split.measured,
@@ -148,13 +155,17 @@ def split_arrays(
     a: float,
     b: float,
     *,
+    decode: np.ndarray | None = None,
+    decode_rate: float | None = None,
     foreign: Sequence[tuple[float, float, int]] = (),
     carry: float = 0.0,
     amortize: bool = False,
     time_shares: bool = True,
 ) -> Split:
-    """:func:`split_energy` on flat span arrays (``rate`` NaN: unknown); shares keyed 0..n_keys-1
-    (``time_shares`` False: no ``seconds``, for splits that need only the energy).
+    """:func:`split_energy` on flat span arrays (``rate`` NaN: unknown; ``decode``: which spans are
+    :attr:`Span.decode`, None: none); shares keyed 0..n_keys-1 (``time_shares`` False: no ``seconds``,
+    for splits that need only the energy). ``decode_rate``: the work rate of a sequence of unknown rate
+    where some work is known but none decodes (a GPU's learnt decode rate; None: a head's share there).
 
     One vectorised sweep: O((spans + samples) log(spans + samples)).
     """
@@ -165,6 +176,7 @@ def split_arrays(
     key_idx, s, e, rate = key_idx[keep], s[keep], e[keep], rate[keep]
     known = ~np.isnan(rate)
     rate_k = np.where(known, rate, 0.0)
+    decoding = known & (np.zeros(len(rate), bool) if decode is None else decode[keep])
 
     far = np.array([(max(fs, a), min(fe, b), n) for fs, fe, n in foreign if n > 0], dtype=float).reshape(-1, 3)
     far = far[far[:, 1] > far[:, 0]]
@@ -184,6 +196,8 @@ def split_arrays(
     n_known = level(i0, i1, known.astype(float))
     n_unknown = level(i0, i1, (~known).astype(float))
     n_foreign = level(f0, f1, far[:, 2])
+    n_decoding = level(i0, i1, decoding.astype(float))
+    decode_sum = level(i0, i1, np.where(decoding, rate_k, 0.0))
     rate_sum[n_pos < 0.5] = 0.0  # drop float residue so "nobody has work" is exact
 
     energy = np.interp(points, st[:, 0], st[:, 1])
@@ -207,11 +221,18 @@ def split_arrays(
 
     heads = np.where(active, n_known + n_unknown + n_foreign, 1.0)
     by_work = active & (rate_sum > 0)
-    work_weight = n_known / (heads * np.where(by_work, rate_sum, 1.0))
+    # Where some decode, each request of unknown rate and each foreign sequence works at their mean rate.
+    beside_decoding = (n_decoding > 0.5) & (decode_sum > 0)
+    guessed = active & (n_unknown + n_foreign > 0.5) & (beside_decoding | (by_work & (decode_rate is not None)))
+    mean_decode = np.where(beside_decoding, decode_sum / np.where(beside_decoding, n_decoding, 1.0), decode_rate or 0.0)
+    mean_decode = np.where(guessed, mean_decode, 0.0)
+    work_sum = np.where(by_work, rate_sum, 1.0) + (n_unknown + n_foreign) * mean_decode
+    work_weight = np.where(guessed, 1.0 / work_sum, n_known / (heads * work_sum))
+    unknown_part = np.where(guessed, mean_decode / work_sum, 1.0 / heads)  # of the segment's amount, each
 
     def per_key(amount: np.ndarray) -> np.ndarray:
-        """Each key's share of ``amount`` (per segment): by work where known, else by heads."""
-        head_share = np.where(active, amount / heads, 0.0)
+        """Each key's share of ``amount`` (per segment): by work where known, else as the module says."""
+        head_share = np.where(active, amount * unknown_part, 0.0)
         per_work = np.where(by_work, amount * work_weight, 0.0)
         known_heads = np.where(active & ~by_work, head_share, 0.0)
         cum_f, cum_hk, cum_hu = (np.concatenate(([0.0], np.cumsum(x))) for x in (per_work, known_heads, head_share))
@@ -222,7 +243,7 @@ def split_arrays(
         )
         return np.bincount(key_idx, share, minlength=n_keys)
 
-    unattributed += float((n_foreign * np.where(active, de / heads, 0.0)).sum())
+    unattributed += float((n_foreign * np.where(active, de * unknown_part, 0.0)).sum())
     joules = per_key(de)
     seconds: dict[Hashable, float] = dict(enumerate(per_key(np.diff(points)).tolist())) if time_shares else {}
     measured = float(energy[-1] - energy[0])
@@ -236,8 +257,8 @@ def activity_spans(
     counts_per: np.ndarray,
     times: np.ndarray,
     counts: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`spans` of many requests at once, as flat ``(key_idx, start, end, rate)`` arrays.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`spans` of many requests at once, as flat ``(key_idx, start, end, rate, decode)`` arrays.
 
     Request ``k`` starts at ``starts[k]`` with ``prefill[k]`` work, has
     ``counts_per[k]`` arrivals (consecutive in ``times``/``counts``) and ends at
@@ -273,6 +294,7 @@ def activity_spans(
     base_idx = np.where(before[k] >= 0, before[k] + 1, group_first[k])
     span_start = np.where(before[k] >= 0, times[np.maximum(before[k], 0)], starts[owner[k]])
     rate = (cum[k + 1] - cum[base_idx]) / (times[k] - span_start)
+    decode = before[k] >= 0  # a span after the request's first
     # The tail after each request's last kept arrival: the work left over, then nothing (ended) or unknown (open).
     last_idx = first + counts_per - 1
     tail_kept = np.where(has, last_kept[np.maximum(last_idx, 0)] if n else -1, -1)
@@ -296,4 +318,5 @@ def activity_spans(
         np.concatenate((span_start, tail_start)),
         np.concatenate((times[k], tail_end)),
         np.concatenate((rate, tail_rate)),
+        np.concatenate((decode, np.zeros(n_keys, bool))),
     )

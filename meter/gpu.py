@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wattgate.meter.attribution import split_arrays
+from wattgate.meter.first_token import TimeToFirstToken
 from wattgate.meter.host import HostPower
 from wattgate.meter.kinds import Fault
 from wattgate.meter.live import EnergyBetween, LiveSplit
@@ -23,7 +24,7 @@ from wattgate.meter.window import Request
 from wattgate.meter.work import spans_since
 
 COMPACT_AFTER = 256  # a request holds up to twice this many attributed arrivals (see compact)
-TTFT_WEIGHT = 0.2  # weight of the newest stream in a GPU's moving-average time to first token
+DECODE_RATE_WEIGHT = 0.2  # weight of the newest settled pass in a GPU's moving-average decode rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,10 @@ class GpuAccount:
     requests: set[str] = field(default_factory=set)
     foreign: list[tuple[float, float, int]] = field(default_factory=list)
     live: LiveSplit = field(default_factory=LiveSplit)  # the split behind provisional figures
-    ttft_s: float | None = None  # recent time to first token of streamed requests (moving average)
+    ttft: TimeToFirstToken = field(default_factory=TimeToFirstToken)  # learnt from the streams' first tokens
+    # Recent work rate of a sequence decoding here (tokens/s, from the settled passes' decode spans): the rate
+    # of one of unknown rate where nothing decodes (meter.attribution.split_arrays's decode_rate).
+    decode_rate: float | None = None
     running: int = 0  # requests begun and not ended: 0 means the GPU is idle as far as the meter knows
 
     def fault_requests(self, requests: Mapping[str, Request], kind: Fault) -> None:
@@ -77,10 +81,6 @@ class GpuAccount:
 
     def totals(self, power_w: float | None) -> GpuTotals:
         return GpuTotals(self.measured, self.attributed, self.idle, self.unattributed, self.carry, power_w)
-
-    def first_token(self, ttft_s: float) -> None:
-        """A stream on this GPU got its first token ``ttft_s`` after it began."""
-        self.ttft_s = ttft_s if self.ttft_s is None else self.ttft_s + TTFT_WEIGHT * (ttft_s - self.ttft_s)
 
     def settle_pass(
         self,
@@ -104,8 +104,10 @@ class GpuAccount:
         if target <= self.frontier:
             return []
         active = [r for r in reqs if r.start < target and (r.end is None or r.end > self.frontier)]
-        split = split_arrays(samples, *spans_since(active, self.frontier), len(active), self.frontier, target,
-                             foreign=self.foreign, carry=self.carry, amortize=amortize)
+        key_idx, start, end, rate, decode = spans_since(active, self.frontier)
+        split = split_arrays(samples, key_idx, start, end, rate, len(active), self.frontier, target, decode=decode,
+                             decode_rate=self.decode_rate, foreign=self.foreign, carry=self.carry, amortize=amortize)
+        self.learn_decode_rate(start[decode], end[decode], rate[decode], self.frontier, target)
         self.measured += split.measured
         self.idle += split.idle
         self.unattributed += split.unattributed
@@ -123,6 +125,16 @@ class GpuAccount:
         self.foreign = [f for f in self.foreign if f[1] > target]
         return active
 
+    def learn_decode_rate(self, start: np.ndarray, end: np.ndarray, rate: np.ndarray, a: float, b: float) -> None:
+        """Fold the decode spans ``start``-``end`` at ``rate`` over ``[a, b)`` into :attr:`decode_rate`."""
+        seconds = np.clip(end, a, b) - np.clip(start, a, b)
+        total = float(seconds.sum())
+        if total <= 0:
+            return
+        mean = float((rate * seconds).sum()) / total
+        old = self.decode_rate
+        self.decode_rate = mean if old is None else old + DECODE_RATE_WEIGHT * (mean - old)
+
     def live_pass(self, curve: Sequence[tuple[float, float]], requests: Mapping[str, Request], final_until: float | None,
                   energy: EnergyBetween) -> None:
         """Split the energy since the last live slice among the requests active in it, after revaluing
@@ -138,14 +150,17 @@ class GpuAccount:
             if r.start < b and (r.end is None or r.end > a):
                 active.append(r)
             after += r.end is None or r.end > b
-        key_idx, start, end, rate = spans_since(active, a)
+        key_idx, start, end, rate, decode = spans_since(active, a)
         # A request that ended since the last slice took its inline share of the time since then by
         # heads, when it ended: it takes the same here (rate unknown), so that no moment is given
         # out twice.
         closed = [k for k, r in enumerate(active) if r.end is not None]
         rate[np.isin(key_idx, closed)] = math.nan
+        # Its head's share, not a decoding request's: while one is closed, the slice is split by heads
+        # for every request of unknown rate (meter.attribution without decode spans).
+        guess = {} if closed else {"decode": decode, "decode_rate": self.decode_rate}
         split = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign,
-                             time_shares=False)
+                             time_shares=False, **guess)
         # Who shares the time after the slice: requests open at its end (or closed since, their
         # tails taken by heads) and foreign sequences.
         after += sum(n for _, e, n in self.foreign if e > b)

@@ -7,8 +7,8 @@ request that ends cannot wait for it; it comes from the *live* split instead:
 
 - after every poll, the energy measured since the previous poll is split among
   the requests active in it by the work known at that moment (a request whose
-  rate is not known yet, a plain one or a stream between two tokens, takes an
-  average head's share), and each request keeps its shares;
+  rate is not known yet, a plain one or a stream between two tokens, works at
+  the rate of those decoding beside it), and each request keeps its shares;
 - a slice's energy is revalued until the counter has stepped past it: when it
   was split, the newest part of it was instantaneous power (the counter steps
   every ~100 ms, or is read once a second), which misses the steps in load

@@ -80,14 +80,17 @@ class MeteredGpus:
         self.sampler.load(g, t, st.running)
 
     def first_token(self, req: Request, t: float) -> None:
-        """Keep each GPU's recent time to first token (TTFT): how long a request seen without tokens prefills."""
+        """Learn each GPU's time to first token (TTFT) by prompt length: how long a request seen without
+        tokens prefills (see :mod:`meter.first_token`)."""
         if t >= req.start:
             for g in req.gpus:
                 if (st := self.gpu.get(g)) is not None:
-                    st.first_token(t - req.start)
+                    st.ttft.observe(req.prompt_tokens, t - req.start)
 
     def ttfts(self, req: Request) -> list[float]:
-        return [st.ttft_s for g in req.gpus if (st := self.gpu.get(g)) is not None and st.ttft_s is not None]
+        """Each of ``req``'s GPUs' predicted time to first token for its prompt, where one has seen a stream."""
+        predicted = (st.ttft.predict(req.prompt_tokens) for g in req.gpus if (st := self.gpu.get(g)) is not None)
+        return [t for t in predicted if t is not None]
 
     def report_foreign(self, gpus: Sequence[int], sequences: int, t0: float, t1: float) -> None:
         for g in gpus:

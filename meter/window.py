@@ -148,8 +148,8 @@ class RequestWindow:
     def completed(self, n: int) -> None:
         """A plain (non-streamed) response with ``n`` tokens, whose arrival times the gateway cannot see.
 
-        Its window is its prompt's prefill over the GPU's recent time to first token, then an
-        average head's share of the GPU up to its end (see :mod:`meter.work`), for the provisional
+        Its window is its prompt's prefill over the GPU's time to first token for its prompt, then a
+        decoding request's share of the GPU up to its end (see :mod:`meter.work`), for the provisional
         and the settled figure alike. Pass a count from an upstream through :func:`token_count` first.
         """
         self._req.unseen_tokens += n

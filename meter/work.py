@@ -8,8 +8,8 @@ A request whose tokens the gateway does not see (a plain response, whose tokens
 come only at its end; a stream before its first token) is modelled the same way
 by the live split behind provisional figures and by the settled one: its
 prompt's and first token's work up to ``prefill_until`` (its start plus the GPU's
-recent time to first token when it began), then an average head's share (rate unknown) up to its
-end. Each of its decode steps costs the GPU about what anyone else's does, and
+time to first token for its prompt when it began, :mod:`meter.first_token`), then rate unknown (it
+works at the rate of the requests decoding beside it, :mod:`meter.attribution`) up to its end. Each of its decode steps costs the GPU about what anyone else's does, and
 how its tokens fell in time is not known, so the same guess serves both passes
 and they agree (before, the settled pass placed its tokens evenly after a first
 one and the live one gave it heads, and the first plain request of a burst came
@@ -33,7 +33,7 @@ from wattgate.meter.attribution import activity_spans
 #: the gateway cannot see (``bench/RESULTS.md``, "Streams and plain calls: the first token").
 FIRST_TOKEN = 1.0
 
-Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Spans = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # key_idx, start, end, rate, decode
 
 
 class Work(Protocol):
@@ -83,8 +83,8 @@ def spans_since(reqs: Sequence[Work], t: float) -> Spans:
 def _prefill_then_heads(spans: Spans, reqs: Sequence[Work], unseen: list[int], prefill: list[float]) -> Spans:
     """``spans`` with each request in ``unseen`` (indices into ``reqs``, which have no token records, so
     one span each: the last of each request's) made its prompt's work up to its ``prefill_until``, then
-    an average head's share (rate unknown) up to its end."""
-    key_idx, start, end, rate = spans
+    rate unknown up to its end."""
+    key_idx, start, end, rate, decode = spans
     first_tail = len(key_idx) - len(reqs)  # activity_spans puts each request's last span at the end, in order
     extra: list[tuple[int, float, float, float]] = []
     for k in unseen:
@@ -96,7 +96,8 @@ def _prefill_then_heads(spans: Spans, reqs: Sequence[Work], unseen: list[int], p
             start[tail] = min(max(start[tail], until), end[tail])
         rate[tail] = math.nan
     if not extra:
-        return key_idx, start, end, rate
+        return key_idx, start, end, rate, decode
     k_extra, s_extra, e_extra, r_extra = (np.array(col) for col in zip(*extra))
     return (np.concatenate((key_idx, k_extra.astype(key_idx.dtype))), np.concatenate((start, s_extra)),
-            np.concatenate((end, e_extra)), np.concatenate((rate, r_extra)))
+            np.concatenate((end, e_extra)), np.concatenate((rate, r_extra)),
+            np.concatenate((decode, np.zeros(len(extra), bool))))

@@ -100,7 +100,7 @@ class MeterSettings(_Strict):
     # ms measured on your GPUs with `python -m bench.sensor_lag`.
     power_lag_ms: Literal["auto"] | int = "auto"
     # How long attribution waits for a request's next token before splitting without it (the
-    # request then takes an average head's share). Non-stream requests report their tokens only at
+    # request then works at the rate of those decoding beside it). Non-stream requests report their tokens only at
     # the end, so this bounds how long a plain request can run and still be split by its work.
     settle_lag_ms: int = Field(default=10_000, ge=0, le=600_000)
     # Poll vLLM's /metrics for requests that bypass the gateway (their energy is unattributed); 0 = off.

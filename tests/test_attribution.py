@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wattgate.meter.attribution import Activity, energy_at, spans, split_energy
+from wattgate.meter.attribution import Activity, Span, energy_at, spans, split_energy
 from wattgate.meter.energy_trace import interp
 
 T_END = 10.0
@@ -171,6 +171,23 @@ def test_unknown_rate_takes_average_head_share():
     assert all(math.isclose(v, 100.0) for v in split.shares.values())
 
 
+def test_unknown_rate_beside_a_prefill_decodes_as_the_decoding_requests_do():
+    """Beside a long prompt's prefill, a request of unknown rate (a plain call) is taken to decode as the
+    requests decoding then do on average, not to take a head's share, most of which is the prefill's."""
+    trace = [(0.0, 0.0), (1.0, 1000.0)]
+    prefilling = spans(Activity(0.0, [(1.0, 1)], 1.0, prefill_work=97.0))  # its first span: not decode
+    decoding = spans(Activity(-1.0, [(0.0, 1), (0.5, 1), (1.0, 1)], 1.0))  # 2 tokens/s here, decode spans
+    parts = {"prefill": prefilling, "decode": decoding, "plain": [Span(0.0, 1.0, None)]}
+    split = split_energy(trace, parts, 0.0, 1.0)
+    # Work per second: 98 + 2 + 2 (the plain call at the decoding one's rate).
+    assert split.shares["plain"] == pytest.approx(1000 * 2 / 102)
+    assert split.shares["decode"] == pytest.approx(1000 * 2 / 102)
+    assert split.shares["prefill"] == pytest.approx(1000 * 98 / 102)
+    # Where nothing decodes, it takes an average head's share as before.
+    alone = split_energy(trace, {"prefill": prefilling, "plain": [Span(0.0, 1.0, None)]}, 0.0, 1.0)
+    assert alone.shares["plain"] == pytest.approx(500.0)
+
+
 @settings(max_examples=300, deadline=None)
 @given(traces(), st.lists(activities(), min_size=1, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8))
 def test_vectorised_spans_match_spans(trace, acts, open_flags):
@@ -189,7 +206,8 @@ def test_vectorised_spans_match_spans(trace, acts, open_flags):
         np.array([t for a in acts for t, _ in a.arrivals], dtype=float),
         np.array([n for a in acts for _, n in a.arrivals], dtype=float),
     )
-    by_arrays = split_arrays(trace, *flat, len(acts), 0.0, T_END)
+    key_idx, start, end, rate, decode = flat
+    by_arrays = split_arrays(trace, key_idx, start, end, rate, len(acts), 0.0, T_END, decode=decode)
     total = measured(trace)
     for i in range(len(acts)):
         # Arrivals closer than MIN_SPAN_S are merged by one and clamped by the other: equal to 1e-3 of the total.
@@ -208,7 +226,7 @@ def test_a_request_seen_without_tokens_prefills_then_takes_an_average_head():
     opened = Request("o", (0,), 1.5, 0.2, 8.0, 100, prefill_until=1.6)
     early = Request("e", (0,), 1.5, 0.2, 8.0, 100)  # no time to first token known yet: a head from its start
     embedding = Request("m", (0,), 1.0, 0.2, 8.0, 100, end=2.0)
-    key_idx, start, end, rate = spans_since([plain, opened, early, embedding], 0.0)
+    key_idx, start, end, rate, _ = spans_since([plain, opened, early, embedding], 0.0)
     got = sorted((int(k), float(s), float(e), None if math.isnan(r) else round(float(r), 6))
                  for k, s, e, r in zip(key_idx, start, end, rate) if e > s)
     assert got == [

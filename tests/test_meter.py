@@ -329,6 +329,30 @@ def test_provisional_of_a_non_stream_request_counts_only_work_after_the_frontier
     assert provisional.joules == pytest.approx(settled["p"].joules, rel=0.02)
 
 
+def test_a_gpus_time_to_first_token_is_learnt_by_prompt_length():
+    """meter.first_token: a line in the prompt's length through the streams' times to first token, so a
+    plain call with a long prompt is taken to prefill for a long prompt's time."""
+    from wattgate.meter.first_token import TimeToFirstToken
+
+    ttft = TimeToFirstToken()
+    assert ttft.predict(100) is None  # no stream seen yet
+    ttft.observe(200, 0.05)
+    ttft.observe(200, 0.07)
+    assert ttft.predict(5000) == pytest.approx(0.054)  # one prompt length: the moving mean
+    line = TimeToFirstToken()
+    for _ in range(20):
+        for prompt in (100, 400, 1600):
+            line.observe(prompt, 0.02 + 1e-4 * prompt)
+    assert line.predict(100) == pytest.approx(0.03)
+    assert line.predict(1000) == pytest.approx(0.12)
+    assert line.predict(0) == pytest.approx(0.02)
+    # Longer prompts answered sooner is noise, not a negative slope: the mean then.
+    noisy = TimeToFirstToken()
+    for prompt, t in [(100, 0.09), (1000, 0.03)] * 10:
+        noisy.observe(prompt, t)
+    assert noisy.predict(5000) == pytest.approx(noisy.ttft)
+
+
 @pytest.mark.parametrize("counter_every_s", [None, 1.0, 8.0])
 def test_mirror_image_windows_get_mirror_shares_from_ideal_sensors(counter_every_s):
     """Windows a (0-3 s) and c (2-5 s) around b mirror each other: c/a = 1 but for where the 100 ms
