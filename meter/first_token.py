@@ -3,8 +3,8 @@
 A request seen without tokens (a plain call) is taken to prefill up to its start plus this prediction
 (see :mod:`meter.work`). A moving average alone predicted every request the recent mean: beside a long
 prompt's prefill a plain call with a long prompt was taken to have prefilled for a short one's time,
-and its prefill's energy went to the streams beside it (``bench/RESULTS.md``, "Plain calls' prefill
-by prompt length"). A GPU's time to first token grows with the prompt (prefill is compute-bound, and
+and its prefill's energy went to the streams beside it (``bench/RESULTS.md``, "Requests of unknown
+rate beside a prefill; plain calls' prefill by prompt length"). A GPU's time to first token grows with the prompt (prefill is compute-bound, and
 an engine's scheduler takes so many prompt tokens a step), so the prediction is a line in the prompt's
 token count, fitted by least squares over exponentially weighted moving moments.
 """

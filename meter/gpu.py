@@ -158,9 +158,9 @@ class GpuAccount:
         rate[np.isin(key_idx, closed)] = math.nan
         # Its head's share, not a decoding request's: while one is closed, the slice is split by heads
         # for every request of unknown rate (meter.attribution without decode spans).
-        guess = {} if closed else {"decode": decode, "decode_rate": self.decode_rate}
         split = split_arrays(curve, key_idx, start, end, rate, len(active), a, b, foreign=self.foreign,
-                             time_shares=False, **guess)
+                             decode=None if closed else decode, decode_rate=None if closed else self.decode_rate,
+                             time_shares=False)
         # Who shares the time after the slice: requests open at its end (or closed since, their
         # tails taken by heads) and foreign sequences.
         after += sum(n for _, e, n in self.foreign if e > b)

@@ -8,10 +8,10 @@ A request whose tokens the gateway does not see (a plain response, whose tokens
 come only at its end; a stream before its first token) is modelled the same way
 by the live split behind provisional figures and by the settled one: its
 prompt's and first token's work up to ``prefill_until`` (its start plus the GPU's
-time to first token for its prompt when it began, :mod:`meter.first_token`), then rate unknown (it
-works at the rate of the requests decoding beside it, :mod:`meter.attribution`) up to its end. Each of its decode steps costs the GPU about what anyone else's does, and
-how its tokens fell in time is not known, so the same guess serves both passes
-and they agree (before, the settled pass placed its tokens evenly after a first
+time to first token for its prompt when it began, :mod:`meter.first_token`), then rate unknown
+(it works at the rate of the requests decoding beside it, :mod:`meter.attribution`) up to its end.
+Each of its decode steps costs the GPU about what anyone else's does, and how its tokens fell in
+time is not known, so the same guess serves both passes and they agree (before, the settled pass placed its tokens evenly after a first
 one and the live one gave it heads, and the first plain request of a burst came
 out far apart: ``bench/RESULTS.md``, "One guess for requests seen without tokens").
 """
